@@ -1,0 +1,146 @@
+"""The ``tao`` command line. Plugins add commands through ``tao_register_commands``."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from tao_core.errors import TaoError
+from tao_core.plugins import KINDS, get_plugin_manager
+
+
+class TaoGroup(click.Group):
+    """Root group: built-in commands plus whatever plugins register, loaded on first lookup."""
+
+    def _plugin_commands(self) -> dict[str, click.Command]:
+        reg = get_plugin_manager().registry
+        return {e.name: e.obj for e in reg.entries("commands")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._plugin_commands()})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return super().get_command(ctx, name) or self._plugin_commands().get(name)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except TaoError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=TaoGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tao-core", prog_name="tao")
+def cli() -> None:
+    """tao: tune a language model from unlabeled prompts (generate, score, train, repeat)."""
+
+
+@cli.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {name, version, hooks, registers}.")
+def plugins_cmd(as_json: bool) -> None:
+    """List installed plugins, their versions and what they register."""
+    infos = get_plugin_manager().plugin_infos()
+    if as_json:
+        click.echo(json.dumps([i.to_dict() for i in infos], indent=2))
+        return
+    for info in infos:
+        click.echo(f"{info.name} {info.version or ''}".rstrip())
+        if info.error:
+            click.echo(f"  FAILED: {info.error}")
+        for kind in KINDS:
+            if info.registers.get(kind):
+                click.echo(f"  {kind}: {', '.join(info.registers[kind])}")
+
+
+@cli.group("models")
+def models_group() -> None:
+    """Imported models and the embedded default."""
+
+
+@models_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def models_list(as_json: bool) -> None:
+    """List models in the cache ($TAO_HOME/models) and embedded aliases."""
+    from tao_core.models import list_models, models_dir
+
+    rows = list_models()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"# cache: {models_dir()}")
+    for r in rows:
+        size = f"{r['size_mb']} MB" if r["size_mb"] is not None else "-"
+        click.echo(f"{r['name']:<24} {size:>10}  {r['source'] or r['path']}")
+
+
+@models_group.command("import")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--name", required=True, help="Name to load it by later (letters, digits, . _ -).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing import of the same name.")
+def models_import(path: str, name: str, overwrite: bool) -> None:
+    """Dequantize a GGUF file into the cache as safetensors + tokenizer."""
+    from tao_core.models import import_gguf
+
+    start = time.time()
+    dest = import_gguf(path, name, overwrite=overwrite)
+    click.echo(f"imported {path} as {name!r} -> {dest} ({time.time() - start:.1f}s)")
+
+
+def sampling_options(f):
+    """The SamplingParams fields as CLI flags (same names as the API and the TOML config)."""
+    opts = [
+        click.option("--n", type=int, default=1, show_default=True, help="Candidates per prompt."),
+        click.option("--temperature", type=float, default=1.0, show_default=True, help="0 = greedy."),
+        click.option("--top-k", "top_k", type=int, default=0, show_default=True, help="0 disables."),
+        click.option("--top-p", "top_p", type=float, default=1.0, show_default=True),
+        click.option("--min-p", "min_p", type=float, default=0.0, show_default=True),
+        click.option("--max-new-tokens", "max_new_tokens", type=int, default=128, show_default=True),
+        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+        click.option("--stop-token-id", "stop_token_ids", type=int, multiple=True, help="Stop token id (repeatable)."),
+        click.option("--seed", type=int, default=None),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@cli.command("generate")
+@click.option("--model", "model_spec", default="smollm2-135m", show_default=True, help="Alias, cache name, GGUF file or HF dir.")
+@click.option("--prompt", "texts", multiple=True, help="A prompt text (repeatable).")
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False), help="Prompt file (JSONL, CSV or Parquet).")
+@click.option("--column", default=None, help="Column holding the prompt text in --prompts.")
+@click.option("--generator", "generator_name", default="sample", show_default=True, help="Registered generator.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write candidates as JSONL here (default: stdout).")
+@sampling_options
+def generate_cmd(model_spec, texts, prompts_file, column, generator_name, output, **sampling) -> None:
+    """Sample candidates from a model and print them as JSONL."""
+    from tao_core.api import generate
+    from tao_core.data import load_prompts
+    from tao_core.types import Prompt, SamplingParams, write_jsonl
+
+    prompts = [Prompt(id=f"p{i}", text=t) for i, t in enumerate(texts)]
+    if prompts_file:
+        prompts += load_prompts(prompts_file, column=column)
+    if not prompts:
+        raise click.UsageError("give at least one --prompt or a --prompts file")
+    sampling["stop"], sampling["stop_token_ids"] = list(sampling["stop"]), list(sampling["stop_token_ids"])
+    groups = generate(prompts, SamplingParams(**sampling), model=model_spec, generator=generator_name)
+    cands = [c for g in groups for c in g]
+    if output:
+        write_jsonl(output, cands)
+        click.echo(f"wrote {len(cands)} candidates to {output}", err=True)
+    else:
+        for c in cands:
+            click.echo(json.dumps(c.to_dict(), ensure_ascii=False))
+
+
+def main() -> None:
+    cli(prog_name="tao")
+
+
+if __name__ == "__main__":
+    main()

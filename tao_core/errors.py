@@ -1,0 +1,17 @@
+"""Exceptions with messages that say what was wrong, where, and what to do."""
+
+
+class TaoError(Exception):
+    """Base class of every error tao raises on purpose."""
+
+
+class TaoInputError(TaoError, ValueError):
+    """Bad user input: a malformed file, a wrong field, an invalid parameter."""
+
+
+class PluginError(TaoError):
+    """A plugin failed to load, registered a duplicate name, or raised while running."""
+
+
+class ModelLoadError(TaoError):
+    """A model could not be found, read or converted."""
