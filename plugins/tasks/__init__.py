@@ -1,0 +1,19 @@
+"""Built-in task suites.
+
+Each task module in this package exposes a ``TASKS`` dict, ``{name: factory}`` (or
+``{name: (factory, aliases)}``); this entry point registers every present module's dict.
+"""
+
+from __future__ import annotations
+
+from tao_plugins.scorers import present_modules, register_tables
+
+import tao_core
+
+# Task modules of this package, registered in this order.
+TASK_MODULES = ("sql", "arithmetic", "instructions")
+
+
+@tao_core.hookimpl
+def tao_register_tasks(register):
+    register_tables(register, present_modules(__name__, TASK_MODULES), "TASKS")
