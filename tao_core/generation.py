@@ -90,6 +90,9 @@ class HFGenerator:
             max_new_tokens=params.max_new_tokens,
             eos_token_id=[*eos, *params.stop_token_ids] or None,
             pad_token_id=pad,
+            return_dict_in_generate=True,
+            output_logits=True,
+            stop_strings=list(params.stop) or None,
         )
         if params.seed is not None:
             torch.manual_seed(params.seed)
@@ -107,9 +110,6 @@ class HFGenerator:
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 generation_config=gen_cfg,
-                return_dict_in_generate=True,
-                output_logits=True,
-                stop_strings=list(params.stop) or None,
                 tokenizer=tok if params.stop else None,
             )
             new = out.sequences[:, width:].cpu()

@@ -144,7 +144,8 @@ def import_gguf(path: str | os.PathLike, name: str, *, overwrite: bool = False) 
         return dest
     check_gguf(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    _remove_stale_temporaries(dest.parent)
+    tmp = dest.parent / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         _write_hf_dir(path, tmp)
         if dest.exists():
@@ -154,6 +155,18 @@ def import_gguf(path: str | os.PathLike, name: str, *, overwrite: bool = False) 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    """Delete ``.tmp-*`` directories left by imports whose process is gone (killed mid-write)."""
+    for d in root.glob(".tmp-*"):
+        try:
+            pid = int(d.name.split("-")[-2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            continue
 
 
 def _write_hf_dir(gguf_path: Path, out: Path) -> None:
@@ -226,8 +239,10 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from an alias, a cache name, a GGUF file or a directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(spec)
+    hf_logging.disable_progress_bar()
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     try:
         config_arch = json.loads((path / "config.json").read_text()).get("architectures") or []

@@ -208,8 +208,8 @@ class PluginManager:
         errors: dict[str, str] = {}
         for kind in KINDS:
             caller = getattr(self.pm.hook, f"tao_register_{kind}")
-            # pluggy calls the newest registration first; walk oldest first for stable names.
-            for impl in reversed(caller.get_hookimpls()):
+            # get_hookimpls() lists registrations oldest first: stable names, first owner wins.
+            for impl in caller.get_hookimpls():
                 plugin = impl.plugin_name
 
                 def register(name: str, obj: Any, *, aliases: tuple[str, ...] | list[str] = (),

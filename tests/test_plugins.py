@@ -1,0 +1,249 @@
+"""The plugin manager: every hook, aliases, duplicates, bad plugins and TAO_LOAD_PLUGINS."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+import tao_core
+from tao_core.errors import PluginError
+from tao_core.plugins import KINDS, PluginManager, get_plugin_manager, reset_plugin_manager
+from tao_core.types import Score
+
+
+class ConstantScorer:
+    name = "constant"
+    version = "1"
+
+    def __init__(self, value: float = 1.0) -> None:
+        self.value = value
+
+    def score(self, prompt, candidates):
+        return [Score.ok(self.value, scorer=self.name) for _ in candidates]
+
+
+@click.group("rmx")
+def rmx_group() -> None:
+    """A nested command group registered by a test plugin."""
+
+
+@rmx_group.command("train")
+@click.option("--steps", type=int, default=1)
+def rmx_train(steps: int) -> None:
+    click.echo(f"trained {steps} steps")
+
+
+class EveryHookPlugin:
+    """Implements all six hooks, one component each."""
+
+    @tao_core.hookimpl
+    def tao_register_generators(self, register):
+        register("test-gen", object, aliases=("tg",))
+
+    @tao_core.hookimpl
+    def tao_register_scorers(self, register):
+        register("test-constant", ConstantScorer)
+
+    @tao_core.hookimpl
+    def tao_register_advantages(self, register):
+        register("test-adv", lambda rewards, mask: rewards)
+
+    @tao_core.hookimpl
+    def tao_register_objectives(self, register):
+        register("test-obj", {"loss": None})
+
+    @tao_core.hookimpl
+    def tao_register_tasks(self, register):
+        register("test-task", dict)
+
+    @tao_core.hookimpl
+    def tao_register_commands(self, register):
+        register("rmx", rmx_group)
+
+
+@pytest.fixture
+def pm():
+    """The process-wide manager with the test plugin registered, removed afterwards."""
+    manager = get_plugin_manager()
+    name = manager.register(EveryHookPlugin(), name="every-hook-test")
+    yield manager
+    manager.unregister(name)
+
+
+def test_every_hook_registers(pm):
+    reg = pm.registry
+    assert reg.get("generators", "test-gen") is object
+    assert reg.get("generators", "tg") is object  # alias
+    assert reg.get("scorers", "test-constant") is ConstantScorer
+    assert reg.get("advantages", "test-adv")(3, None) == 3
+    assert reg.get("objectives", "test-obj") == {"loss": None}
+    assert reg.get("tasks", "test-task") is dict
+    assert reg.get("commands", "rmx") is rmx_group
+    info = {i.name: i for i in pm.plugin_infos()}["every-hook-test"]
+    assert set(info.registers) == set(KINDS)
+    assert info.hooks == sorted(f"tao_register_{k}" for k in KINDS)
+
+
+def test_registered_command_runs_nested(pm):
+    from tao_core.cli import cli
+
+    result = CliRunner().invoke(cli, ["rmx", "train", "--steps", "3"])
+    assert result.exit_code == 0, result.output
+    assert "trained 3 steps" in result.output
+
+
+def test_unregister_removes_components(pm):
+    pm.unregister("every-hook-test")
+    with pytest.raises(PluginError, match="unknown scorer 'test-constant'"):
+        pm.registry.get("scorers", "test-constant")
+    pm.register(EveryHookPlugin(), name="every-hook-test")  # the fixture unregisters it again
+
+
+def test_unknown_name_lists_available(pm):
+    with pytest.raises(PluginError) as e:
+        pm.registry.get("scorers", "no-such-scorer")
+    assert "test-constant" in str(e.value) and "tao plugins" in str(e.value)
+
+
+def test_duplicate_name_names_both_plugins(pm):
+    class Dup:
+        @tao_core.hookimpl
+        def tao_register_scorers(self, register):
+            register("test-constant", ConstantScorer)
+
+    pm.register(Dup(), name="dup-plugin")
+    try:
+        with pytest.raises(PluginError) as e:
+            _ = pm.registry
+        assert "every-hook-test" in str(e.value) and "dup-plugin" in str(e.value)
+    finally:
+        pm.unregister("dup-plugin")
+
+
+def test_duplicate_alias_is_an_error():
+    manager = PluginManager(autoload=False)
+
+    class A:
+        @tao_core.hookimpl
+        def tao_register_tasks(self, register):
+            register("one", 1, aliases=("shared",))
+
+    class B:
+        @tao_core.hookimpl
+        def tao_register_tasks(self, register):
+            register("two", 2, aliases=("shared",))
+
+    manager.register(A(), name="a")
+    manager.register(B(), name="b")
+    with pytest.raises(PluginError, match="'shared'.*'a'.*'b'"):
+        _ = manager.registry
+
+
+def test_misspelled_hook_is_an_error():
+    manager = PluginManager(autoload=False)
+
+    class Typo:
+        @tao_core.hookimpl
+        def tao_register_scorer(self, register):  # missing the final "s"
+            register("x", 1)
+
+    with pytest.raises(PluginError, match="tao_register_scorer"):
+        manager.register(Typo(), name="typo")
+    assert not manager.pm.has_plugin("typo")
+
+
+def test_plugin_raising_in_hook_is_reported_and_others_keep_working():
+    manager = PluginManager(autoload=False)
+
+    class Broken:
+        @tao_core.hookimpl
+        def tao_register_scorers(self, register):
+            raise RuntimeError("boom in plugin")
+
+    manager.register(Broken(), name="broken")
+    manager.register(EveryHookPlugin(), name="good")
+    with pytest.warns(UserWarning, match="broken"):
+        reg = manager.registry
+    assert reg.get("scorers", "test-constant") is ConstantScorer
+    info = {i.name: i for i in manager.plugin_infos()}
+    assert "boom in plugin" in info["broken"].error
+
+
+def _fake_dist(root: Path, dist: str, ep_name: str, module: str, source: str) -> None:
+    """A minimal installed distribution with one ``tao`` entry point, found via sys.path."""
+    info = root / f"{dist}-0.3.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.3\n")
+    (info / "entry_points.txt").write_text(f"[tao]\n{ep_name} = {module}\n")
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+
+
+def _run_tao(args: list[str], env_extra: dict[str, str], pythonpath: Path | None = None):
+    env = {**os.environ, **env_extra}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    return subprocess.run(
+        [sys.executable, "-m", "tao_core.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_failing_import_is_reported_and_rest_keep_working(tmp_path):
+    _fake_dist(tmp_path, "bad-plugin", "bad", "tao_bad_plugin", "raise ImportError('missing dependency xyz')\n")
+    _fake_dist(
+        tmp_path,
+        "good-plugin",
+        "good",
+        "tao_good_plugin",
+        """
+        import tao_core
+
+        @tao_core.hookimpl
+        def tao_register_scorers(register):
+            register("good-scorer", object)
+        """,
+    )
+    out = _run_tao(["plugins", "--json"], {}, tmp_path)
+    assert out.returncode == 0, out.stderr
+    data = {p["name"]: p for p in json.loads(out.stdout)}
+    assert data["good"]["registers"] == {"scorers": ["good-scorer"]}
+    assert data["good"]["version"] == "0.3"
+    assert "missing dependency xyz" in data["bad"]["error"]
+    assert "tao plugin 'bad'" in out.stderr and "Traceback" in out.stderr
+
+
+def test_tao_load_plugins_restricts_and_empty_loads_none(tmp_path):
+    out = _run_tao(["plugins", "--json"], {"TAO_LOAD_PLUGINS": ""})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == []
+    out = _run_tao(["plugins", "--json"], {"TAO_LOAD_PLUGINS": "builtin-generators"})
+    names = [p["name"] for p in json.loads(out.stdout)]
+    assert names == ["builtin-generators"]
+    out = _run_tao(["plugins", "--json"], {"TAO_LOAD_PLUGINS": "builtin-generators,not-installed"})
+    assert "not-installed" in out.stderr
+
+
+def test_builtins_register_through_entry_points():
+    reset_plugin_manager()
+    try:
+        infos = {i.name: i for i in get_plugin_manager().plugin_infos()}
+    finally:
+        reset_plugin_manager()
+    assert infos["builtin-generators"].registers["generators"] and infos["builtin-generators"].version
+    assert all(i.error is None for n, i in infos.items() if n.startswith("builtin-")), infos
+
+
+def test_plugins_json_schema():
+    out = _run_tao(["plugins", "--json"], {})
+    data = json.loads(out.stdout)
+    assert data and all(set(p) >= {"name", "version", "hooks", "registers"} for p in data)
+    for p in data:
+        assert set(p["registers"]) <= set(KINDS)
+        assert all(isinstance(v, list) for v in p["registers"].values())
