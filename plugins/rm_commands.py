@@ -1,0 +1,57 @@
+"""``tao rm``: reward-model commands (``tao rm train``), registered through ``tao_register_commands``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from tao_core.errors import TaoError
+
+
+@click.group("rm")
+def rm_group() -> None:
+    """Reward models: train a scalar reward model for the reward-model scorer."""
+
+
+@rm_group.command("train")
+@click.option("--pairs", required=True, type=click.Path(dir_okay=False),
+              help='JSONL of {"prompt" or "messages", "chosen", "rejected"} rows.')
+@click.option("--base", required=True, help="Causal LM to start from: alias, cache name, GGUF file or HF directory.")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Directory to write the reward model to.")
+@click.option("--epochs", type=int, default=1, show_default=True, help="Passes over the training pairs.")
+@click.option("--lr", type=float, default=1e-5, show_default=True, help="AdamW learning rate.")
+@click.option("--batch-size", "batch_size", type=int, default=8, show_default=True, help="Pairs per optimizer step.")
+@click.option("--max-length", "max_length", type=int, default=1024, show_default=True,
+              help="Tokens per sequence; longer prompts are cut from the left.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the head, the held-out split and shuffling.")
+@click.option("--eval-fraction", "eval_fraction", type=float, default=0.1, show_default=True,
+              help="Share of pairs held out for pairwise accuracy.")
+@click.option("--device", default="cpu", show_default=True, help="Torch device to train on.")
+@click.option("--skip-bad-rows", "skip_bad_rows", is_flag=True, help="Leave out bad rows (listed) instead of stopping.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def rm_train(pairs: str, base: str, output: str, skip_bad_rows: bool, overwrite: bool, as_json: bool,
+             **settings) -> None:
+    """Train a Bradley-Terry reward model on preference pairs and report held-out pairwise accuracy."""
+    from tao_plugins.reward_training import RMTrainConfig, train_reward_model
+
+    try:
+        result = train_reward_model(pairs, base, output, RMTrainConfig(**settings), skip_bad_rows=skip_bad_rows,
+                                    overwrite=overwrite, progress=not as_json)
+    except TaoError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    for line, why in result.skipped:
+        click.echo(f"skipped {pairs}:{line}: {why}", err=True)
+
+    def pct(x: float | None) -> str:
+        return "n/a (no held-out pairs)" if x is None else f"{100 * x:.1f}%"
+
+    click.echo(f"trained on {result.n_train} pairs ({len(result.skipped)} skipped) in {result.seconds:.1f}s; "
+               f"final loss {result.final_loss:.4f}")
+    click.echo(f"held-out pairwise accuracy ({result.n_eval} pairs): {pct(result.accuracy_before)} before -> "
+               f"{pct(result.accuracy)} after")
+    click.echo(f"wrote {result.output}  (use it with the reward-model scorer: path={result.output})")
