@@ -2,10 +2,10 @@
 
 Run from the repository root::
 
-    .venv/bin/python plugins/data/sql/build.py
+    .venv/bin/python plugins/data/sql/build.py [OUT_DIR]
 
-It rewrites ``plugins/data/sql/<db>.sqlite`` for six small, invented databases and
-``plugins/data/sql/questions.jsonl`` with ``{db, split, question, gold_sql}`` rows. Four databases
+It rewrites ``<db>.sqlite`` (in ``OUT_DIR``, by default this folder) for six small, invented databases and
+``questions.jsonl`` with ``{db, split, question, gold_sql}`` rows. Four databases
 are for training prompts and two, with other schemas, are held out for evaluation. Each question
 comes from a template over the schema; a question is kept only when its gold query runs, returns
 rows, and (for "the highest/lowest" and "ordered by" questions) its answer is unambiguous.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,8 +155,8 @@ def _label(kind: str, rng: random.Random, i: int) -> str:
     raise ValueError(f"unknown label kind {kind!r}")
 
 
-def build_db(name: str, spec: dict, rng: random.Random) -> Path:
-    path = HERE / f"{name}.sqlite"
+def build_db(name: str, spec: dict, rng: random.Random, out_dir: Path) -> Path:
+    path = out_dir / f"{name}.sqlite"
     path.unlink(missing_ok=True)
     conn = sqlite3.connect(path)
     counts: dict[str, int] = {}
@@ -271,11 +272,12 @@ def _valid(conn: sqlite3.Connection, sql: str, check: str) -> bool:
     return True
 
 
-def main() -> None:
+def main(out_dir: Path = HERE) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(SEED)
     records = []
     for name, spec in DATABASES.items():
-        path = build_db(name, spec, rng)
+        path = build_db(name, spec, rng, out_dir)
         conn = sqlite3.connect(path)
         kept: dict[str, str] = {}
         for _ in range(ROUNDS):
@@ -285,10 +287,10 @@ def main() -> None:
         conn.close()
         records += [{"db": name, "split": spec["split"], "question": q, "gold_sql": s} for q, s in kept.items()]
         print(f"{name}: {spec['split']}, {len(kept)} questions, {path.stat().st_size} bytes")
-    with open(HERE / "questions.jsonl", "w", encoding="utf-8") as f:
+    with open(out_dir / "questions.jsonl", "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE)
