@@ -1,0 +1,377 @@
+"""The training step: scored candidate groups in, one optimizer update of the policy out.
+
+``Trainer.step`` turns each group's scores into advantages (masked: abstained and errored scores
+never count), lets the objective pick the candidates it trains on, packs them into micro-batches
+under a token budget (``tao_core.batching``: each prompt computed once per group, no padding, the
+head applied to completion tokens only through ``tao_kernels``), accumulates gradients weighted so
+that the sum equals one big batch, clips and takes one AdamW step. Full fine-tuning or LoRA (peft);
+the reference model exists only when the objective needs it (KL weight above zero, online DPO): the
+base with adapters disabled under LoRA, a frozen copy otherwise.
+
+``state_dict`` / ``load_state_dict`` hold the trainable weights, the optimizer, the step count and
+every RNG state, so a resumed run continues bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tao_core.batching import LAYOUTS, Segment, final_hidden, pack, plan_micro_batches
+from tao_core.errors import PluginError, TaoInputError
+from tao_core.models import LoadedModel
+from tao_core.objectives import LossConfig, Objective
+from tao_core.types import Candidate, Prompt, Score
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """How to train: the same names in the TOML config, the CLI flags and the Python API."""
+
+    objective: str = "grpo"  # registered objective (recipe): grpo, dr_grpo, dapo, rloo, ppo_clip_kl, ...
+    advantage: str | None = None  # registered advantage estimator; None: the objective's default
+    lr: float | None = None  # AdamW learning rate; None: 5e-6 for full fine-tuning, 1e-4 with LoRA
+    weight_decay: float = 0.0  # AdamW decoupled weight decay (TRL's default)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment decay rates
+    eps: float = 1e-8  # AdamW denominator epsilon
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
+    micro_batch_tokens: int = 4096  # token budget of one forward/backward (rows incl. prompts)
+    ppo_epochs: int = 1  # optimizer updates over the same batch per step (PPO mini-steps)
+    kl_coef: float | None = None  # KL(policy || reference) weight; None: the objective's default (0 mostly)
+    kl_estimator: str | None = None  # "k1" | "k2" | "k3" | "exact"; None: the objective's default or k3
+    clip_low: float | None = None  # ratio clipped at 1 - clip_low; None: the objective's default or 0.2
+    clip_high: float | None = None  # ratio clipped at 1 + clip_high; None: the objective's default or 0.2
+    ratio_level: str | None = None  # "token" | "sequence" importance ratios; None: objective's or token
+    loss_agg: str | None = None  # "token_mean" | "seq_mean" | "fixed_length"; None: the objective's
+    max_len: int | None = None  # fixed_length normalizer; None: the step's longest completion
+    beta: float = 0.1  # online DPO inverse temperature
+    lora: bool = False  # train LoRA adapters instead of every weight
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scale numerator (scale = alpha / r)
+    lora_dropout: float = 0.0  # LoRA dropout; 0 keeps the training log-probs equal to the sampler's
+    lora_target_modules: str | list[str] = "all-linear"  # peft target modules (never the head)
+    precision: str = "auto"  # "auto": bf16 autocast on a bf16-capable GPU, fp32 on the CPU; "fp32" | "bf16"
+    layout: str = "shared_prefix"  # "shared_prefix" (prompt once per group) | "padded" (reference)
+    seed: int = 0  # seeds LoRA initialization
+
+    def validate(self) -> None:
+        problems = []
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.layout not in LAYOUTS:
+            problems.append(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.micro_batch_tokens < 1:
+            problems.append(f"micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
+        if self.ppo_epochs < 1:
+            problems.append(f"ppo_epochs must be >= 1, got {self.ppo_epochs}")
+        if self.lr is not None and self.lr <= 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if self.kl_estimator not in (None, "k1", "k2", "k3", "exact"):
+            problems.append(f"kl_estimator must be k1, k2, k3 or exact, got {self.kl_estimator!r}")
+        if self.ratio_level not in (None, "token", "sequence"):
+            problems.append(f"ratio_level must be token or sequence, got {self.ratio_level!r}")
+        if self.loss_agg not in (None, "token_mean", "seq_mean", "fixed_length"):
+            problems.append(f"loss_agg must be token_mean, seq_mean or fixed_length, got {self.loss_agg!r}")
+        if problems:
+            raise TaoInputError("invalid training config: " + "; ".join(problems))
+
+
+_LOSS_FALLBACKS = {
+    "kl_coef": 0.0,
+    "kl_estimator": "k3",
+    "clip_low": 0.2,
+    "clip_high": 0.2,
+    "ratio_level": "token",
+    "loss_agg": "token_mean",
+}
+
+
+def resolve_loss_config(cfg: TrainConfig, objective: Objective, max_len: int | None = None) -> LossConfig:
+    """Fill each loss setting: the user's value, else the objective's default, else the fallback."""
+    values: dict[str, Any] = {}
+    for name, fallback in _LOSS_FALLBACKS.items():
+        user = getattr(cfg, name)
+        values[name] = user if user is not None else objective.defaults.get(name, fallback)
+    return LossConfig(**values, max_len=cfg.max_len or max_len, beta=cfg.beta)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "auto":
+        bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        precision = "bf16" if bf16_gpu else "fp32"
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a step can draw from: Python, NumPy, torch CPU and CUDA."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Owns the optimizer and (when needed) the reference; ``step`` is one update of ``lm.model``.
+
+    With ``cfg.lora`` the model is wrapped by peft in place: ``lm.model`` becomes the ``PeftModel``,
+    so a generator holding ``lm`` samples from the current policy.
+    """
+
+    def __init__(self, lm: LoadedModel, cfg: TrainConfig | None = None, *, objective: Objective | None = None) -> None:
+        from tao_core.plugins import get_component
+
+        self.lm = lm
+        self.cfg = cfg = cfg or TrainConfig()
+        cfg.validate()
+        self.objective: Objective = objective or get_component("objectives", cfg.objective)
+        self.advantage_name = cfg.advantage or self.objective.advantage
+        self.advantage_fn = get_component("advantages", self.advantage_name)
+        kl_coef = resolve_loss_config(cfg, self.objective).kl_coef
+        self.needs_reference = self.objective.needs_reference or kl_coef > 0
+        self.reference = None
+        if cfg.lora:
+            self._wrap_lora()
+        elif self.needs_reference:
+            self.reference = copy.deepcopy(lm.model).eval().requires_grad_(False)
+        self.params = [p for p in lm.model.parameters() if p.requires_grad]
+        lr = cfg.lr if cfg.lr is not None else (1e-4 if cfg.lora else 5e-6)
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
+        self.step_count = 0
+
+    def _wrap_lora(self) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        c = self.cfg
+        lcfg = LoraConfig(
+            r=c.lora_r,
+            lora_alpha=c.lora_alpha,
+            lora_dropout=c.lora_dropout,
+            target_modules=c.lora_target_modules,
+            task_type="CAUSAL_LM",
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(c.seed)
+            self.lm.model = get_peft_model(self.lm.model, lcfg)
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    def _segments(
+        self, groups: Sequence[Sequence[Candidate]], scores: Sequence[Sequence[Score]]
+    ) -> tuple[list[Segment], dict[str, float]]:
+        n_groups = len(groups)
+        width = max((len(g) for g in groups), default=0)
+        rewards = torch.zeros(n_groups, width)
+        mask = torch.zeros(n_groups, width, dtype=torch.bool)
+        off_policy = empty = 0
+        for g, (cands, scs) in enumerate(zip(groups, scores, strict=True)):
+            if len(cands) != len(scs):
+                raise TaoInputError(f"group {g}: {len(cands)} candidates but {len(scs)} scores")
+            for i, (c, s) in enumerate(zip(cands, scs, strict=True)):
+                if not s.is_ok:
+                    continue
+                if c.metadata.get("off_policy"):
+                    off_policy += 1  # sampled under another prompt: its log-probs are not the policy's here
+                elif not c.token_ids:
+                    empty += 1  # no token to learn from
+                else:
+                    rewards[g, i] = s.value
+                    mask[g, i] = True
+        adv = self.advantage_fn(rewards, mask)
+        if not isinstance(adv, torch.Tensor) or adv.shape != rewards.shape or not torch.isfinite(adv).all():
+            raise PluginError(
+                f"advantage estimator {self.advantage_name!r} must return a finite tensor of shape "
+                f"{tuple(rewards.shape)}, got {getattr(adv, 'shape', type(adv).__name__)}"
+            )
+        ok = rewards[mask]
+        selection = self.objective.select(rewards, mask, adv)
+        segments, seq_adv, skipped = [], [], int((mask.sum(1) < 2).sum())
+        unit = self.objective.unit
+        for g, picks in enumerate(selection):
+            by_prompt: dict[tuple, list[tuple[int, float]]] = {}
+            for i, a in picks:
+                c = groups[g][i]
+                by_prompt.setdefault((tuple(c.prompt_token_ids), c.temperature), []).append((i, a))
+            if unit > 1 and len(by_prompt) > 1:
+                skipped += 1  # a pair must share its prompt
+                continue
+            for (prompt_ids, temperature), items in by_prompt.items():
+                cands = [groups[g][i] for i, _ in items]
+                segments.append(
+                    Segment(
+                        list(prompt_ids),
+                        [list(c.token_ids) for c in cands],
+                        [list(c.logprobs) for c in cands],
+                        [a for _, a in items],
+                        [float(rewards[g, i]) for i, _ in items],
+                        float(temperature),
+                    )
+                )
+                seq_adv.extend(a for _, a in items)
+        sa = torch.tensor(seq_adv) if seq_adv else torch.zeros(1)
+        stats = {
+            "reward_mean": float(ok.mean()) if ok.numel() else float("nan"),
+            "reward_std": float(ok.std()) if ok.numel() > 1 else 0.0,
+            "scored": float(ok.numel()),
+            "adv_mean": float(sa.mean()),
+            "adv_std": float(sa.std()) if sa.numel() > 1 else 0.0,
+            "adv_abs_mean": float(sa.abs().mean()),
+            "skipped_groups": float(skipped),
+            "off_policy_dropped": float(off_policy),
+            "empty_dropped": float(empty),
+            "sequences": float(len(seq_adv)),
+        }
+        return segments, stats
+
+    def step(
+        self, prompts: Sequence[Prompt], groups: Sequence[Sequence[Candidate]], scores: Sequence[Sequence[Score]]
+    ) -> dict[str, float]:
+        """One optimizer update over the whole batch (``ppo_epochs`` updates when above 1).
+
+        ``groups[i]`` are the candidates sampled for ``prompts[i]`` and ``scores[i]`` their scores.
+        Returns float metrics: loss, reward and advantage statistics, kl / entropy / clip_fraction
+        when the objective reports them, grad_norm, tokens, skipped groups, seconds, tokens_per_s.
+        """
+        start = time.perf_counter()
+        if not len(prompts) == len(groups) == len(scores):
+            raise TaoInputError(f"step got {len(prompts)} prompts, {len(groups)} groups, {len(scores)} score lists")
+        segments, metrics = self._segments(groups, scores)
+        longest = max((len(c) for s in segments for c in s.completions), default=1)
+        lcfg = resolve_loss_config(self.cfg, self.objective, longest)
+        pad = self.lm.tokenizer.pad_token_id or 0
+        plan = plan_micro_batches(segments, self.cfg.micro_batch_tokens, self.objective.unit)
+        packed = [pack(mb, self.cfg.layout, pad) for mb in plan]
+        units = [self.objective.batch_units(b, lcfg) for _, b in packed]
+        total = sum(units)
+        self.step_count += 1
+        metrics.update(
+            step=float(self.step_count),
+            tokens=float(sum(b.n_tokens for _, b in packed)),
+            row_tokens=float(sum(i.input_ids.numel() for i, _ in packed)),
+            micro_batches=float(len(packed)),
+            lr=float(self.optimizer.param_groups[0]["lr"]),
+        )
+        if total == 0:  # nothing to learn from: no update, the step still counts
+            metrics.update(loss=0.0, grad_norm=0.0, updated=0.0)
+        else:
+            model = self.lm.model
+            model.train()
+            try:
+                for _ in range(self.cfg.ppo_epochs):
+                    metrics.update(self._update(packed, units, total, lcfg))
+            finally:
+                model.eval()
+            metrics["updated"] = 1.0
+        metrics["seconds"] = time.perf_counter() - start
+        metrics["tokens_per_s"] = metrics["tokens"] * self.cfg.ppo_epochs / metrics["seconds"]
+        return metrics
+
+    def _update(self, packed, units: list[float], total: float, lcfg: LossConfig) -> dict[str, float]:
+        model = self.lm.model
+        decoder = model.get_decoder()
+        weight = model.get_output_embeddings().weight
+        device = weight.device
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        sums: dict[str, float] = {}
+        for (inputs, batch), u in zip(packed, units, strict=True):
+            batch = self._with_reference(inputs, batch, lcfg, device)
+            batch = dataclasses.replace(
+                batch, **{k: getattr(batch, k).to(device) for k in ("targets", "old_logprobs", "advantages", "cu_seqlens")}
+            )
+            with _autocast(device, self.cfg.precision):
+                hidden = final_hidden(decoder, inputs)
+            out = self.objective.loss(batch, hidden.to(weight.dtype), weight, lcfg)
+            if not torch.isfinite(out.loss):
+                raise PluginError(f"objective {self.objective.name!r} returned a non-finite loss ({float(out.loss)})")
+            (out.loss * (u / total)).backward()
+            loss_sum += float(out.loss.detach()) * u / total
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * u / total
+        clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        self.optimizer.step()
+        return {"loss": loss_sum, "grad_norm": float(grad_norm), **sums}
+
+    @torch.no_grad()
+    def _with_reference(self, inputs, batch, lcfg: LossConfig, device: torch.device):
+        """The batch with the reference's log-probs (or hidden states, for exact KL) when needed."""
+        if not (self.objective.needs_reference or lcfg.kl_coef > 0):
+            return batch
+        import tao_kernels
+
+        model = self.reference if self.reference is not None else self.lm.model
+        ctx = self.lm.model.disable_adapter() if self.reference is None else nullcontext()
+        with ctx, _autocast(device, self.cfg.precision):
+            ref_hidden = final_hidden(model.get_decoder(), inputs)
+        ref_weight = model.get_output_embeddings().weight
+        ref_hidden = ref_hidden.to(ref_weight.dtype)
+        if lcfg.kl_estimator == "exact" and lcfg.kl_coef > 0:
+            return dataclasses.replace(batch, ref_hidden=ref_hidden, ref_weight=ref_weight)
+        temperature = self.objective.logprob_temperature or batch.temperature
+        ref_lp = tao_kernels.linear_logprob(ref_hidden, ref_weight, batch.targets.to(device), temperature=temperature)
+        return dataclasses.replace(batch, ref_logprobs=ref_lp.float())
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def _trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.lm.model.named_parameters() if p.requires_grad}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs besides the config: trainable weights, optimizer, step, RNGs."""
+        return {
+            "step": self.step_count,
+            "trainable": {n: p.detach().cpu().clone() for n, p in self._trainable().items()},
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        params = self._trainable()
+        missing = sorted(set(params) - set(state["trainable"]))
+        if missing:
+            raise TaoInputError(f"trainer state lacks {len(missing)} trainable tensors, e.g. {missing[:3]}; "
+                                "was it saved with the same model and lora setting?")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state["trainable"][n])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = int(state["step"])
+        set_rng_state(state["rng"])
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write a Hugging Face directory (LoRA merged) with tokenizer and chat template."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        model = self.lm.model
+        if self.cfg.lora:
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(out)
+        tok = self.lm.tokenizer
+        tok.save_pretrained(out)
+        if getattr(tok, "chat_template", None) and not (out / "chat_template.jinja").exists():
+            (out / "chat_template.jinja").write_text(tok.chat_template)
+        return out
