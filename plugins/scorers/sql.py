@@ -4,11 +4,11 @@ The database is ``prompt.metadata["db_path"]``. Every query runs in a sandbox of
 
 1. the file is opened with ``mode=ro`` (a URI), so SQLite itself refuses to write it;
 2. an authorizer allows only ``SELECT``, reading columns, calling functions, recursive CTEs and
-   the pragmas that only read the schema (``table_info`` and friends); everything else is denied
+   the pragmas that only read the schema (``PRAGMA table_info(t)`` and friends); all else is denied
    at prepare time: writes, ``CREATE TEMP TABLE`` (which a read-only connection alone allows),
    ``ATTACH`` (and with it ``VACUUM INTO``), transactions, state-changing pragmas;
 3. ``setlimit`` bounds strings and blobs (``zeroblob(1e8)`` fails), SQL text length and attached
-   databases; the statement must start with ``SELECT``, ``WITH`` or ``VALUES``;
+   databases; the statement must start with ``SELECT``, ``WITH``, ``VALUES`` or ``PRAGMA``;
 4. a progress handler interrupts a query past its time limit (an endless recursive CTE), and at
    most ``max_rows`` rows are fetched.
 
@@ -35,7 +35,8 @@ from typing import Any, Literal
 from tao_core.types import Candidate, Prompt, Score
 
 _ALLOWED_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, 33}  # 33: RECURSIVE
-# Pragmas that only read the schema; reachable as table-valued functions (pragma_table_info('t')).
+# Pragmas that only read the schema, as statements (``PRAGMA table_info(t)``). Their table-valued
+# forms (``pragma_table_info('t')``) are denied: their first use asks to update sqlite_master.
 _READ_PRAGMAS = {"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list"}
 _DENIED_FUNCTIONS = {"load_extension"}
 _FENCE = re.compile(r"```[ \t]*(?:sql|sqlite)?[ \t]*\n?(.*?)(?:```|\Z)", re.IGNORECASE | re.DOTALL)
@@ -136,8 +137,8 @@ class SqlSandbox:
         """Run one query; never raises for a bad query (the error is in the result)."""
         start = time.monotonic()
         word = _FIRST_WORD.match(_STRINGS.sub(" ", sql))
-        if not word or word.group(1).upper() not in ("SELECT", "WITH", "VALUES"):
-            return ExecResult(None, "only SELECT / WITH / VALUES queries are run")
+        if not word or word.group(1).upper() not in ("SELECT", "WITH", "VALUES", "PRAGMA"):
+            return ExecResult(None, "only SELECT, WITH, VALUES and schema-reading PRAGMA statements are run")
         key = str(db_path)
         with self._lock:
             idle = self._idle.setdefault(key, [])

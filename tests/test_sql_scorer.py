@@ -1,0 +1,234 @@
+"""``sql-exec`` on real SQLite files: the sandbox, result normalization and execution consensus."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+from tao_plugins.scorers.sql import SqlExecScorer, SqlLimits, SqlSandbox, extract_sql, is_ordered, result_key
+
+from tao_core.scoring import score_groups
+from tao_core.types import Candidate, Prompt, Score
+
+SPIDER = Path(__file__).resolve().parents[2] / "shared" / "data" / "spider-sample"
+
+
+@pytest.fixture(scope="module")
+def spider() -> Path:
+    if not (SPIDER / "questions.jsonl").is_file():
+        pytest.fail(f"the Spider sample is missing: expected {SPIDER} (../shared/data beside the repository)")
+    return SPIDER
+
+
+@pytest.fixture(scope="module")
+def questions(spider) -> list[dict]:
+    return [json.loads(line) for line in (spider / "questions.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def db(spider, tmp_path) -> Path:
+    """A writable copy: only the sandbox stands between a query and the file."""
+    path = tmp_path / "concert_singer.sqlite"
+    shutil.copy(spider / "concert_singer.sqlite", path)
+    path.chmod(0o644)
+    return path
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cands(texts: list[str], pid: str = "q") -> list[Candidate]:
+    return [Candidate(pid, i, t, [1], [], []) for i, t in enumerate(texts)]
+
+
+MALICIOUS = [
+    "DROP TABLE singer",
+    "DELETE FROM singer",
+    "INSERT INTO singer (Singer_ID, Name) VALUES (99, 'x')",
+    "UPDATE singer SET Age = 0",
+    "CREATE TABLE evil (x)",
+    "CREATE TEMP TABLE evil (x)",
+    "ATTACH DATABASE '{dir}/other.sqlite' AS other",
+    "VACUUM INTO '{dir}/copy.sqlite'",
+    "PRAGMA user_version = 7",
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA writable_schema = ON",
+    "PRAGMA table_info(singer); PRAGMA user_version = 3",
+    "SELECT name FROM pragma_table_info('singer')",
+    "SELECT 1; DROP TABLE singer",
+    "BEGIN IMMEDIATE",
+    "REINDEX",
+    "ANALYZE",
+    "SELECT load_extension('/tmp/evil')",
+    "WITH x AS (SELECT 1) DELETE FROM singer",
+    "SELECT zeroblob(1e8)",
+    "SELECT length(randomblob(100000000))",
+    "SELECT hex(zeroblob(600000))",
+    "SELECT group_concat(Name) FROM singer, singer, singer, singer, singer, (SELECT zeroblob(100000))",
+    "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT count(*) FROM r",
+    "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT n FROM r",
+]
+
+
+@pytest.mark.parametrize("sql", MALICIOUS)
+def test_malicious_sql_fails_and_never_changes_the_database(db, sql):
+    before = digest(db)
+    files = sorted(p.name for p in db.parent.iterdir())
+    box = SqlSandbox(SqlLimits(timeout_s=0.3, max_rows=1000))
+    result = box.execute(str(db), sql.format(dir=db.parent))
+    box.close()
+    assert result.rows is None and result.error
+    assert digest(db) == before
+    assert sorted(p.name for p in db.parent.iterdir()) == files  # no journal, WAL, copy or attached file
+    if "RECURSIVE" in sql and "count" not in sql:
+        assert "row cap" in result.error
+    elif "RECURSIVE" in sql:
+        assert "time limit of 0.3 s exceeded" in result.error
+        assert result.seconds < 5.0  # stopped by the progress handler, not left running
+
+
+@pytest.mark.parametrize("sql", MALICIOUS)
+def test_malicious_sql_through_the_scorer_scores_zero(db, sql):
+    before = digest(db)
+    scorer = SqlExecScorer(timeout_s=0.3, mode="executes")
+    prompt = Prompt(id="evil", text="q", metadata={"db_path": str(db)})
+    [score] = score_groups(scorer, [prompt], [cands([f"```sql\n{sql.format(dir=db.parent)}\n```"], "evil")])[0:1][0]
+    assert score.status == "ok" and score.value == 0.0 and score.reason
+    assert digest(db) == before
+
+
+@pytest.mark.parametrize("sql", ["CREATE TEMP TABLE t (x)", "CREATE TEMP VIEW v AS SELECT 1", "DROP TABLE singer",
+                                 "ATTACH DATABASE ':memory:' AS m", "VACUUM INTO '{dir}/copy.sqlite'",
+                                 "PRAGMA user_version = 3", "PRAGMA query_only = 0", "SAVEPOINT s"])
+def test_the_authorizer_alone_denies_state_changes(db, sql):
+    """Without the statement-word check: the read-only connection's authorizer denies each of these."""
+    conn = SqlSandbox()._open(str(db))
+    with pytest.raises(sqlite3.DatabaseError, match="not authorized|authorization denied"):
+        conn.execute(sql.format(dir=db.parent))
+    conn.close()
+
+
+def test_reads_are_allowed(db):
+    box = SqlSandbox()
+    assert [r[1] for r in box.execute(str(db), "PRAGMA table_info(singer)").rows][:2] == ["Singer_ID", "Name"]
+    assert "not authorized" in box.execute(str(db), "SELECT name FROM pragma_table_info('singer')").error
+    assert box.execute(str(db), "SELECT count(*) FROM sqlite_master").rows[0][0] > 0
+    assert box.execute(str(db), "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 5) "
+                                "SELECT sum(n) FROM r").rows == [(15,)]
+    assert box.execute(str(db), "VALUES (1, 'a')").rows == [(1, "a")]
+    assert box.execute(str(db) + ".missing", "SELECT 1").error.startswith("cannot open database")
+
+
+def test_every_spider_gold_query_runs_in_the_sandbox(spider, questions):
+    box = SqlSandbox()
+    for q in questions:
+        r = box.execute(str(spider / f"{q['db']}.sqlite"), q["gold_sql"])
+        assert r.error is None, (q["gold_sql"], r.error)
+        assert len(r.rows) == q["row_count"], q["gold_sql"]
+
+
+def test_extract_sql():
+    assert extract_sql("Here:\n```sql\nSELECT a FROM t;\n```\nDone") == "SELECT a FROM t"
+    assert extract_sql("```\nselect 1\n```") == "select 1"
+    assert extract_sql("```python\nprint(1)\n```\n```sql\nSELECT 2\n```") == "SELECT 2"
+    assert extract_sql("```sql\nSELECT name FROM singer WHERE age > 3") == "SELECT name FROM singer WHERE age > 3"
+    assert extract_sql("The answer is SELECT count(*) FROM singer; because ...") == "SELECT count(*) FROM singer"
+    assert extract_sql("WITH a AS (SELECT 1) SELECT * FROM a\n\nExplanation: ...") == "WITH a AS (SELECT 1) SELECT * FROM a"
+    assert extract_sql("I do not know.") is None
+
+
+def test_ordering_and_normalization():
+    assert is_ordered("SELECT a FROM t ORDER BY a")
+    assert not is_ordered("SELECT a FROM (SELECT a FROM t ORDER BY a)")
+    assert not is_ordered("SELECT a, rank() OVER (ORDER BY b) FROM t")
+    assert not is_ordered("SELECT 'order by' FROM t")
+    assert result_key([(1, "a"), (2, "b")], False) == result_key([(2, "b"), (1, "a")], False)
+    assert result_key([(1,), (2,)], True) != result_key([(2,), (1,)], True)
+    assert result_key([(1,), (1,)], False) != result_key([(1,)], False)  # a multiset, not a set
+    assert result_key([(0.1 + 0.2,)], False) == result_key([(0.3,)], False)
+    assert result_key([(1.0000004,)], True) == result_key([(1,)], True)
+    assert result_key([(1.001,)], True) != result_key([(1,)], True)
+
+
+def prompt_for(spider: Path, q: dict, i: int = 0, **meta) -> Prompt:
+    return Prompt(id=f"q{i}", text=q["question"], metadata={"db_path": str(spider / f"{q['db']}.sqlite"), **meta})
+
+
+def test_consensus_on_spider_gold_queries(spider, questions):
+    prompts, groups = [], []
+    for i, q in enumerate(questions):
+        gold = q["gold_sql"]
+        texts = [f"```sql\n{gold}\n```", f"The query is {gold}", f"```sql\n{gold};\n```",
+                 "```sql\nSELECT 12345\n```", "```sql\nSELECT * FROM no_such_table\n```", "no idea"]
+        prompts.append(prompt_for(spider, q, i))
+        groups.append(cands(texts, f"q{i}"))
+    out = score_groups(SqlExecScorer(), prompts, groups)
+    for q, scores in zip(questions, out, strict=True):
+        if q["row_count"] == 0:  # an empty result never wins: the lone non-empty one is below min_share
+            assert {s.status for s in scores} == {"abstain"}, q["gold_sql"]
+            continue
+        assert [s.value for s in scores] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0], q["gold_sql"]
+        assert scores[4].reason.startswith("OperationalError: no such table")
+        assert scores[5].reason == "no SQL query found in the answer"
+        assert scores[0].details["cluster"] == 0 and scores[0].details["cluster_size"] == 3
+
+
+def test_equivalent_queries_agree(spider, questions):
+    q = next(q for q in questions if q["gold_sql"] == "SELECT count(*) FROM singer")
+    texts = ["SELECT count(*) FROM singer", "SELECT COUNT(Singer_ID) FROM singer AS s",
+             "SELECT count(*) + 0.0 FROM singer", "SELECT count(*) FROM singer WHERE Age > 30"]
+    scores = SqlExecScorer().score(prompt_for(spider, q), cands(texts))
+    assert [s.value for s in scores] == [1.0, 1.0, 1.0, 0.0]
+
+
+def test_empty_results_never_win_and_small_or_tied_clusters_abstain(spider, questions):
+    q = questions[0]
+    empty = "SELECT Name FROM singer WHERE Age > 1000"
+    texts = [empty, empty, empty, "SELECT count(*) FROM singer", "SELECT nope"]
+    scores = SqlExecScorer(min_share=0.2).score(prompt_for(spider, q), cands(texts))
+    assert [s.value for s in scores] == [0.0, 0.0, 0.0, 1.0, 0.0]
+    assert scores[0].reason == "empty result"
+    small = SqlExecScorer(min_share=0.5).score(prompt_for(spider, q), cands(texts))
+    assert {s.status for s in small} == {"abstain"} and "1/5 < min_share 0.5" in small[0].reason
+    tie = SqlExecScorer().score(prompt_for(spider, q), cands(["SELECT 1", "SELECT 1", "SELECT 2", "SELECT 2"]))
+    assert {s.status for s in tie} == {"abstain"} and "tie" in tie[0].reason
+
+
+def test_gold_mode_and_executes_mode(spider, questions):
+    q = next(q for q in questions if "ORDER BY" in q["gold_sql"] and q["row_count"] > 1)
+    gold = q["gold_sql"]
+    unordered = gold.split("ORDER BY")[0]
+    p = prompt_for(spider, q, gold_sql=gold)
+    got = SqlExecScorer(mode="gold").score(p, cands([gold, unordered, "SELECT nope", "hello"]))
+    assert [s.value for s in got] == [1.0, 0.0, 0.0, 0.0]
+    missing = SqlExecScorer(mode="gold").score(prompt_for(spider, q), cands([gold]))
+    assert missing[0].status == "error" and "gold_sql" in missing[0].reason
+    runs = SqlExecScorer(mode="executes").score(p, cands([gold, "SELECT nope", "SELECT 1 WHERE 0"]))
+    assert [s.value for s in runs] == [1.0, 0.0, 0.0]
+    assert SqlExecScorer(mode="executes").pointwise and not SqlExecScorer().pointwise
+
+
+def test_missing_db_path_and_bad_options():
+    [s] = score_groups(SqlExecScorer(), [Prompt(id="x", text="q")], [cands(["SELECT 1"], "x")])[0]
+    assert isinstance(s, Score) and s.status == "error" and "db_path" in s.reason
+    with pytest.raises(ValueError, match="mode"):
+        SqlExecScorer(mode="vote")
+    with pytest.raises(TypeError, match="unknown option"):
+        SqlExecScorer(timeout=3)
+
+
+def test_cache_hit_on_spider(spider, questions, tmp_path):
+    prompts = [prompt_for(spider, q, i) for i, q in enumerate(questions[:5])]
+    groups = [cands([q["gold_sql"]] * 2 + ["SELECT 1"], f"q{i}") for i, q in enumerate(questions[:5])]
+    first = score_groups(SqlExecScorer(), prompts, groups, cache=tmp_path)
+    from tao_core.scoring import ScoreCache
+
+    cache = ScoreCache(tmp_path)
+    second = score_groups(SqlExecScorer(), prompts, groups, cache=cache)
+    assert cache.hits == 15 and cache.misses == 0
+    assert [[s.to_dict() for s in g] for g in first] == [[s.to_dict() for s in g] for g in second]
