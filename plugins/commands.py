@@ -1,1 +1,103 @@
-"""Built-in CLI commands registered through the tao_register_commands hook."""
+"""Built-in CLI commands registered through the tao_register_commands hook.
+
+``tao eval --task NAME --model M [--limit K] [--json]``: the fixed evaluation protocol of
+:func:`tao_core.tasks.evaluate` (the task's own prompt, greedy decoding, the task's answer check)
+on the task's held-out split, reported with a Wilson 95% confidence interval.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+import tao_core
+from tao_core.errors import TaoInputError
+from tao_core.types import Candidate, Prompt, SamplingParams
+
+
+def parse_task_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["level=mul2", "n_eval=64"]`` -> ``{"level": "mul2", "n_eval": 64}`` (values parsed as JSON when they are)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise TaoInputError(f"--option {pair!r}: expected KEY=VALUE, e.g. --option level=mul2")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+class _Chunked:
+    """Runs a generator over the prompts in chunks, with a progress bar on stderr."""
+
+    def __init__(self, generator: Any, chunk: int, label: str) -> None:
+        self.generator, self.chunk, self.label = generator, chunk, label
+        self.name = getattr(generator, "name", "generator")
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Candidate]]:
+        from tqdm import tqdm
+
+        out: list[list[Candidate]] = []
+        with tqdm(total=len(prompts), desc=self.label, unit="prompt", disable=None, file=None) as bar:
+            for start in range(0, len(prompts), self.chunk):
+                part = list(prompts[start : start + self.chunk])
+                out += self.generator.generate(part, params)
+                bar.update(len(part))
+        return out
+
+
+def run_eval(task_name: str, model: Any, *, limit: int | None = None, task_options: dict[str, Any] | None = None,
+             chunk: int = 32) -> Any:
+    """Evaluate ``model`` (a name/path or a loaded model) on a registered task; returns an EvalResult."""
+    from tao_core.generation import sampler_for
+    from tao_core.models import LoadedModel, load_model
+    from tao_core.tasks import evaluate
+
+    if limit is not None and limit < 1:
+        raise TaoInputError(f"--limit must be >= 1, got {limit}")
+    try:
+        task = tao_core.get_component("tasks", task_name)(**(task_options or {}))
+    except TypeError as e:
+        raise TaoInputError(f"task {task_name!r}: bad option ({e}); pass options as --option KEY=VALUE") from None
+    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    examples = task.eval_examples(limit)
+    if not examples:
+        raise TaoInputError(f"task {task_name!r} has no evaluation examples")
+    return evaluate(task, _Chunked(sampler_for(lm), chunk, f"eval {task_name}"), examples=examples)
+
+
+@click.command("eval")
+@click.option("--task", "task_name", required=True, help="Registered task (`tao plugins` lists them).")
+@click.option("--model", "model_spec", default="smollm2-135m", show_default=True,
+              help="Alias, cache name, GGUF file or HF dir.")
+@click.option("--limit", type=int, default=None, help="Evaluate only the first K held-out examples.")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="Task option, e.g. --option level=mul2 (repeatable; values parsed as JSON when they are).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False),
+              help="Also write one JSON line per example (prompt id, completion, value) here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def eval_cmd(task_name: str, model_spec: str, limit: int | None, options: tuple[str, ...], output: str | None,
+             as_json: bool) -> None:
+    """Evaluate a model on a task's held-out split: greedy decoding, the task's prompt and check,
+    with a Wilson 95% confidence interval."""
+    from tao_core.types import write_jsonl
+
+    result = run_eval(task_name, model_spec, limit=limit, task_options=parse_task_options(options))
+    if output:
+        write_jsonl(output, result.per_example)
+    summary = {**result.to_dict(), "model": model_spec}
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    click.echo(f"{result.task} {result.metric} {result.value:.3f} "
+               f"(95% CI {result.ci_low:.3f}-{result.ci_high:.3f}, n={result.n}, model {model_spec})")
+
+
+@tao_core.hookimpl
+def tao_register_commands(register):
+    register("eval", eval_cmd)
