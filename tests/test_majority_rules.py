@@ -108,3 +108,99 @@ def test_bad_options_are_named():
 def test_majority_registered():
     scorer = get_component("scorers", "majority-vote")(min_share=0.3)
     assert scorer.min_share == 0.3 and scorer.pointwise is False
+
+
+# ---- rules ------------------------------------------------------------------------------------
+
+def rules_scores(rules, texts, **kw):
+    from tao_plugins.scorers.rules import RulesScorer
+
+    return RulesScorer(rules, **kw).score(P, group(*texts))
+
+
+def test_regex_count_and_length_rules():
+    s = rules_scores([{"type": "regex", "pattern": r"^Answer: \d+$", "flags": "m"}],
+                     ["47+38\nAnswer: 85", "Answer: eighty-five"])
+    assert [x.value for x in s] == [1.0, 0.0] and "no match" in s[1].reason
+    s = rules_scores([{"type": "regex", "pattern": "[A-Z]", "negate": True, "name": "lowercase"}],
+                     ["all lower here", "Not lower"])
+    assert [x.value for x in s] == [1.0, 0.0] and s[1].reason.startswith("lowercase:")
+    bullets = {"type": "count", "pattern": r"^\s*[-*] ", "flags": "m", "min": 3, "max": 3}
+    s = rules_scores([bullets], ["- a\n- b\n- c", "- a\n- b", "- a\n- b\n- c\n- d"])
+    assert [x.value for x in s] == [1.0, 0.0, 0.0]
+    s = rules_scores([{"type": "length", "min_words": 3, "max_words": 5}],
+                     ["one two", "one two three", "one two three four five six"])
+    assert [x.value for x in s] == [0.0, 1.0, 0.0] and "2 words" in s[0].reason
+
+
+def test_json_schema_rule():
+    schema = {"type": "object", "required": ["name", "age"],
+              "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}}}
+    texts = ['{"name": "Ada", "age": 36}',
+             'Here you go:\n```json\n{"name": "Ada", "age": 36}\n```',
+             '{"name": "Ada", "age": -1}',
+             '{"name": "Ada"}',
+             "Ada is 36."]
+    s = rules_scores([{"type": "json_schema", "schema": schema}], texts)
+    assert [x.value for x in s] == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert "age" in s[2].reason and "required" in s[3].reason and "no JSON" in s[4].reason
+    s = rules_scores([{"type": "json_schema", "schema": schema, "strict": True}], texts[:2])
+    assert [x.value for x in s] == [1.0, 0.0]
+
+
+def test_contains_and_forbidden_rules():
+    rules = [{"type": "contains", "all": ["ocean"], "any": ["blue", "green"]},
+             {"type": "forbidden", "texts": ["cat", "!"]}]
+    s = rules_scores(rules, ["The Ocean is blue.", "The ocean is red.", "oceanic blue", "A blue ocean cat.",
+                             "Blue ocean!", "concatenate the blue ocean"])
+    assert [x.value for x in s] == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    s = rules_scores([{"type": "contains", "all": ["Ocean"], "case_sensitive": True}], ["ocean", "Ocean"])
+    assert [x.value for x in s] == [0.0, 1.0]
+
+
+def test_composition_all_any_weighted_and_nested():
+    a = {"type": "contains", "all": ["alpha"], "name": "a", "weight": 3}
+    b = {"type": "contains", "all": ["beta"], "name": "b", "weight": 1}
+    texts = ["alpha beta", "alpha", "beta", "gamma"]
+    assert [x.value for x in rules_scores([a, b], texts)] == [1.0, 0.0, 0.0, 0.0]
+    assert [x.value for x in rules_scores([a, b], texts, combine="any")] == [1.0, 1.0, 1.0, 0.0]
+    assert [x.value for x in rules_scores([a, b], texts, combine="weighted")] == [1.0, 0.75, 0.25, 0.0]
+    nested = [{"type": "any", "rules": [a, b]}, {"type": "length", "max_words": 1}]
+    assert [x.value for x in rules_scores(nested, texts)] == [0.0, 1.0, 1.0, 0.0]
+    s = rules_scores([a, b], ["alpha"], combine="weighted")[0]
+    assert s.details["rules"] == [{"name": "a", "value": 1.0}, {"name": "b", "value": 0.0, "why": "missing ['beta']"}]
+
+
+def test_rules_from_prompt_metadata_abstain_and_error():
+    from tao_plugins.scorers.rules import RulesScorer
+
+    scorer = RulesScorer()
+    p = Prompt(id="m", text="Say hi in lowercase.", metadata={"rules": [{"type": "regex", "pattern": "hi"}]})
+    assert [x.value for x in scorer.score(p, group("hi there", "hello"))] == [1.0, 0.0]
+    s = scorer.score(Prompt(id="n", text="Anything."), group("x"))
+    assert s[0].status == "abstain" and "no metadata['rules']" in s[0].reason
+    bad = Prompt(id="b", text="x", metadata={"rules": [{"type": "regex", "pattern": "("}]})
+    s = scorer.score(bad, group("x", "y"))
+    assert [x.status for x in s] == ["error", "error"] and "prompt 'b'" in s[0].reason and "rules[0]" in s[0].reason
+
+
+@pytest.mark.parametrize(("rules", "message"), [
+    ([{"type": "regexp", "pattern": "x"}], "unknown rule type 'regexp'"),
+    ([{"type": "regex", "pattern": "x", "ignorecase": True}], r"unknown option\(s\) \['ignorecase'\]"),
+    ([{"type": "length"}], "needs at least one of"),
+    ([{"type": "length", "max_words": -1}], "max_words"),
+    ([{"type": "json_schema", "schema": {"type": "objekt"}}], "invalid JSON schema"),
+    ([{"type": "all", "rules": [{"type": "count", "pattern": "x"}]}], r"rules\[0\]\.rules\[0\]: a count rule"),
+    ([{"type": "contains"}], "contains rule needs"),
+    ([], "non-empty list"),
+])
+def test_bad_rules_are_named(rules, message):
+    from tao_plugins.scorers.rules import RulesScorer
+
+    with pytest.raises(TaoInputError, match=message):
+        RulesScorer(rules)
+
+
+def test_rules_registered():
+    scorer = get_component("scorers", "rules")(rules=[{"type": "length", "max_chars": 3}])
+    assert [x.value for x in scorer.score(P, group("abc", "abcd"))] == [1.0, 0.0]
