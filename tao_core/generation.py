@@ -138,5 +138,9 @@ class HFGenerator:
 
 
 def sampler_for(model: LoadedModel) -> Generator:
-    """The fastest available token-level sampler for ``model``."""
+    """The fastest available token-level sampler for ``model``: the engine for Llama-family models."""
+    from tao_core.engine import EngineGenerator, unsupported_reason
+
+    if unsupported_reason(model.model) is None:
+        return EngineGenerator(model)
     return HFGenerator(model)

@@ -1,0 +1,184 @@
+"""A lean forward pass for Llama-family decoders over a block KV cache.
+
+The runner calls the Hugging Face model's own submodules (embedding, norms, q/k/v/o projections,
+MLP, LM head), so it reads the live parameter tensors with no copy: an optimizer step is visible to
+the next forward, and LoRA layers that peft put in place of the projections apply their adapters.
+What it replaces is the glue: the per-token positions, the cache writes and the attention over
+cache blocks, which ``transformers`` would do with padded batches and a growing cache.
+
+Tokens of all sequences are packed into one ``[T, hidden]`` matrix, so every projection is one
+matmul over the whole batch; only attention is per sequence (prefill) or padded (decode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tao_core.engine.cache import BlockKVCache
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``*ForCausalLM`` module under a peft wrapper (the wrapper's LoRA layers stay in its tree)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why the fast path cannot run ``model``, or None when it can."""
+    base = unwrap(model)
+    cfg = getattr(base, "config", None)
+    mtype = getattr(cfg, "model_type", None)
+    if mtype not in SUPPORTED_MODEL_TYPES:
+        return f"model type {mtype!r} is not one of {SUPPORTED_MODEL_TYPES}"
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and getattr(cfg, "use_sliding_window", True) and window < cfg.max_position_embeddings:
+        return f"sliding-window attention ({window} tokens) is not implemented"
+    core = getattr(base, "model", None)
+    if core is None or not hasattr(core, "layers") or not hasattr(core, "rotary_emb") or not hasattr(base, "lm_head"):
+        return "the model does not have the Llama module layout (model.layers, model.rotary_emb, lm_head)"
+    return None
+
+
+@dataclass
+class DecodeBatch:
+    """One new token for each of ``B`` sequences."""
+
+    block_table: torch.Tensor  # [B, max_blocks] int64; padding rows point at block 0 (masked out)
+    mask: torch.Tensor  # [B, 1, 1, max_blocks * block_size] bool: True where a key is attended
+
+
+@dataclass
+class PrefillSeq:
+    """The new tokens of one sequence in a packed prefill: tokens [start, start + length) of it."""
+
+    start: int  # tokens already in the cache before this forward (a shared prefix)
+    length: int  # new tokens; their rows in the packed batch are consecutive
+    blocks: torch.Tensor  # [ceil((start + length) / block_size)] int64: the sequence's blocks
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class LlamaRunner:
+    """Runs ``prefill`` and ``decode`` forwards of a Llama-family model on a :class:`BlockKVCache`."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"the engine's fast path cannot run this model: {reason}")
+        self.model = model
+        base = unwrap(model)
+        self.core = base.model
+        self.lm_head = base.lm_head
+        cfg = base.config
+        self.config = cfg
+        self.num_layers = cfg.num_hidden_layers
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.group = self.num_heads // self.num_kv_heads
+        self.vocab_size = cfg.vocab_size
+        self.max_positions = cfg.max_position_embeddings
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return self.core.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.core.embed_tokens.weight.device
+
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        cache: BlockKVCache,
+        attend,
+    ) -> torch.Tensor:
+        """Hidden states ``[T, hidden]`` after the final norm for packed tokens.
+
+        ``token_ids``, ``positions``, ``slots`` (flat cache slot ``block * block_size + offset`` each
+        token's K/V is written to): ``[T]`` int64. ``attend(layer, q, k, v)`` returns ``[T, heads *
+        head_dim]`` given this layer's new ``q [T, H, D]`` and ``k, v [T, KVH, D]`` (already cached).
+        """
+        t = token_ids.shape[0]
+        h = self.core.embed_tokens(token_ids)
+        for i, layer in enumerate(self.core.layers):
+            attn = layer.self_attn
+            r = layer.input_layernorm(h)
+            q = attn.q_proj(r).view(t, self.num_heads, self.head_dim)
+            k = attn.k_proj(r).view(t, self.num_kv_heads, self.head_dim)
+            v = attn.v_proj(r).view(t, self.num_kv_heads, self.head_dim)
+            if hasattr(attn, "q_norm"):
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            if i == 0:
+                cos, sin = self.core.rotary_emb(h, positions.unsqueeze(0))
+                cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, head_dim]
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            cache.k[i].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, k.to(cache.dtype))
+            cache.v[i].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, v.to(cache.dtype))
+            o = attend(i, q, k, v)
+            h = h + attn.o_proj(o)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.core.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[N, vocab]`` float32 logits for ``[N, hidden]`` final hidden states."""
+        return self.lm_head(hidden).float()
+
+    # attention --------------------------------------------------------------------------------
+    def decode_attend(self, cache: BlockKVCache, batch: DecodeBatch):
+        """Attention for one new token per sequence over its cached blocks (padded to the longest)."""
+        bsz, nblocks = batch.block_table.shape
+        span = nblocks * cache.block_size
+        scale = self.core.layers[0].self_attn.scaling
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kg = cache.k[layer][batch.block_table].view(bsz, span, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            vg = cache.v[layer][batch.block_table].view(bsz, span, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            # the query heads sharing a KV head become `group` query rows of that head
+            qg = q.view(bsz, self.num_kv_heads, self.group, self.head_dim).to(kg.dtype)
+            out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=batch.mask, scale=scale)
+            return out.reshape(bsz, self.num_heads * self.head_dim).to(q.dtype)
+
+        return attend
+
+    def prefill_attend(self, cache: BlockKVCache, seqs: list[PrefillSeq]):
+        """Causal attention of each sequence's new tokens over its cached prefix and themselves."""
+        scale = self.core.layers[0].self_attn.scaling
+        masks = []
+        for s in seqs:
+            if s.start == 0:
+                masks.append(None)
+            else:
+                ctx = torch.arange(s.start + s.length, device=self.device)
+                pos = torch.arange(s.start, s.start + s.length, device=self.device)
+                masks.append(ctx.unsqueeze(0) <= pos.unsqueeze(1))
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            outs, row = [], 0
+            for s, mask in zip(seqs, masks, strict=True):
+                qs = q[row : row + s.length].transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
+                if s.start == 0:
+                    ks = k[row : row + s.length].transpose(0, 1).unsqueeze(0)
+                    vs = v[row : row + s.length].transpose(0, 1).unsqueeze(0)
+                    o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+                else:
+                    ctx = s.start + s.length
+                    ks = cache.k[layer][s.blocks].flatten(0, 1)[:ctx].transpose(0, 1).unsqueeze(0).to(q.dtype)
+                    vs = cache.v[layer][s.blocks].flatten(0, 1)[:ctx].transpose(0, 1).unsqueeze(0).to(q.dtype)
+                    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+                outs.append(o[0].transpose(0, 1).reshape(s.length, -1))
+                row += s.length
+            return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+        return attend
