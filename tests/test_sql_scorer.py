@@ -139,6 +139,8 @@ def test_extract_sql():
     assert extract_sql("```sql\nSELECT name FROM singer WHERE age > 3") == "SELECT name FROM singer WHERE age > 3"
     assert extract_sql("The answer is SELECT count(*) FROM singer; because ...") == "SELECT count(*) FROM singer"
     assert extract_sql("WITH a AS (SELECT 1) SELECT * FROM a\n\nExplanation: ...") == "WITH a AS (SELECT 1) SELECT * FROM a"
+    assert extract_sql("Answer with a query: SELECT 1") == "SELECT 1"
+    assert extract_sql("WITH RECURSIVE r(n) AS (SELECT 1) SELECT n FROM r") == "WITH RECURSIVE r(n) AS (SELECT 1) SELECT n FROM r"
     assert extract_sql("I do not know.") is None
 
 
