@@ -234,3 +234,13 @@ def test_cache_hit_on_spider(spider, questions, tmp_path):
     second = score_groups(SqlExecScorer(), prompts, groups, cache=cache)
     assert cache.hits == 15 and cache.misses == 0
     assert [[s.to_dict() for s in g] for g in first] == [[s.to_dict() for s in g] for g in second]
+
+
+def test_concurrent_scoring_matches_sequential(spider, questions):
+    prompts = [prompt_for(spider, q, i) for i, q in enumerate(questions)]
+    groups = [cands([q["gold_sql"], "SELECT 1", q["gold_sql"] + " /* again */"], f"q{i}") for i, q in enumerate(questions)]
+    from tao_core.scoring import ScorerLimits
+
+    seq = score_groups(SqlExecScorer(), prompts, groups)
+    par = score_groups(SqlExecScorer(), prompts, groups, limits=ScorerLimits(workers=4))
+    assert [[s.to_dict() for s in g] for g in seq] == [[s.to_dict() for s in g] for g in par]
