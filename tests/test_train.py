@@ -1,0 +1,228 @@
+"""The Trainer on a tiny random Llama with handmade candidates."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from tao_core.batching import Segment, pack, plan_micro_batches
+from tao_core.errors import TaoInputError
+from tao_core.models import LoadedModel
+from tao_core.train import TrainConfig, Trainer
+from tao_core.types import Candidate, Prompt, Score
+
+CONFIG = LlamaConfig(
+    vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=128,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and a shared CPU makes idle OpenMP threads spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, 97)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return fast
+
+
+def tiny_lm(seed: int = 0) -> LoadedModel:
+    torch.manual_seed(seed)
+    return LoadedModel(LlamaForCausalLM(CONFIG).eval(), tiny_tokenizer(), "tiny", None)
+
+
+@torch.no_grad()
+def token_logprobs(model, prompt: list[int], tokens: list[int], temperature: float = 1.0) -> torch.Tensor:
+    logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1] / temperature
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+
+
+def make_batch(lm: LoadedModel, seed: int = 1, temperature: float = 1.0, n_prompts: int = 3, n: int = 4):
+    """Handmade groups: candidate 0 scores 1, the others 0; old log-probs from the current model."""
+    g = torch.Generator().manual_seed(seed)
+    prompts, groups, scores = [], [], []
+    for p in range(n_prompts):
+        ids = torch.randint(2, 97, (4 + p,), generator=g).tolist()
+        prompts.append(Prompt(id=str(p), text="q"))
+        cands = []
+        for j in range(n):
+            toks = torch.randint(2, 97, (2 + (j + p) % 3,), generator=g).tolist()
+            lp = token_logprobs(lm.model, ids, toks, temperature).tolist()
+            cands.append(Candidate(str(p), j, "", ids, toks, lp, temperature=temperature))
+        groups.append(cands)
+        scores.append([Score.ok(1.0 if j == 0 else 0.0) for j in range(n)])
+    return prompts, groups, scores
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_high_reward_completions_become_more_likely():
+    lm = tiny_lm()
+    trainer = Trainer(lm, TrainConfig(objective="grpo", lr=3e-3))
+    _, groups, _ = make_batch(lm)
+    before = [[float(token_logprobs(lm.model, c.prompt_token_ids, c.token_ids).sum()) for c in g] for g in groups]
+    for _ in range(5):
+        trainer.step(*make_batch(lm))  # on-policy: old log-probs from the current weights
+    after = [[float(token_logprobs(lm.model, c.prompt_token_ids, c.token_ids).sum()) for c in g] for g in groups]
+    for b, a in zip(before, after, strict=True):
+        assert a[0] > b[0] + 0.5  # the rewarded completion went up
+        others = sum(a[j] - b[j] for j in range(1, 4)) / 3
+        assert others < a[0] - b[0] - 0.5  # and pulled away from the unrewarded ones
+
+
+@pytest.mark.parametrize("objective", ["grpo", "dr_grpo", "dapo", "online_dpo", "best_of_n_sft"])
+def test_shared_prefix_layout_matches_padded_rows(objective):
+    results = []
+    for layout in ("shared_prefix", "padded"):
+        lm = tiny_lm()
+        batch = make_batch(lm, temperature=0.8)
+        metrics = Trainer(lm, TrainConfig(objective=objective, layout=layout, kl_coef=0.1)).step(*batch)
+        results.append((metrics["loss"], grads(lm.model)))
+    (loss_a, g_a), (loss_b, g_b) = results
+    assert loss_a == pytest.approx(loss_b, abs=1e-5)
+    assert g_a.keys() == g_b.keys() and len(g_a) > 0
+    for name in g_a:
+        torch.testing.assert_close(g_a[name], g_b[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("objective", ["grpo", "dr_grpo", "dapo", "online_dpo", "best_of_n_sft"])
+def test_gradient_accumulation_equals_one_big_batch(objective):
+    results = []
+    for budget in (10_000, 9):  # 9 tokens: several micro-batches and groups split across them
+        lm = tiny_lm()
+        batch = make_batch(lm)
+        metrics = Trainer(lm, TrainConfig(objective=objective, micro_batch_tokens=budget)).step(*batch)
+        results.append((metrics, grads(lm.model)))
+    (m_big, g_big), (m_small, g_small) = results
+    assert m_big["micro_batches"] == 1 and m_small["micro_batches"] >= 3
+    assert m_small["loss"] == pytest.approx(m_big["loss"], abs=1e-5)
+    for name in g_big:
+        torch.testing.assert_close(g_small[name], g_big[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_split_keeps_pairs_and_budget():
+    seg = Segment([5, 6, 7], [[1, 2, 3]] * 6, [[0.0] * 3] * 6, [1.0, -1.0] * 3, [1.0, 0.0] * 3, 1.0)
+    plan = plan_micro_batches([seg], budget=8, unit=2)
+    assert [len(s.completions) for mb in plan for s in mb] == [2, 2, 2]  # 3 + 2*2 = 7 <= 8 tokens each
+    inputs, batch = pack(plan[0], "shared_prefix")
+    assert inputs.input_ids.shape == (1, 7) and batch.n_tokens == 6
+    assert inputs.position_ids[0].tolist() == [0, 1, 2, 3, 4, 3, 4]  # each completion restarts after the prompt
+
+
+def test_masked_scores_off_policy_and_skipped_groups_are_counted():
+    lm = tiny_lm()
+    prompts, groups, scores = make_batch(lm)
+    scores[0][1] = Score.abstain("no majority")
+    scores[1] = [Score.ok(1.0), Score.error("timeout"), Score.abstain("x"), Score.abstain("x")]  # 1 ok: skipped
+    groups[2][3].metadata["off_policy"] = True
+    metrics = Trainer(lm, TrainConfig(objective="grpo")).step(prompts, groups, scores)
+    assert metrics["skipped_groups"] == 1.0
+    assert metrics["off_policy_dropped"] == 1.0
+    assert metrics["sequences"] == 3 + 3  # group 0 without its abstained one, group 2 without off-policy
+    assert metrics["scored"] == 3 + 1 + 3
+    with pytest.raises(TaoInputError, match="group 0: 4 candidates but 3 scores"):
+        Trainer(lm, TrainConfig()).step(prompts[:1], [groups[0]], [scores[0][:3]])
+
+
+def test_nothing_to_learn_means_no_update():
+    lm = tiny_lm()
+    prompts, groups, _ = make_batch(lm)
+    before = {n: p.clone() for n, p in lm.model.named_parameters()}
+    one_ok = [[Score.ok(1.0)] + [Score.abstain("unsure")] * 3 for _ in groups]
+    metrics = Trainer(lm, TrainConfig()).step(prompts, groups, one_ok)
+    assert metrics["updated"] == 0.0 and metrics["step"] == 1.0 and metrics["skipped_groups"] == 3
+    equal = [[Score.ok(0.5)] * 4 for _ in groups]  # DAPO drops groups without signal
+    assert Trainer(lm, TrainConfig(objective="dapo")).step(prompts, groups, equal)["updated"] == 0.0
+    assert all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())
+
+
+def test_lora_trains_adapters_and_reference_is_the_base():
+    lm = tiny_lm()
+    base = {n: p.clone() for n, p in lm.model.named_parameters()}
+    prompts, groups, scores = make_batch(lm)
+    probe = torch.tensor([groups[0][0].prompt_token_ids + groups[0][0].token_ids])
+    with torch.no_grad():
+        base_logits = lm.model(probe).logits
+    trainer = Trainer(lm, TrainConfig(objective="ppo_clip_kl", lora=True, lr=1e-2))
+    assert trainer.reference is None and trainer.needs_reference  # no second copy under LoRA
+    assert all("lora_" in n for n, p in lm.model.named_parameters() if p.requires_grad)
+    for _ in range(3):
+        metrics = trainer.step(prompts, groups, scores)
+    assert metrics["kl"] > 0
+    with torch.no_grad():
+        tuned_logits = lm.model(probe).logits
+        with lm.model.disable_adapter():
+            ref_logits = lm.model(probe).logits
+    assert not torch.allclose(tuned_logits, base_logits, atol=1e-4)
+    torch.testing.assert_close(ref_logits, base_logits)
+    for n, p in lm.model.get_base_model().named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base[n.replace(".base_layer", "")]), n
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_save_pretrained_round_trips(tmp_path, lora):
+    lm = tiny_lm()
+    trainer = Trainer(lm, TrainConfig(lora=lora, lr=1e-2))
+    trainer.step(*make_batch(lm))
+    out = trainer.save_pretrained(tmp_path / "model")
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    probe = torch.tensor([[3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(probe).logits, lm.model(probe).logits, atol=1e-5, rtol=1e-5)
+    assert (out / "chat_template.jinja").is_file() and (out / "tokenizer.json").is_file()
+    assert not any(p.name.startswith("adapter") for p in out.iterdir())
+
+
+def _bytes_round_trip(state):
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_resume_is_bit_identical(lora):
+    cfg = TrainConfig(objective="grpo", lora=lora, lr=1e-2, kl_coef=0.05)
+
+    def run(trainer, lm, steps):
+        for s in steps:
+            trainer.step(*make_batch(lm, seed=10 + s))
+            torch.rand(3)  # a step's caller may draw from the global RNG too
+
+    lm_a = tiny_lm()
+    trainer_a = Trainer(lm_a, cfg)
+    run(trainer_a, lm_a, range(4))
+    rng_a = torch.get_rng_state()
+
+    lm_b = tiny_lm()
+    trainer_b = Trainer(lm_b, cfg)
+    run(trainer_b, lm_b, range(2))
+    state = _bytes_round_trip(trainer_b.state_dict())
+    torch.rand(5)  # the interrupted process's RNG moves on; the state restores it
+
+    lm_c = tiny_lm()  # a fresh process builds the Trainer on the same base model, then loads the state
+    trainer_c = Trainer(lm_c, cfg)
+    trainer_c.load_state_dict(state)
+    run(trainer_c, lm_c, range(2, 4))
+
+    assert trainer_c.step_count == trainer_a.step_count == 4
+    for (n, a), (_, c) in zip(lm_a.model.named_parameters(), lm_c.model.named_parameters(), strict=True):
+        if a.requires_grad:
+            assert torch.equal(a, c), n
+    assert torch.equal(torch.get_rng_state(), rng_a)
