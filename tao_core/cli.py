@@ -138,6 +138,65 @@ def generate_cmd(model_spec, texts, prompts_file, column, generator_name, output
             click.echo(json.dumps(c.to_dict(), ensure_ascii=False))
 
 
+def _print_result(result) -> None:
+    b, a = result.before, result.after
+    click.echo(f"run directory: {result.run_dir}")
+    click.echo(f"held-out {b['metric']} before: {b['value']:.3f}  [{b['ci_low']:.3f}, {b['ci_high']:.3f}]  (n={b['n']})")
+    click.echo(f"held-out {a['metric']} after:  {a['value']:.3f}  [{a['ci_low']:.3f}, {a['ci_high']:.3f}]  "
+               f"(best at step {a['step']})")
+    click.echo(f"tuning time: {result.tuning_seconds / 60:.1f} min over {result.steps} steps "
+               f"(generate + score + train; evaluation and checkpoints excluded)")
+    for w in result.warnings:
+        click.echo(f"warning: {w}")
+
+
+@cli.command("run")
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
+              help="Continue the run in this directory from its last checkpoint.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key, e.g. --set train.lr=1e-5 (value parsed as TOML).")
+@click.option("--output-dir", default=None, help="Run directory (overrides output_dir).")
+def run_cmd(config, resume_dir, overrides, output_dir) -> None:
+    """Run TAO from a TOML config: rounds of generate -> score -> train -> evaluate."""
+    import tomllib
+
+    from tao_core import pipeline
+    from tao_core.config import load_config
+
+    if resume_dir:
+        if config or overrides:
+            raise click.UsageError("--resume takes the run's saved config; give no CONFIG or --set")
+        _print_result(pipeline.resume(resume_dir))
+        return
+    if not config:
+        raise click.UsageError("give a CONFIG file or --resume RUN_DIR")
+    parsed = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise click.UsageError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            parsed[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed[key.strip()] = raw
+    if output_dir:
+        parsed["output_dir"] = output_dir
+    cfg = load_config(config, parsed)
+    _print_result(pipeline.run(cfg))
+    click.echo(f"report: tao report {cfg.output_dir}")
+
+
+@cli.command("report")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+def report_cmd(run_dir) -> None:
+    """Write RUN_DIR/report.md and report.html with PNG plots."""
+    from tao_core.report import write_report
+
+    md_path, html_path = write_report(run_dir)
+    click.echo(f"wrote {md_path} and {html_path}")
+
+
 def main() -> None:
     cli(prog_name="tao")
 

@@ -1,0 +1,258 @@
+"""The TAO pipeline: rounds of generate -> score -> train -> evaluate, resumable at any step.
+
+Each optimizer step samples fresh candidates for ``prompts_per_step`` prompts from the current
+policy (stage 1), scores them (stage 2), and takes one training step on them (stage 3). A round
+ends with a held-out evaluation: the round is *promoted* when it does not regress, otherwise the
+best weights are restored (a guard against label-free rewards that get gamed). Prompts logged
+while serving can be fed back as ``prompts_file`` for the next run (stage 4).
+
+Determinism: prompt order and sampling seeds derive from ``(seed, step)``; the trainer's state
+carries every RNG. A resumed run therefore ends in the same weights as an uninterrupted one, bit
+for bit on the CPU, and reuses any candidates and scores already on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from tao_core.config import RunConfig, from_dict, validate
+from tao_core.errors import TaoInputError
+from tao_core.generation import sampler_for
+from tao_core.guards import Guard
+from tao_core.models import LoadedModel, load_model
+from tao_core.plugins import get_component
+from tao_core.rundir import RunDir
+from tao_core.scoring import ScorerLimits, load_scorer, score_groups
+from tao_core.tasks import EvalResult, Task, evaluate
+from tao_core.train import Trainer
+from tao_core.types import Prompt, SamplingParams
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    before: dict[str, Any]  # held-out metric of the starting model
+    after: dict[str, Any]  # held-out metric of the promoted (final) model
+    steps: int
+    tuning_seconds: float  # generate + score + train, evaluation and checkpoints excluded
+    warnings: list[str] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+def _versions() -> dict[str, Any]:
+    import importlib.metadata as md
+
+    out: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
+    for dist in ("tao-core", "torch", "transformers", "triton", "peft", "numpy", "pluggy", "safetensors"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def step_prompts(pool: list[Prompt], seed: int, step: int, k: int) -> list[Prompt]:
+    """The ``k`` prompts of a step: epochs over ``pool`` in a seeded order, no repeats within one."""
+    out: list[Prompt] = []
+    pos = step * k
+    while len(out) < k:
+        epoch, offset = divmod(pos, len(pool))
+        order = list(range(len(pool)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        take = order[offset : offset + (k - len(out))]
+        out.extend(pool[i] for i in take)
+        pos += len(take)
+    return out
+
+
+class Pipeline:
+    """Holds the model, task, generator, scorer and trainer of one run directory."""
+
+    def __init__(self, cfg: RunConfig, *, lm: LoadedModel | None = None, progress: bool = True) -> None:
+        validate(cfg)
+        self.cfg = cfg
+        self.dir = RunDir(cfg.output_dir)
+        self.progress = progress
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.lm = lm or load_model(cfg.model)
+        self.task: Task = get_component("tasks", cfg.task)(**cfg.task_options)
+        if cfg.prompts_file:
+            from tao_core.data import load_prompts
+
+            self.pool = load_prompts(cfg.prompts_file, column=cfg.prompt_column, task=cfg.task)
+        else:
+            self.pool = self.task.train_prompts()
+        if not self.pool:
+            raise TaoInputError(f"task {cfg.task!r} gave no training prompts")
+        self.eval_examples = self.task.eval_examples(cfg.eval_limit)
+        self.trainer = Trainer(self.lm, cfg.train)
+        gen_name = cfg.generate.generator or self.task.default_generator
+        self.generator = get_component("generators", gen_name)(self.lm, **cfg.generate.options)
+        self.scorer = load_scorer(cfg.score.scorer or self.task.default_scorer, **cfg.score.options)
+        self.limits = ScorerLimits(timeout_s=cfg.score.timeout_s)
+        self.guard = Guard(cfg.guard)
+
+    # -- pieces --------------------------------------------------------------------------------
+    def sampling(self, step: int) -> SamplingParams:
+        g = self.cfg.generate
+        return SamplingParams(
+            n=g.n, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, min_p=g.min_p,
+            max_new_tokens=g.max_new_tokens or self.task.max_new_tokens, stop=list(g.stop),
+            seed=self.cfg.seed * 1_000_003 + step,
+        )
+
+    def evaluate(self) -> EvalResult:
+        return evaluate(self.task, sampler_for(self.lm), self.eval_examples)
+
+    def _trainable(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.lm.model.named_parameters() if p.requires_grad}
+
+    def _restore_best(self) -> None:
+        best = self.dir.load_best()
+        with torch.no_grad():
+            for n, p in self._trainable().items():
+                p.copy_(best[n])
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self, *, resume: bool = False) -> RunResult:
+        cfg, rd = self.cfg, self.dir
+        total_steps = cfg.rounds * cfg.steps_per_round
+        ckpt = rd.latest_checkpoint() if resume else None
+        if ckpt is not None:
+            state = json.loads((ckpt / "pipeline.json").read_text())
+            self.trainer.load_state_dict(torch.load(ckpt / "trainer.pt", weights_only=False))
+            self.guard.load_state_dict(state["guard"])
+            start, before, best, tuning_s = state["step"], state["before"], state["best"], state["tuning_seconds"]
+            rd.truncate_metrics_after(start)
+        else:
+            if resume:
+                # killed before the first checkpoint: start over in the same directory
+                rd.truncate_metrics_after(-1)
+            rd.root.mkdir(parents=True, exist_ok=True)
+            (rd.root / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            (rd.root / "versions.json").write_text(json.dumps(_versions(), indent=2))
+            result = self.evaluate()
+            before = best = {**result.to_dict(), "step": 0, "round": 0}
+            rd.log({"type": "eval", "step": 0, "round": 0, **result.to_dict()})
+            rd.save_best(self._trainable(), best)
+            start, tuning_s = 0, 0.0
+        stopped, done = False, start
+        bar = tqdm(total=total_steps, initial=start, desc="tao run", disable=not self.progress, unit="step")
+        for step in range(start, total_steps):
+            round_index = step // cfg.steps_per_round + 1
+            record, elapsed = self._one_step(step, round_index)
+            tuning_s += elapsed
+            rd.log(record)
+            bar.update(1)
+            bar.set_postfix(reward=f"{record.get('reward_mean', float('nan')):.3f}", loss=f"{record.get('loss', 0):.4f}")
+            for w in self.guard.observe_step(record):
+                rd.log({"type": "warning", "step": step + 1, **w})
+                tqdm.write(f"warning: {w['message']}")
+                stopped = stopped or cfg.guard.stop_on_collapse
+            done = step + 1
+            end_of_round = done % cfg.steps_per_round == 0
+            if (cfg.guard.eval_every and done % cfg.guard.eval_every == 0) or end_of_round or stopped:
+                best, stop_now = self._evaluate_and_promote(done, round_index, best, end_of_round)
+                stopped = stopped or stop_now
+            if done % cfg.checkpoint_every == 0 or end_of_round or stopped or done == total_steps:
+                state = {"step": done, "before": before, "best": best, "tuning_seconds": tuning_s,
+                         "guard": self.guard.state_dict()}
+                rd.save_checkpoint(done, self.trainer.state_dict(), state)
+            if stopped:
+                tqdm.write("stopping: a collapse guard fired (guard.stop_on_collapse); keeping the best weights")
+                break
+        bar.close()
+        self._restore_best()
+        final = self.trainer.save_pretrained(rd.root / "final")
+        (final / "tao_run.json").write_text(json.dumps({"best": best, "before": before}, indent=2))
+        rd.log({"type": "final", "step": best["step"], "before": before["value"], "after": best["value"],
+                "tuning_seconds": tuning_s})
+        return RunResult(str(rd.root), before, best, done, tuning_s, self.guard.messages(), stopped)
+
+    def _one_step(self, step: int, round_index: int) -> tuple[dict[str, Any], float]:
+        rd = self.dir
+        prompts = step_prompts(self.pool, self.cfg.seed, step, self.cfg.prompts_per_step)
+        t0 = time.perf_counter()
+        groups = rd.load_candidates(step, prompts)
+        if groups is None:
+            groups = self.generator.generate(prompts, self.sampling(step))
+            rd.save_step_prompts(step, prompts)
+            rd.save_candidates(step, groups)
+        t1 = time.perf_counter()
+        scores = rd.load_scores(step, groups)
+        if scores is None:
+            cache = rd.root / "score-cache" if self.cfg.score.cache else None
+            scores = score_groups(self.scorer, prompts, groups, cache=cache, limits=self.limits)
+            rd.save_scores(step, scores)
+        t2 = time.perf_counter()
+        metrics = self.trainer.step(prompts, groups, scores)
+        t3 = time.perf_counter()
+        cands = [c for g in groups for c in g]
+        flat = [s for g in scores for s in g]
+        new_tokens = sum(len(c.token_ids) for c in cands)
+        record = {
+            **{f"trainer_{k}" if k == "step" else k: v for k, v in metrics.items()},
+            "type": "step", "step": step + 1, "round": round_index,
+            "generate_s": t1 - t0, "score_s": t2 - t1, "train_s": t3 - t2,
+            "completion_len_mean": new_tokens / max(1, len(cands)),
+            "generate_tokens_per_s": new_tokens / max(1e-9, t1 - t0),
+            "scores_ok": sum(s.status == "ok" for s in flat),
+            "scores_abstain": sum(s.status == "abstain" for s in flat),
+            "scores_error": sum(s.status == "error" for s in flat),
+        }
+        return record, t3 - t0
+
+    def _evaluate_and_promote(self, done: int, round_index: int, best: dict[str, Any],
+                              end_of_round: bool) -> tuple[dict[str, Any], bool]:
+        cfg, rd = self.cfg, self.dir
+        result = self.evaluate()
+        rec = {**result.to_dict(), "step": done, "round": round_index}
+        rd.log({"type": "eval", **rec})
+        tqdm.write(f"step {done}: held-out {result.metric} = {result.value:.3f} "
+                   f"[{result.ci_low:.3f}, {result.ci_high:.3f}] (best {best['value']:.3f})")
+        warnings = self.guard.observe_eval(rec, best)
+        for w in warnings:
+            rd.log({"type": "warning", "step": done, **w})
+            tqdm.write(f"warning: {w['message']}")
+        stop = bool(warnings) and cfg.guard.stop_on_collapse
+        promoted = result.value >= best["value"] - cfg.guard.promote_tolerance
+        if promoted and result.value >= best["value"]:
+            best = rec
+            rd.save_best(self._trainable(), best)
+        if end_of_round:
+            self.trainer.save_pretrained(rd.round_model_dir(round_index))
+            if not promoted and cfg.guard.rollback:
+                self._restore_best()
+            rd.log({"type": "round", "step": done, "round": round_index, "value": result.value,
+                    "promoted": promoted, "rolled_back": (not promoted) and cfg.guard.rollback,
+                    "best_value": best["value"], "best_step": best["step"]})
+        return best, stop
+
+
+def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True, lm: LoadedModel | None = None) -> RunResult:
+    """Run (or resume) the TAO pipeline described by ``cfg``; see :class:`Pipeline`."""
+    rd = RunDir(cfg.output_dir)
+    if not resume and rd.root.exists() and any(rd.root.iterdir()):
+        raise TaoInputError(f"{rd.root} already holds a run: resume it with `tao run --resume {rd.root}` "
+                            "or choose another output_dir")
+    return Pipeline(cfg, lm=lm, progress=progress).run(resume=resume)
+
+
+def resume(run_dir: str, *, progress: bool = True) -> RunResult:
+    """Continue the run in ``run_dir`` from its last checkpoint with its saved config."""
+    path = RunDir(run_dir).root / "config.json"
+    if not path.exists():
+        raise TaoInputError(f"{run_dir}: not a tao run directory (no config.json)")
+    cfg = from_dict(RunConfig, json.loads(path.read_text()))
+    cfg.output_dir = run_dir
+    return run(cfg, resume=True, progress=progress)
