@@ -226,3 +226,21 @@ def test_resume_is_bit_identical(lora):
         if a.requires_grad:
             assert torch.equal(a, c), n
     assert torch.equal(torch.get_rng_state(), rng_a)
+
+
+def test_current_old_logprobs_ignore_the_sampled_ones():
+    results = []
+    for mode in ("sampled", "current"):
+        lm = tiny_lm()
+        prompts, groups, scores = make_batch(lm)
+        if mode == "current":  # wrong sampled log-probs must not matter
+            for grp in groups:
+                for c in grp:
+                    c.logprobs = [-5.0] * len(c.logprobs)
+        metrics = Trainer(lm, TrainConfig(objective="dapo", old_logprobs=mode)).step(prompts, groups, scores)
+        results.append((metrics, grads(lm.model)))
+    (m_s, g_s), (m_c, g_c) = results
+    assert m_c["clip_fraction"] == 0.0
+    assert m_c["loss"] == pytest.approx(m_s["loss"], abs=1e-5)
+    for name in g_s:
+        torch.testing.assert_close(g_c[name], g_s[name], atol=1e-5, rtol=1e-5, msg=name)
