@@ -100,13 +100,24 @@ def test_shared_prefix_layout_matches_padded_rows(objective):
         torch.testing.assert_close(g_a[name], g_b[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("objective", ["grpo", "dr_grpo", "dapo", "online_dpo", "best_of_n_sft"])
-def test_gradient_accumulation_equals_one_big_batch(objective):
+ACCUMULATION_CASES = [
+    ("grpo", {}),
+    ("grpo", {"ratio_level": "sequence", "kl_coef": 0.1, "kl_estimator": "exact"}),
+    ("dr_grpo", {}),
+    ("dapo", {"kl_coef": 0.1}),
+    ("online_dpo", {}),
+    ("best_of_n_sft", {}),
+]
+
+
+@pytest.mark.parametrize(("objective", "options"), ACCUMULATION_CASES)
+def test_gradient_accumulation_equals_one_big_batch(objective, options):
     results = []
     for budget in (10_000, 9):  # 9 tokens: several micro-batches and groups split across them
         lm = tiny_lm()
         batch = make_batch(lm)
-        metrics = Trainer(lm, TrainConfig(objective=objective, micro_batch_tokens=budget)).step(*batch)
+        cfg = TrainConfig(objective=objective, micro_batch_tokens=budget, **options)
+        metrics = Trainer(lm, cfg).step(*batch)
         results.append((metrics, grads(lm.model)))
     (m_big, g_big), (m_small, g_small) = results
     assert m_big["micro_batches"] == 1 and m_small["micro_batches"] >= 3
@@ -244,3 +255,15 @@ def test_current_old_logprobs_ignore_the_sampled_ones():
     assert m_c["loss"] == pytest.approx(m_s["loss"], abs=1e-5)
     for name in g_s:
         torch.testing.assert_close(g_c[name], g_s[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "exact"])
+def test_kl_to_the_reference_grows_as_the_policy_moves(estimator):
+    lm = tiny_lm()
+    trainer = Trainer(lm, TrainConfig(objective="grpo", lr=1e-2, kl_coef=0.1, kl_estimator=estimator))
+    first = trainer.step(*make_batch(lm))
+    second = trainer.step(*make_batch(lm))
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the first update
+    assert abs(second["kl"]) > 1e-4
+    if estimator in ("k2", "k3", "exact"):  # non-negative estimators
+        assert second["kl"] > 0
