@@ -1,0 +1,133 @@
+"""Sampling throughput: tao's engine vs Hugging Face ``generate`` on the same model and prompts.
+
+Both providers get the same prompt token ids (bench/prompts.jsonl through the chat template), the
+same sampling settings (temperature 1, no truncation) and exactly ``new_tokens`` new tokens per
+sample (end-of-sequence ignored). Each provider is warmed up first; the timed run is one call.
+``tokens_per_s`` counts new tokens only. CSV rows go to stdout (and are appended to ``--out``).
+
+    python bench/engine.py            # scenarios (a) 32 prompts x 128, (b) 8 prompts x n=16 x 128
+    python bench/engine.py --quick    # smaller shapes, under 3 minutes on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tao_core.engine import Engine, EngineConfig, EngineRequest
+from tao_core.models import load_model
+from tao_core.types import Prompt, SamplingParams, read_jsonl
+
+HERE = Path(__file__).parent
+FIELDS = [
+    "scenario", "provider", "device", "model", "dtype", "prompts", "n", "new_tokens",
+    "tokens", "seconds", "tokens_per_s", "speedup_vs_hf", "threads", "torch", "date",
+]
+# name -> (prompts, samples per prompt, new tokens)
+SCENARIOS = {"a": (32, 1, 128), "b": (8, 16, 128)}
+QUICK = {"a": (8, 1, 32), "b": (2, 8, 32)}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu:{platform.processor() or platform.machine()}"
+
+
+def run_engine(engine: Engine, prompts: list[list[int]], n: int, new_tokens: int) -> int:
+    params = SamplingParams(n=n, temperature=1.0, max_new_tokens=new_tokens, seed=0)
+    results = engine.generate([EngineRequest(p, params, ignore_eos=True) for p in prompts])
+    return sum(len(s.token_ids) for r in results for s in r.samples)
+
+
+@torch.inference_mode()
+def run_hf(model, pad_id: int, prompts: list[list[int]], n: int, new_tokens: int) -> int:
+    from transformers import GenerationConfig
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p) :] = torch.tensor(p)
+        mask[r, width - len(p) :] = 1
+    cfg = GenerationConfig(
+        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens, num_return_sequences=n, pad_token_id=pad_id,
+    )
+    out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), generation_config=cfg)
+    return (out.shape[1] - width) * out.shape[0]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller shapes (under 3 minutes on a CPU)")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--scenarios", default="a,b")
+    ap.add_argument("--providers", default="engine,hf")
+    ap.add_argument("--prompts", default=str(HERE / "prompts.jsonl"))
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--out", help="also append the rows to this CSV file")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    pad_id = lm.tokenizer.pad_token_id
+    all_ids = [lm.prompt_token_ids(p) for p in read_jsonl(args.prompts, Prompt)]
+    engine = Engine(lm.model, eos_token_ids=lm.eos_token_ids, config=EngineConfig(max_kv_tokens=32768))
+    shapes = QUICK if args.quick else SCENARIOS
+    common = {
+        "device": device_name(lm.device), "model": args.model, "dtype": args.dtype,
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    writer = csv.DictWriter(sys.stdout, FIELDS)
+    writer.writeheader()
+    rows = []
+    for name in args.scenarios.split(","):
+        n_prompts, n, new_tokens = shapes[name]
+        prompts = all_ids[:n_prompts]
+        speed = {}
+        for provider in args.providers.split(","):
+            if provider == "engine":
+                fn = lambda ps, k, t: run_engine(engine, ps, k, t)  # noqa: E731
+            else:
+                fn = lambda ps, k, t: run_hf(lm.model, pad_id, ps, k, t)  # noqa: E731
+            fn(prompts[:2], 2, 4)  # warm-up
+            start = time.perf_counter()
+            tokens = fn(prompts, n, new_tokens)
+            seconds = time.perf_counter() - start
+            speed[provider] = tokens / seconds
+            row = {
+                **common, "scenario": name, "provider": "tao-engine" if provider == "engine" else "hf-generate",
+                "prompts": n_prompts, "n": n, "new_tokens": new_tokens, "tokens": tokens,
+                "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
+                "speedup_vs_hf": "",
+            }
+            rows.append(row)
+        if "engine" in speed and "hf" in speed:
+            rows[-len(speed) + list(speed).index("engine")]["speedup_vs_hf"] = round(speed["engine"] / speed["hf"], 2)
+        for row in rows[-len(speed) :]:
+            writer.writerow(row)
+        sys.stdout.flush()
+    if args.out:
+        new = not os.path.exists(args.out)
+        with open(args.out, "a", newline="") as f:
+            w = csv.DictWriter(f, FIELDS)
+            if new:
+                w.writeheader()
+            w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
