@@ -16,8 +16,11 @@ Gradient of ``c_lp * logp_t + c_ent * H + c_kl * KL`` with respect to the raw lo
 ``u`` is affine in ``logp`` and ``logq``: ``u = a logp + b logq + k`` with ``a = c_kl - c_ent``,
 ``b = -c_kl``, ``k = -c_lp - c_ent H - c_kl KL``, which is how it is evaluated below (in place).
 
-The Triton backend implements the same two functions (``stats``, ``grad``) as fused kernels; the chunk
-loops in ``_chunked.py`` are shared.
+On the CPU the elementwise work is memory-bound, so it is done in as few passes as possible over the
+whole chunk: ATen's fused ``_log_softmax`` kernel for the statistics and in-place updates of the
+logits for the gradient. The Triton
+backend implements the same two functions (``stats``, ``grad``) as fused kernels; the chunk loops in
+``_chunked.py`` are shared.
 """
 
 from __future__ import annotations
@@ -46,25 +49,32 @@ class Workspace:
 
     def __init__(self, rows: int, cols: int, device: torch.device) -> None:
         self.rows, self.cols, self.device = rows, cols, device
-        self._buffers: list[torch.Tensor] = []
+        self._buffers: dict[int, torch.Tensor] = {}
 
     def get(self, index: int, rows: int) -> torch.Tensor:
-        while len(self._buffers) <= index:
-            self._buffers.append(torch.empty(self.rows, self.cols, dtype=torch.float32, device=self.device))
+        if index not in self._buffers:
+            self._buffers[index] = torch.empty(self.rows, self.cols, dtype=torch.float32, device=self.device)
         return self._buffers[index][:rows]
 
 
-def _tempered(z: torch.Tensor, temperature: float, out: torch.Tensor) -> torch.Tensor:
-    """``out = float32(z) / T`` (``out`` may be ``z`` itself when it is float32).
+def _tempered(z: torch.Tensor, temperature: float, out: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """``float32(z) / T`` in ``out``, or over ``z`` itself when ``in_place`` and ``z`` is float32.
 
-    A half ``z`` is widened first: ``torch.div(z, T, out=float32)`` would divide in the half dtype.
+    Half ``z`` is widened first (``torch.div(z_half, T, out=f32)`` would divide in the half dtype).
     """
-    if out is not z and (z.dtype != torch.float32 or temperature == 1.0):
+    if not (in_place and z.dtype == torch.float32):
         out.copy_(z)
         z = out
     if temperature != 1.0:
-        return torch.div(z, temperature, out=out)
-    return out
+        z.div_(temperature)
+    return z
+
+
+def _log_softmax(x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log_softmax(x) into out, logsumexp(x))``; the lse is read at each row's max, where it is exact."""
+    m, argmax = x.max(dim=1, keepdim=True)
+    torch.ops.aten._log_softmax.out(x, 1, False, out=out)
+    return out, (m - out.gather(1, argmax)).squeeze(1)
 
 
 class TorchRows:
@@ -82,32 +92,23 @@ class TorchRows:
     ) -> RowStats:
         """lse, target log-prob (and entropy, and exact KL against ``z_ref``) of every row.
 
-        ``targets`` must be valid indices (ignored rows are masked by the caller). ``z`` is left
-        untouched unless ``consume`` is true.
+        ``targets`` must be valid indices (ignored rows are masked by the caller). ``z`` and ``z_ref``
+        are left untouched unless ``consume`` (then float32 logits are overwritten, saving copies).
         """
         rows = z.shape[0]
-        x = z if (consume and z.dtype == torch.float32) else ws.get(0, rows)
-        x = _tempered(z, temperature, x)
-        m = x.amax(dim=1, keepdim=True)
-        x_t = x.gather(1, targets[:, None]).squeeze(1)
-        x.sub_(m)  # x - max
-        e = torch.exp(x, out=ws.get(1, rows))
-        s = e.sum(dim=1)
-        log_s = torch.log(s)
-        lse = m.squeeze(1) + log_s
-        out = RowStats(lse=lse, logp=(x_t - m.squeeze(1)) - log_s)  # <= 0 by construction
+        x = _tempered(z, temperature, ws.get(0, rows), in_place=consume)
+        logp, lse = _log_softmax(x, ws.get(1, rows))
+        out = RowStats(lse=lse, logp=logp.gather(1, targets[:, None]).squeeze(1))  # <= 0 by construction
+        if not (need_entropy or z_ref is not None):
+            return out
+        p = torch.exp(logp, out=x if consume else ws.get(2, rows))
+        # The row sums below go through torch.sum (cascade summation, as accurate as the naive path).
         if z_ref is not None:
-            y = _tempered(z_ref, temperature, ws.get(2, rows))
-            m_q = y.amax(dim=1, keepdim=True)
-            y.sub_(m_q)
-            log_s_q = torch.log(torch.exp(y, out=ws.get(3, rows)).sum(dim=1))
-            out.ref_lse = m_q.squeeze(1) + log_s_q
-            # KL = sum p (x - m - log s) - sum p (y - m_q - log s_q) = sum p (x - y) - log s + log s_q
-            y.sub_(x).neg_()  # x - y (both shifted)
-            out.kl = torch.mul(e, y, out=ws.get(3, rows)).sum(dim=1) / s - log_s + log_s_q
+            y = _tempered(z_ref, temperature, ws.get(3, rows), in_place=consume)
+            logq, out.ref_lse = _log_softmax(y, ws.get(4, rows))
+            out.kl = logq.neg_().add_(logp).mul_(p).sum(dim=1)  # sum p (log p - log q)
         if need_entropy:
-            # H = log s - sum e (x - m) / s
-            out.entropy = log_s - e.mul_(x).sum(dim=1) / s
+            out.entropy = -p.mul_(logp).sum(dim=1)
         return out
 
     @staticmethod
@@ -125,32 +126,31 @@ class TorchRows:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(dL/dz, dL/dz_ref)`` in float32 for the row coefficients (see the module docstring).
 
-        Consumes ``z`` when it is float32; the returned tensors are workspace views.
+        Written over ``z`` (``z_ref``) when it is float32, else into workspace buffers.
         """
         rows = z.shape[0]
-        logp = _tempered(z, temperature, z if z.dtype == torch.float32 else ws.get(0, rows))
-        logp.sub_(stats.lse[:, None])
-        p = torch.exp(logp, out=ws.get(1, rows))
-        a = torch.zeros_like(c_lp)
-        k = -c_lp
-        if c_ent is not None:
-            a = a - c_ent
-            k = k - c_ent * stats.entropy
-        logq = None
-        if c_kl is not None:
-            logq = _tempered(z_ref, temperature, ws.get(2, rows)).sub_(stats.ref_lse[:, None])
-            a = a + c_kl
-            k = k - c_kl * stats.kl
+        logp = _tempered(z, temperature, ws.get(0, rows), in_place=True).sub_(stats.lse[:, None])
         dz_ref = None
         if c_ent is None and c_kl is None:
-            dz = p.mul_(k[:, None])
+            dz = logp.exp_().mul_((-c_lp)[:, None])
         else:
+            a = torch.zeros_like(c_lp)
+            k = -c_lp
+            if c_ent is not None:
+                a = a - c_ent
+                k = k - c_ent * stats.entropy
+            if c_kl is not None:
+                a = a + c_kl
+                k = k - c_kl * stats.kl
+            p = torch.exp(logp, out=ws.get(1, rows))
             u = logp.mul_(a[:, None]).add_(k[:, None])
-            if logq is not None:
+            if c_kl is not None:
+                logq = _tempered(z_ref, temperature, ws.get(2, rows), in_place=need_ref_grad)
+                logq.sub_(stats.ref_lse[:, None])
                 u.addcmul_(logq, c_kl[:, None], value=-1.0)
                 if need_ref_grad:
                     dz_ref = logq.exp_().sub_(p).mul_((c_kl / temperature)[:, None])
-            dz = p.mul_(u)
+            dz = u.mul_(p)
         dz.scatter_add_(1, targets[:, None], c_lp[:, None].to(dz.dtype))
         if temperature != 1.0:
             dz.div_(temperature)

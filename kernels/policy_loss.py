@@ -106,7 +106,8 @@ def _policy_fwd(
         if sampled:
             c = c + kl_coef * sampled_kl_grad(logp, ref_lp[sl], kl_estimator)
         w = weights[sl]
-        return c * w, (kl_coef * w if exact else None)
+        c = torch.where(v, c * w, zero)  # garbage (even NaN) inputs at ignored tokens never leak
+        return c, (kl_coef * w if exact else None)
 
     if ratio_level == "token" or acc is None:
 

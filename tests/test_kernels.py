@@ -224,6 +224,8 @@ def test_policy_loss_fully_ignored_sequence_has_no_nan():
     hidden, weight, bias, targets, adv, old, ref, _, _ = policy_inputs(torch.float32)
     targets[:10] = -100
     old[:10] = float("nan")  # garbage at ignored positions must not leak
+    adv[:10] = float("inf")
+    ref[:10] = float("nan")
     h, w = leaves((hidden, weight), torch.float32)
     for agg in ("token_mean", "seq_mean", "fixed_length"):
         out = tao_kernels.linear_policy_loss(
