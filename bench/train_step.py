@@ -14,7 +14,9 @@ Each provider runs in a fresh subprocess so its peak resident memory is its own.
 completion_tokens_per_s,peak_rss_mb,torch,date``. Completions are random tokens with made-up rewards:
 the cost of a step does not depend on what the tokens say.
 
-    TAO_HOME=/tmp/taohome python bench/train_step.py [--steps 3] [--precision fp32,bf16]
+    TAO_HOME=/tmp/taohome python bench/train_step.py [--steps 3] [--precision fp32,bf16] [--threads N]
+
+The tao providers run bf16 with ``old_logprobs="current"`` (see ``TrainConfig``).
 """
 
 from __future__ import annotations
@@ -81,19 +83,20 @@ def naive_step(model, optimizer, groups, scores, precision: str) -> None:
     optimizer.step()
 
 
-def run_provider(provider: str, precision: str, steps: int, n: int, new_tokens: int) -> dict:
+def run_provider(provider: str, precision: str, steps: int, n: int, new_tokens: int, n_prompts: int) -> dict:
     from tao_core.models import load_model
     from tao_core.train import TrainConfig, Trainer
 
     lm = load_model("smollm2-135m")
-    prompts, groups, scores = make_batch(lm, n, new_tokens)
+    prompts, groups, scores = (x[:n_prompts] for x in make_batch(lm, n, new_tokens))
     if provider == "naive-hf":
         lm.model.train()
         opt = torch.optim.AdamW(lm.model.parameters(), lr=5e-6)
         step = lambda: naive_step(lm.model, opt, groups, scores, precision)
     else:
         layout = "shared_prefix" if provider == "tao-shared-prefix" else "padded"
-        trainer = Trainer(lm, TrainConfig(objective="grpo", layout=layout, precision=precision))
+        old = "current" if precision == "bf16" else "sampled"  # CPU bf16 is used with the policy's own old log-probs
+        trainer = Trainer(lm, TrainConfig(objective="grpo", layout=layout, precision=precision, old_logprobs=old))
         step = lambda: trainer.step(prompts, groups, scores)
     times = []
     for _ in range(steps + 1):  # the first step warms up allocators and the optimizer state
@@ -114,13 +117,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per provider (median reported)")
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per step (at most 8)")
     ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one provider,precision in this process
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.one:
         provider, precision = args.one.split(",")
-        print(json.dumps(run_provider(provider, precision, args.steps, args.samples, args.new_tokens)))
+        print(json.dumps(run_provider(provider, precision, args.steps, args.samples, args.new_tokens, args.prompts)))
         return
     cols = ["provider", "precision", "device", "threads", "prompts", "samples", "new_tokens", "prompt_tokens",
             "s_per_step", "completion_tokens_per_s", "peak_rss_mb", "torch", "date"]
@@ -128,13 +135,14 @@ def main() -> None:
     for precision in args.precision.split(","):
         for provider in args.providers.split(","):
             cmd = [sys.executable, __file__, "--one", f"{provider},{precision}", "--steps", str(args.steps),
-                   "--samples", str(args.samples), "--new-tokens", str(args.new_tokens)]
+                   "--samples", str(args.samples), "--new-tokens", str(args.new_tokens),
+                   "--prompts", str(args.prompts), "--threads", str(args.threads)]
             res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
             if res.returncode != 0:
                 print(f"# {provider} {precision} failed: {res.stderr.strip().splitlines()[-1:]}", flush=True)
                 continue
             row = {"provider": provider, "precision": precision, "device": "cpu", "threads": torch.get_num_threads(),
-                   "prompts": len(QUESTIONS), "samples": args.samples, "new_tokens": args.new_tokens,
+                   "prompts": args.prompts, "samples": args.samples, "new_tokens": args.new_tokens,
                    **json.loads(res.stdout.strip().splitlines()[-1]), "torch": torch.__version__,
                    "date": datetime.date.today().isoformat()}
             print(",".join(str(row[c]) for c in cols), flush=True)

@@ -55,7 +55,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment decay rates
     eps: float = 1e-8  # AdamW denominator epsilon
     max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
-    micro_batch_tokens: int = 4096  # token budget of one forward/backward (rows incl. prompts)
+    micro_batch_tokens: int = 1024  # token budget of one forward/backward (rows incl. prompts): ~2 MB of
+    # fp32 activations per token on SmolLM2-135M, so ~2 GB per micro-batch
     ppo_epochs: int = 1  # optimizer updates over the same batch per step (PPO mini-steps)
     kl_coef: float | None = None  # KL(policy || reference) weight; None: the objective's default (0 mostly)
     kl_estimator: str | None = None  # "k1" | "k2" | "k3" | "exact"; None: the objective's default or k3
