@@ -240,3 +240,37 @@ def test_batch_composition_agreement(model):
         same += alone[0].samples[0].token_ids == together[i].samples[0].token_ids
     print(f"batch-composition agreement: {same}/8")
     assert same >= 7
+
+
+def tiny(model_type: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    cfg = AutoConfig.for_model(
+        model_type, vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=96, head_dim=8,
+        **({"n_embd": 48, "n_layer": 2, "n_head": 6, "n_positions": 96} if model_type == "gpt2" else {}),
+    )
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral"])
+def test_llama_family_variants_match_full_forward(model_type):
+    m = tiny(model_type)
+    eng = make_engine(m)
+    res = eng.generate([EngineRequest(p, SamplingParams(n=2, max_new_tokens=8, seed=2)) for p in PROMPTS[:3]])
+    assert max_gap(m, PROMPTS[:3], res, 1.0) <= 1e-4
+    greedy = eng.generate([EngineRequest(PROMPTS[1], SamplingParams(temperature=0, max_new_tokens=8))])
+    ref = m.generate(torch.tensor([PROMPTS[1]]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert greedy[0].samples[0].token_ids == ref[0, len(PROMPTS[1]) :].tolist()
+
+
+def test_sampler_for_uses_the_engine_for_llama_and_generate_otherwise(model):
+    from pathlib import Path
+
+    from tao_core.engine import EngineGenerator
+    from tao_core.generation import HFGenerator, sampler_for
+    from tao_core.models import LoadedModel
+
+    assert isinstance(sampler_for(LoadedModel(model, None, "tiny", Path("."))), EngineGenerator)
+    assert isinstance(sampler_for(LoadedModel(tiny("gpt2"), None, "gpt2", Path("."))), HFGenerator)

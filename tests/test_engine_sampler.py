@@ -94,3 +94,14 @@ def test_extreme_uniforms_never_pick_a_filtered_token():
     tokens, _ = sample(logits, batch)
     assert set(tokens.tolist()) <= {0, 1}
     assert tokens.tolist()[0] == 0 and tokens.tolist()[2] == 1
+
+
+def test_rows_keep_their_own_filters_in_a_mixed_batch():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]]).expand(4, -1)
+    batch = SamplingBatch.build(
+        temperature=[1.0, 1.0, 0.0, 1.0], top_k=[1, 0, 3, 3], top_p=[1.0, 1.0, 1.0, 0.5], min_p=[0.0] * 4,
+        uniform=[0.999] * 4, device=torch.device("cpu"),
+    )
+    tokens, _ = sample(logits, batch)
+    # top-1 -> 0; no filter -> the last token for u near 1; greedy -> 0; top-3 then top-p 0.5 -> {0}
+    assert tokens.tolist() == [0, 3, 0, 0]

@@ -32,6 +32,7 @@ class SamplingBatch:
     any_greedy: bool  # host-side flags so unused filters cost nothing
     any_sampled: bool
     any_top_k: bool
+    max_top_k: int  # largest top-k of a sampled row (0 if none), so no device read is needed
     any_top_p: bool
     any_min_p: bool
 
@@ -57,6 +58,7 @@ class SamplingBatch:
             any_greedy=any(greedy),
             any_sampled=not all(greedy),
             any_top_k=any(k > 0 and not g for k, g in zip(top_k, greedy, strict=True)),
+            max_top_k=max((k for k, g in zip(top_k, greedy, strict=True) if not g), default=0),
             any_top_p=any(p < 1 and not g for p, g in zip(top_p, greedy, strict=True)),
             any_min_p=any(m > 0 and not g for m, g in zip(min_p, greedy, strict=True)),
         )
@@ -67,10 +69,11 @@ def filtered_probs(logp: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     probs = logp.exp()
     vocab = probs.shape[-1]
     if b.any_top_k:
-        k = torch.where(b.top_k > 0, b.top_k.clamp(max=vocab), vocab)
-        kmax = int(k.max()) if k.numel() else vocab
-        top = torch.topk(logp, kmax, dim=-1).values  # sorted descending
-        kth = top.gather(-1, (k - 1).unsqueeze(-1))
+        # rows without top-k compare against -inf: nothing is dropped
+        kmax = min(b.max_top_k, vocab)
+        top = torch.topk(logp, kmax, dim=-1).values  # [B, kmax] sorted descending
+        k = torch.where(b.top_k > 0, b.top_k.clamp(max=kmax), 0)
+        kth = torch.where(k > 0, top.gather(-1, (k - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1), -torch.inf).unsqueeze(-1)
         probs = probs.masked_fill(logp < kth, 0.0)
     if b.any_top_p:
         sorted_p, order = torch.sort(probs, dim=-1, descending=True)
