@@ -214,7 +214,13 @@ def final_hidden(decoder: torch.nn.Module, inputs: ModelInputs) -> torch.Tensor:
     """
     device = next(decoder.parameters()).device
     mask = inputs.attention_mask.to(device)
-    if mask.dim() == 4 and getattr(decoder.config, "_attn_implementation", "sdpa") != "sdpa":
+    impl = getattr(decoder.config, "_attn_implementation", None) or "sdpa"
+    if mask.dim() == 4 and impl not in ("sdpa", "eager"):
+        raise ValueError(
+            f"the shared-prefix layout needs a 4D attention mask, which attention {impl!r} does not take; "
+            "load the model with attn_implementation='sdpa' or train with layout='padded'"
+        )
+    if mask.dim() == 4 and impl == "eager":
         # eager attention adds the mask to the scores: turn "may attend" into 0 / -inf-ish
         dtype = next(decoder.parameters()).dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)

@@ -267,3 +267,13 @@ def test_kl_to_the_reference_grows_as_the_policy_moves(estimator):
     assert abs(second["kl"]) > 1e-4
     if estimator in ("k2", "k3", "exact"):  # non-negative estimators
         assert second["kl"] > 0
+
+
+def test_shared_prefix_under_eager_attention_matches_sdpa():
+    losses = []
+    for impl in ("sdpa", "eager"):
+        lm = tiny_lm()
+        lm.model.set_attn_implementation(impl)
+        assert lm.model.config._attn_implementation == impl
+        losses.append(Trainer(lm, TrainConfig(objective="best_of_n_sft")).step(*make_batch(lm))["loss"])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
