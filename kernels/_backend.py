@@ -52,10 +52,10 @@ def rows_for(backend: str):
     return TorchRows
 
 
-def chunk_rows(chunk_size: int | None, n_tokens: int, vocab: int) -> int:
+def chunk_rows(chunk_size: int | None, n_tokens: int, vocab: int, device: torch.device | None = None) -> int:
     """``chunk_size`` validated, or the default for this vocabulary (0 in the custom ops means default)."""
     if chunk_size is None or chunk_size == 0:
-        return default_chunk_size(n_tokens, vocab)
+        return default_chunk_size(n_tokens, vocab, device)
     if chunk_size < 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     return max(1, min(chunk_size, max(n_tokens, 1)))

@@ -42,19 +42,22 @@ class RowStats:
 
 
 class Workspace:
-    """Float32 ``[C, V]`` scratch buffers, allocated once per op call and reused for every chunk.
+    """Float32 scratch buffers of ``capacity`` elements, allocated once per op call, reused by every chunk.
 
-    Reuse matters on the CPU: a fresh multi-megabyte tensor per chunk costs page faults on first touch.
+    ``get(i, rows, cols)`` views buffer ``i`` as a contiguous ``[rows, cols]`` tensor. Reuse matters on
+    the CPU: a fresh multi-megabyte tensor per chunk costs page faults on first touch.
     """
 
-    def __init__(self, rows: int, cols: int, device: torch.device) -> None:
-        self.rows, self.cols, self.device = rows, cols, device
+    def __init__(self, capacity: int, device: torch.device) -> None:
+        self.capacity, self.device = capacity, device
         self._buffers: dict[int, torch.Tensor] = {}
 
-    def get(self, index: int, rows: int) -> torch.Tensor:
+    def get(self, index: int, rows: int, cols: int) -> torch.Tensor:
+        if rows * cols > self.capacity:
+            raise ValueError(f"workspace holds {self.capacity} elements, asked for {rows} x {cols}")
         if index not in self._buffers:
-            self._buffers[index] = torch.empty(self.rows, self.cols, dtype=torch.float32, device=self.device)
-        return self._buffers[index][:rows]
+            self._buffers[index] = torch.empty(self.capacity, dtype=torch.float32, device=self.device)
+        return self._buffers[index][: rows * cols].view(rows, cols)
 
 
 def _tempered(z: torch.Tensor, temperature: float, out: torch.Tensor, in_place: bool = False) -> torch.Tensor:
@@ -95,17 +98,16 @@ class TorchRows:
         ``targets`` must be valid indices (ignored rows are masked by the caller). ``z`` and ``z_ref``
         are left untouched unless ``consume`` (then float32 logits are overwritten, saving copies).
         """
-        rows = z.shape[0]
-        x = _tempered(z, temperature, ws.get(0, rows), in_place=consume)
-        logp, lse = _log_softmax(x, ws.get(1, rows))
+        x = _tempered(z, temperature, ws.get(0, *z.shape), in_place=consume)
+        logp, lse = _log_softmax(x, ws.get(1, *z.shape))
         out = RowStats(lse=lse, logp=logp.gather(1, targets[:, None]).squeeze(1))  # <= 0 by construction
         if not (need_entropy or z_ref is not None):
             return out
-        p = torch.exp(logp, out=x if consume else ws.get(2, rows))
+        p = torch.exp(logp, out=x if consume else ws.get(2, *z.shape))
         # The row sums below go through torch.sum (cascade summation, as accurate as the naive path).
         if z_ref is not None:
-            y = _tempered(z_ref, temperature, ws.get(3, rows), in_place=consume)
-            logq, out.ref_lse = _log_softmax(y, ws.get(4, rows))
+            y = _tempered(z_ref, temperature, ws.get(3, *z.shape), in_place=consume)
+            logq, out.ref_lse = _log_softmax(y, ws.get(4, *z.shape))
             out.kl = logq.neg_().add_(logp).mul_(p).sum(dim=1)  # sum p (log p - log q)
         if need_entropy:
             out.entropy = -p.mul_(logp).sum(dim=1)
@@ -123,13 +125,14 @@ class TorchRows:
         c_kl: torch.Tensor | None = None,
         z_ref: torch.Tensor | None = None,
         need_ref_grad: bool = False,
+        col_offset: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(dL/dz, dL/dz_ref)`` in float32 for the row coefficients (see the module docstring).
 
-        Written over ``z`` (``z_ref``) when it is float32, else into workspace buffers.
+        ``z`` may be a vocabulary slice starting at column ``col_offset`` (the row statistics are those
+        of the full rows). Written over ``z`` (``z_ref``) when it is float32, else into workspace buffers.
         """
-        rows = z.shape[0]
-        logp = _tempered(z, temperature, ws.get(0, rows), in_place=True).sub_(stats.lse[:, None])
+        logp = _tempered(z, temperature, ws.get(0, *z.shape), in_place=True).sub_(stats.lse[:, None])
         dz_ref = None
         if c_ent is None and c_kl is None:
             dz = logp.exp_().mul_((-c_lp)[:, None])
@@ -142,16 +145,19 @@ class TorchRows:
             if c_kl is not None:
                 a = a + c_kl
                 k = k - c_kl * stats.kl
-            p = torch.exp(logp, out=ws.get(1, rows))
+            p = torch.exp(logp, out=ws.get(1, *z.shape))
             u = logp.mul_(a[:, None]).add_(k[:, None])
             if c_kl is not None:
-                logq = _tempered(z_ref, temperature, ws.get(2, rows), in_place=need_ref_grad)
+                logq = _tempered(z_ref, temperature, ws.get(2, *z.shape), in_place=need_ref_grad)
                 logq.sub_(stats.ref_lse[:, None])
                 u.addcmul_(logq, c_kl[:, None], value=-1.0)
                 if need_ref_grad:
                     dz_ref = logq.exp_().sub_(p).mul_((c_kl / temperature)[:, None])
             dz = u.mul_(p)
-        dz.scatter_add_(1, targets[:, None], c_lp[:, None].to(dz.dtype))
+        local = targets - col_offset
+        inside = (local >= 0) & (local < dz.shape[1])
+        one_hot = torch.where(inside, c_lp, torch.zeros_like(c_lp)).to(dz.dtype)
+        dz.scatter_add_(1, local.clamp(0, dz.shape[1] - 1)[:, None], one_hot[:, None])
         if temperature != 1.0:
             dz.div_(temperature)
         return dz, dz_ref

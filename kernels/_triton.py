@@ -6,8 +6,9 @@ these kernels replace the half-dozen elementwise PyTorch passes over that chunk 
 - ``_row_stats_kernel``: one program per row streams the vocabulary in ``BLOCK_V`` tiles with an
   online log-sum-exp, picking the target logit and accumulating the entropy and the exact KL as it
   goes (one read of the chunk, float32 accumulation whatever the input dtype).
-- ``_row_grad_kernel``: one program per ``(row, vocab tile)`` writes ``dL/dz`` over the logits in
-  place, in their own dtype, so the two gradient matmuls read it directly (no extra ``[C, V]`` buffer).
+- ``_row_grad_kernel``: one program per ``(row, vocab tile)`` writes ``dL/dz`` over a block of logits
+  (a token chunk, or in the backward a vocabulary slice of every row) in place, in their own dtype,
+  so the two gradient matmuls read it directly (no extra buffer).
 
 Online statistics (``x = z / T`` over the tiles seen so far, ``m`` their running max)::
 
@@ -107,7 +108,8 @@ def _row_grad_kernel(
     coef_b_ptr,  # [C] float32 b = -c_kl              (read when HAS_REF)
     coef_k_ptr,  # [C] float32 k = -c_lp - c_ent H - c_kl KL
     c_lp_ptr,  # [C] float32 upstream gradient of log p(target)
-    V,
+    V,  # columns of this block of logits (a vocabulary slice starting at column col_offset)
+    col_offset,
     stride_z,
     stride_zref,
     temperature,
@@ -133,7 +135,7 @@ def _row_grad_kernel(
             dzr = c_kl * (tl.exp(logq) - p) / temperature
             tl.store(zref_row + cols, dzr.to(zref_ptr.dtype.element_ty), mask=mask)
     c_lp = tl.load(c_lp_ptr + row)
-    tgt = tl.load(tgt_ptr + row)
+    tgt = tl.load(tgt_ptr + row) - col_offset
     dz = (p * u + tl.where(cols == tgt, c_lp, 0.0)) / temperature
     tl.store(z_row + cols, dz.to(z_ptr.dtype.element_ty), mask=mask)
 
@@ -179,8 +181,12 @@ class TritonRows:
         c_kl: torch.Tensor | None = None,
         z_ref: torch.Tensor | None = None,
         need_ref_grad: bool = False,
+        col_offset: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``dL/dz`` written over ``z`` (and ``dL/dz_ref`` over ``z_ref``), in their dtype."""
+        """``dL/dz`` written over ``z`` (and ``dL/dz_ref`` over ``z_ref``), in their dtype.
+
+        ``z`` may be a vocabulary slice starting at column ``col_offset``.
+        """
         rows, vocab = z.shape
         c_lp = c_lp.float().contiguous()
         a = torch.zeros_like(c_lp)
@@ -197,7 +203,7 @@ class TritonRows:
         block = min(GRAD_BLOCK_V, triton.next_power_of_2(vocab))
         _row_grad_kernel[(rows, triton.cdiv(vocab, block))](
             z, zr, targets, stats.lse, stats.ref_lse if has_ref else stats.lse, a.contiguous(), b,
-            k.contiguous(), c_lp, vocab, z.stride(0), zr.stride(0), float(temperature),
+            k.contiguous(), c_lp, vocab, col_offset, z.stride(0), zr.stride(0), float(temperature),
             HAS_REF=has_ref, REF_GRAD=has_ref and need_ref_grad, BLOCK_V=block, num_warps=4,
         )
         return z, (z_ref if has_ref and need_ref_grad else None)

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from ._backend import chunk_rows, resolve_backend, rows_for
-from ._chunked import GradAccumulator, Head, backward_grads, forward_stats
+from ._chunked import Head, SliceGrads, backward_grads, forward_stats
 from ._policy_math import sampled_kl
 from ._rows import RowStats
 from .logprob import check_head
@@ -38,7 +38,7 @@ def _kl_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(kl [N], lse [N], ref_lse [N])`` float32; ``kl`` is 0 where ``valid`` is false."""
-    chunk = chunk_rows(chunk_size, hidden.shape[0], weight.shape[0])
+    chunk = chunk_rows(chunk_size, hidden.shape[0], weight.shape[0], hidden.device)
     tgt = torch.zeros(hidden.shape[0], dtype=torch.int64, device=hidden.device)
     stats = forward_stats(
         Head(hidden, weight, bias), tgt, temperature, False, chunk, rows_for(backend),
@@ -73,13 +73,13 @@ def _kl_bwd(
     needs: list[bool],
 ) -> list[torch.Tensor]:
     """Gradients for ``(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)``; empty where not needed."""
-    chunk = chunk_rows(chunk_size, hidden.shape[0], weight.shape[0])
+    chunk = chunk_rows(chunk_size, hidden.shape[0], weight.shape[0], hidden.device)
     head, ref = Head(hidden, weight, bias), Head(ref_hidden, ref_weight, ref_bias)
     tgt = torch.zeros(hidden.shape[0], dtype=torch.int64, device=hidden.device)
     c_kl = grad_kl.float() * valid.to(torch.float32)
     stats = RowStats(lse=lse, logp=lse, kl=kl, ref_lse=ref_lse)
-    acc = GradAccumulator(head, needs[0], needs[1], needs[2])
-    ref_acc = GradAccumulator(ref, needs[3], needs[4], needs[5]) if any(needs[3:]) else None
+    acc = SliceGrads(head, tuple(needs[:3]))
+    ref_acc = SliceGrads(ref, tuple(needs[3:])) if any(needs[3:]) else None
     backward_grads(
         head, tgt, stats, temperature, (torch.zeros_like(c_kl), None, c_kl), acc, chunk, rows_for(backend),
         ref=ref, ref_grads=ref_acc,

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ._backend import chunk_rows, resolve_backend, rows_for
-from ._chunked import GradAccumulator, Head, backward_grads, forward_stats
+from ._chunked import Head, SliceGrads, backward_grads, forward_stats
 from ._rows import RowStats
 
 
@@ -68,7 +68,7 @@ def _logprob_fwd(
     """``(logp [N], entropy [N] or [0], lse [N])``, float32, zeros at ignored positions."""
     valid, tgt = safe_targets(targets, ignore_index)
     rows = rows_for(backend)
-    chunk = chunk_rows(chunk_size, hidden.shape[0], weight.shape[0])
+    chunk = chunk_rows(chunk_size, hidden.shape[0], weight.shape[0], hidden.device)
     stats = forward_stats(Head(hidden, weight, bias), tgt, temperature, return_entropy, chunk, rows)
     zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
     logp = torch.where(valid, stats.logp, zero)
@@ -102,13 +102,13 @@ def _logprob_bwd(
     """``(dL/dhidden, dL/dweight, dL/dbias)``; an input whose ``needs`` flag is false gets an empty tensor."""
     valid, tgt = safe_targets(targets, ignore_index)
     rows = rows_for(backend)
-    chunk = chunk_rows(chunk_size, hidden.shape[0], weight.shape[0])
+    chunk = chunk_rows(chunk_size, hidden.shape[0], weight.shape[0], hidden.device)
     head = Head(hidden, weight, bias)
     mask = valid.to(torch.float32)
     c_lp = grad_logp.float() * mask
     c_ent = grad_entropy.float() * mask if grad_entropy is not None else None
     stats = RowStats(lse=lse, logp=lse, entropy=entropy)
-    acc = GradAccumulator(head, needs[0], needs[1], needs[2])
+    acc = SliceGrads(head, tuple(needs))
     backward_grads(head, tgt, stats, temperature, (c_lp, c_ent, None), acc, chunk, rows)
     gh, gw, gb = acc.result()
     empty = hidden.new_empty(0)

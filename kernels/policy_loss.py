@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from ._backend import chunk_rows, resolve_backend, rows_for
-from ._chunked import GradAccumulator, Head, backward_grads, forward_stats, fused_pass
+from ._chunked import Head, SliceGrads, TokenGrads, backward_grads, forward_stats, fused_pass
 from ._policy_math import (
     KL_ESTIMATORS,
     LOSS_AGGS,
@@ -93,8 +93,10 @@ def _policy_fwd(
     ref_lp = torch.where(valid, ref_logprobs.float(), 0.0) if sampled else None
     ref = Head(ref_hidden.detach(), ref_weight.detach().to(ref_hidden.dtype)) if exact else None
     head = Head(hidden, weight, bias)
-    rows, chunk = rows_for(backend), chunk_rows(chunk_size, n, weight.shape[0])
-    acc = GradAccumulator(head, needs[0], needs[1], needs[2]) if any(needs) else None
+    rows, chunk = rows_for(backend), chunk_rows(chunk_size, n, weight.shape[0], hidden.device)
+    one_pass = ratio_level == "token"  # coefficients known chunk by chunk: gradients in the same pass
+    grad_class = TokenGrads if one_pass else SliceGrads
+    acc = grad_class(head, tuple(needs)) if any(needs) else None
     zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
 
     def coefficients(sl: slice, logp: torch.Tensor, level: str):
@@ -109,7 +111,7 @@ def _policy_fwd(
         c = torch.where(v, c * w, zero)  # garbage (even NaN) inputs at ignored tokens never leak
         return c, (kl_coef * w if exact else None)
 
-    if ratio_level == "token" or acc is None:
+    if one_pass or acc is None:
 
         def coef_fn(start: int, stop: int, part: RowStats):
             logp = torch.where(valid[start:stop], part.logp, zero)
