@@ -352,3 +352,18 @@ def test_builtin_registrations():
     assert isinstance(ens, Ensemble) and ens.parts[0][1] == 2.0 and ens.parts[0][0].mode == "gold"
     with pytest.raises(TaoInputError, match="bad weight"):
         Ensemble.from_names("sql-exec:heavy")
+
+
+def test_builtin_loader_registers_present_modules_only():
+    import types
+
+    from tao_plugins.scorers import present_modules, register_tables
+
+    mods = present_modules("tao_plugins.scorers", ("sql", "no_such_scorer_module"))
+    assert [m.__name__ for m in mods] == ["tao_plugins.scorers.sql"]
+    fake = types.ModuleType("fake")
+    fake.SCORERS = {"plain": LengthScorer, "aliased": (GroupScorer, ["alias-a"])}
+    seen = []
+    register_tables(lambda name, obj, aliases=(): seen.append((name, obj, aliases)), [fake, types.ModuleType("empty")],
+                    "SCORERS")
+    assert seen == [("plain", LengthScorer, ()), ("aliased", GroupScorer, ("alias-a",))]
