@@ -39,7 +39,12 @@ QUICK = {"a": (8, 1, 32), "b": (2, 8, 32)}
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu:{platform.processor() or platform.machine()}"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"cpu {model} ({os.cpu_count()} cores)"
 
 
 def run_engine(engine: Engine, prompts: list[list[int]], n: int, new_tokens: int) -> int:

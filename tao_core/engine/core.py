@@ -26,7 +26,7 @@ _GOLDEN = 0x9E3779B97F4A7C15  # spreads the per-sample seeds of one request apar
 class EngineConfig:
     """Engine settings; the same names as the ``[engine]`` table of the TOML config."""
 
-    max_kv_tokens: int | None = None  # KV-cache capacity in tokens; None: 25% of free memory, at most 65,536
+    max_kv_tokens: int | None = None  # KV-cache capacity in tokens; None: 25% of free memory, at most 32,768 on CPU
     block_size: int = 16  # tokens per cache block; prefixes are shared in whole blocks
     max_running: int = 256  # sequences decoded together at most
     max_prefill_tokens: int = 4096  # new prompt tokens per prefill forward (one prompt always goes in)
@@ -58,7 +58,8 @@ class Engine:
         per_token = kv_bytes_per_token(r.num_layers, r.num_kv_heads, r.head_dim, r.param_dtype)
         tokens = self.config.max_kv_tokens
         if tokens is None:
-            tokens = min(65536, free_memory_bytes(r.device) // 4 // per_token)
+            cap = 32768 if r.device.type == "cpu" else 1 << 20
+            tokens = min(cap, free_memory_bytes(r.device) // 4 // per_token)
         bs = self.config.block_size
         self.cache = BlockKVCache(
             num_layers=r.num_layers,

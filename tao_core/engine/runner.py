@@ -61,6 +61,15 @@ class PrefillSeq:
     blocks: torch.Tensor  # [ceil((start + length) / block_size)] int64: the sequence's blocks
 
 
+def gather_blocks(layer_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``[len(blocks), block_size * kv_heads * head_dim]`` copy of the listed blocks of one layer.
+
+    ``index_select`` over whole flattened blocks copies contiguous rows; it is several times faster
+    on CPU than advanced indexing of the 4-D cache.
+    """
+    return torch.index_select(layer_cache.view(layer_cache.shape[0], -1), 0, blocks)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -142,9 +151,11 @@ class LlamaRunner:
         span = nblocks * cache.block_size
         scale = self.core.layers[0].self_attn.scaling
 
+        flat_table = batch.block_table.flatten()
+
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            kg = cache.k[layer][batch.block_table].view(bsz, span, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            vg = cache.v[layer][batch.block_table].view(bsz, span, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            kg = gather_blocks(cache.k[layer], flat_table).view(bsz, span, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            vg = gather_blocks(cache.v[layer], flat_table).view(bsz, span, self.num_kv_heads, self.head_dim).transpose(1, 2)
             # the query heads sharing a KV head become `group` query rows of that head
             qg = q.view(bsz, self.num_kv_heads, self.group, self.head_dim).to(kg.dtype)
             out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=batch.mask, scale=scale)
@@ -174,8 +185,9 @@ class LlamaRunner:
                     o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
                 else:
                     ctx = s.start + s.length
-                    ks = cache.k[layer][s.blocks].flatten(0, 1)[:ctx].transpose(0, 1).unsqueeze(0).to(q.dtype)
-                    vs = cache.v[layer][s.blocks].flatten(0, 1)[:ctx].transpose(0, 1).unsqueeze(0).to(q.dtype)
+                    shape = (-1, self.num_kv_heads, self.head_dim)
+                    ks = gather_blocks(cache.k[layer], s.blocks).view(shape)[:ctx].transpose(0, 1).unsqueeze(0).to(q.dtype)
+                    vs = gather_blocks(cache.v[layer], s.blocks).view(shape)[:ctx].transpose(0, 1).unsqueeze(0).to(q.dtype)
                     o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
                 outs.append(o[0].transpose(0, 1).reshape(s.length, -1))
                 row += s.length
