@@ -283,3 +283,38 @@ def test_bfloat16_model_runs_with_a_bfloat16_cache(model):
     res = eng.generate([EngineRequest(p, SamplingParams(n=2, max_new_tokens=8, seed=4)) for p in PROMPTS[:2]])
     # bf16 rounding differs between the packed engine forward and the padded full forward
     assert max_gap(m, PROMPTS[:2], res, 1.0) <= 0.1
+
+
+class CharTokenizer:
+    """Token i <-> character chr(32 + i): enough of a tokenizer for the text layer."""
+
+    chat_template = None
+    eos_token_id = None
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [min(ord(c) - 32, VOCAB - 1) for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(32 + i) for i in ids)
+
+
+def test_engine_generator_cuts_stop_strings_and_reports_bad_prompts_alone(model):
+    from pathlib import Path
+
+    from tao_core.engine import EngineGenerator
+    from tao_core.models import LoadedModel
+    from tao_core.types import Prompt
+
+    lm = LoadedModel(model, CharTokenizer(), "tiny", Path("."))
+    gen = EngineGenerator(lm, EngineConfig(max_kv_tokens=1024, block_size=4))
+    prompts = [Prompt("a", text="hello there"), Prompt("long", text="x" * 200), Prompt("b", text="abc")]
+    plain = gen.generate(prompts, SamplingParams(temperature=0, max_new_tokens=10))
+    assert plain[1][0].finish_reason == "error" and "context" in plain[1][0].metadata["error"]
+    text = plain[0][0].text
+    assert len(text) == 10 and plain[0][0].finish_reason == "length"
+    stop = text[3:5]
+    cut = gen.generate(prompts, SamplingParams(temperature=0, max_new_tokens=10, stop=[stop]))[0][0]
+    assert cut.finish_reason == "stop" and cut.text == text[: text.index(stop)]
+    assert cut.token_ids == plain[0][0].token_ids[: text.index(stop) + 1]
+    assert cut.logprobs == plain[0][0].logprobs[: len(cut.token_ids)]
+    assert [c.finish_reason for c in plain[2]] == ["length"]
