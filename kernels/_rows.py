@@ -98,7 +98,8 @@ class TorchRows:
         ``targets`` must be valid indices (ignored rows are masked by the caller). ``z`` and ``z_ref``
         are left untouched unless ``consume`` (then float32 logits are overwritten, saving copies).
         """
-        x = _tempered(z, temperature, ws.get(0, *z.shape), in_place=consume)
+        read_only = not consume and z.dtype == torch.float32 and temperature == 1.0
+        x = z if read_only else _tempered(z, temperature, ws.get(0, *z.shape), in_place=consume)
         logp, lse = _log_softmax(x, ws.get(1, *z.shape))
         out = RowStats(lse=lse, logp=logp.gather(1, targets[:, None]).squeeze(1))  # <= 0 by construction
         if not (need_entropy or z_ref is not None):
@@ -106,7 +107,7 @@ class TorchRows:
         p = torch.exp(logp, out=x if consume else ws.get(2, *z.shape))
         # The row sums below go through torch.sum (cascade summation, as accurate as the naive path).
         if z_ref is not None:
-            y = _tempered(z_ref, temperature, ws.get(3, *z.shape), in_place=consume)
+            y = z_ref if read_only else _tempered(z_ref, temperature, ws.get(3, *z.shape), in_place=consume)
             logq, out.ref_lse = _log_softmax(y, ws.get(4, *z.shape))
             out.kl = logq.neg_().add_(logp).mul_(p).sum(dim=1)  # sum p (log p - log q)
         if need_entropy:

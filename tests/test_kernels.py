@@ -96,8 +96,9 @@ def test_logprob_ignored_rows_get_no_gradient():
     assert torch.all(h.grad[~ignored].abs().sum(1) > 0)
 
 
-def test_logprob_realistic_vocab():
-    hidden, weight, bias, targets = make_head(24, 32, 49152, torch.float32, bias=False)
+@pytest.mark.parametrize("vocab", [49152, 128256])
+def test_logprob_realistic_vocab(vocab):
+    hidden, weight, bias, targets = make_head(24, 32, vocab, torch.float32, bias=False)
     fused = lambda h, w: tao_kernels.linear_logprob(h, w, targets, return_entropy=True, backend="torch")
     naive = lambda h, w: naive_logprob(h, w, targets, return_entropy=True)
     check_against_reference(fused, naive, (hidden, weight), torch.float32, 2)

@@ -81,6 +81,7 @@ CASES = {
     "logprob-extreme-logits": _extreme_case,
     "kl-fp32": lambda: _kl_case(torch.float32),
     "kl-bf16": lambda: _kl_case(torch.bfloat16),
+    "kl-fp16": lambda: _kl_case(torch.float16),
     "policy-token-seq_mean-exact": lambda: _policy_case(torch.float32, "token", "seq_mean", "exact"),
     "policy-sequence-fixed_length-k3": lambda: _policy_case(torch.float32, "sequence", "fixed_length", "k3"),
     "policy-token-token_mean-k2-bf16": lambda: _policy_case(torch.bfloat16, "token", "token_mean", "k2"),
