@@ -277,3 +277,30 @@ def test_shared_prefix_under_eager_attention_matches_sdpa():
         assert lm.model.config._attn_implementation == impl
         losses.append(Trainer(lm, TrainConfig(objective="best_of_n_sft")).step(*make_batch(lm))["loss"])
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+@pytest.mark.real_model
+def test_training_logprobs_match_the_samplers_on_the_embedded_model():
+    import tao_kernels
+
+    from tao_core.batching import final_hidden
+    from tao_core.errors import ModelLoadError
+    from tao_core.generation import HFGenerator
+    from tao_core.models import load_model
+    from tao_core.types import SamplingParams
+
+    try:
+        lm = load_model("smollm2-135m")
+    except ModelLoadError as e:
+        pytest.skip(f"embedded model unavailable: {e}")
+    prompt = Prompt(id="0", text="What is 12 + 30?")
+    params = SamplingParams(n=2, temperature=0.7, max_new_tokens=8, seed=0)
+    group = HFGenerator(lm).generate([prompt], params)[0]
+    seg = Segment(group[0].prompt_token_ids, [c.token_ids for c in group], [c.logprobs for c in group],
+                  [1.0, -1.0], [1.0, 0.0], group[0].temperature)
+    inputs, batch = pack([seg])
+    with torch.no_grad():
+        hidden = final_hidden(lm.model.get_decoder(), inputs)
+        weight = lm.model.get_output_embeddings().weight
+        lp = tao_kernels.linear_logprob(hidden, weight, batch.targets, temperature=batch.temperature)
+    torch.testing.assert_close(lp, batch.old_logprobs, atol=1e-4, rtol=0)  # measured 2e-6
