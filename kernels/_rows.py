@@ -60,14 +60,13 @@ class Workspace:
         return self._buffers[index][: rows * cols].view(rows, cols)
 
 
-def _tempered(z: torch.Tensor, temperature: float, out: torch.Tensor, in_place: bool = False) -> torch.Tensor:
-    """``float32(z) / T`` in ``out``, or over ``z`` itself when ``in_place`` and ``z`` is float32.
+def _tempered(z: torch.Tensor, temperature: float, ws: Workspace, index: int, in_place: bool) -> torch.Tensor:
+    """``float32(z) / T``: over ``z`` itself when ``in_place`` and ``z`` is float32, else in buffer ``index``.
 
     Half ``z`` is widened first (``torch.div(z_half, T, out=f32)`` would divide in the half dtype).
     """
     if not (in_place and z.dtype == torch.float32):
-        out.copy_(z)
-        z = out
+        z = ws.get(index, *z.shape).copy_(z)
     if temperature != 1.0:
         z.div_(temperature)
     return z
@@ -99,7 +98,7 @@ class TorchRows:
         are left untouched unless ``consume`` (then float32 logits are overwritten, saving copies).
         """
         read_only = not consume and z.dtype == torch.float32 and temperature == 1.0
-        x = z if read_only else _tempered(z, temperature, ws.get(0, *z.shape), in_place=consume)
+        x = z if read_only else _tempered(z, temperature, ws, 0, in_place=consume)
         logp, lse = _log_softmax(x, ws.get(1, *z.shape))
         out = RowStats(lse=lse, logp=logp.gather(1, targets[:, None]).squeeze(1))  # <= 0 by construction
         if not (need_entropy or z_ref is not None):
@@ -107,7 +106,7 @@ class TorchRows:
         p = torch.exp(logp, out=x if consume else ws.get(2, *z.shape))
         # The row sums below go through torch.sum (cascade summation, as accurate as the naive path).
         if z_ref is not None:
-            y = z_ref if read_only else _tempered(z_ref, temperature, ws.get(3, *z.shape), in_place=consume)
+            y = z_ref if read_only else _tempered(z_ref, temperature, ws, 3, in_place=consume)
             logq, out.ref_lse = _log_softmax(y, ws.get(4, *z.shape))
             out.kl = logq.neg_().add_(logp).mul_(p).sum(dim=1)  # sum p (log p - log q)
         if need_entropy:
@@ -133,7 +132,7 @@ class TorchRows:
         ``z`` may be a vocabulary slice starting at column ``col_offset`` (the row statistics are those
         of the full rows). Written over ``z`` (``z_ref``) when it is float32, else into workspace buffers.
         """
-        logp = _tempered(z, temperature, ws.get(0, *z.shape), in_place=True).sub_(stats.lse[:, None])
+        logp = _tempered(z, temperature, ws, 0, in_place=True).sub_(stats.lse[:, None])
         dz_ref = None
         if c_ent is None and c_kl is None:
             dz = logp.exp_().mul_((-c_lp)[:, None])
@@ -149,7 +148,7 @@ class TorchRows:
             p = torch.exp(logp, out=ws.get(1, *z.shape))
             u = logp.mul_(a[:, None]).add_(k[:, None])
             if c_kl is not None:
-                logq = _tempered(z_ref, temperature, ws.get(2, *z.shape), in_place=need_ref_grad)
+                logq = _tempered(z_ref, temperature, ws, 2, in_place=need_ref_grad)
                 logq.sub_(stats.ref_lse[:, None])
                 u.addcmul_(logq, c_kl[:, None], value=-1.0)
                 if need_ref_grad:

@@ -128,6 +128,7 @@ def _(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, temp
 def _fwd_setup(ctx, inputs, output) -> None:
     hidden, weight, bias, targets, temperature, ignore_index, return_entropy, chunk_size, backend = inputs
     _, entropy, lse = output
+    ctx.set_materialize_grads(False)  # an unused entropy output gets no zero-filled gradient
     ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy if return_entropy else None)
     ctx.config = (temperature, ignore_index, return_entropy, chunk_size, backend)
 
@@ -136,6 +137,8 @@ def _fwd_backward(ctx, grad_logp, grad_entropy, _grad_lse):
     hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
     temperature, ignore_index, return_entropy, chunk_size, backend = ctx.config
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
+    if grad_logp is None:
+        grad_logp = torch.zeros_like(lse)
     gh, gw, gb = _logprob_bwd(
         grad_logp, grad_entropy if return_entropy else None, hidden, weight, bias, targets, lse, entropy,
         temperature, ignore_index, chunk_size, backend, needs,

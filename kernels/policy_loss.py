@@ -156,6 +156,7 @@ def _(hidden, weight, bias, targets, advantages, old_logprobs, cu_seqlens, ref_l
 
 
 def _policy_setup(ctx, inputs, output) -> None:
+    ctx.set_materialize_grads(False)  # else autograd builds zero "gradients" for the [V, H] grad outputs
     ctx.save_for_backward(*output[8:11])
     ctx.needs = inputs[-1]
 
@@ -163,6 +164,8 @@ def _policy_setup(ctx, inputs, output) -> None:
 def _policy_backward(ctx, grad_outputs):
     gh, gw, gb = ctx.saved_tensors
     grad_loss = grad_outputs[0]  # the op returns a list: its gradients arrive as one list
+    if grad_loss is None:  # only the metrics were used downstream
+        return (None,) * 23
     scaled = [g * grad_loss.to(g.dtype) if need else None for g, need in zip((gh, gw, gb), ctx.needs, strict=True)]
     return (*scaled, *([None] * 20))
 

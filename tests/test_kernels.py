@@ -267,3 +267,13 @@ def test_logprob_errors_name_the_problem(monkeypatch):
         tao_kernels.linear_logprob(torch.zeros(3, 4), torch.zeros(7, 4), torch.zeros(2, dtype=torch.long))
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         tao_kernels.linear_logprob(torch.zeros(3, 4), torch.zeros(7, 4), torch.zeros(3, dtype=torch.long), backend="triton")
+
+
+def test_entropy_alone_in_the_loss():
+    """The log-prob output unused: its gradient is absent, the entropy's still flows."""
+    hidden, weight, bias, targets = make_head(20, 16, 300, torch.float32)
+    fused = lambda h, w, b: (
+        tao_kernels.linear_logprob(h, w, targets, bias=b, return_entropy=True, chunk_size=6, backend="torch")[1],
+    )
+    naive = lambda h, w, b: (naive_logprob(h, w, targets, bias=b, return_entropy=True)[1],)
+    check_against_reference(fused, naive, (hidden, weight, bias), torch.float32, 1)
