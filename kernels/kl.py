@@ -24,6 +24,13 @@ from ._rows import RowStats
 from .logprob import check_head
 
 
+def _kl_chunk(chunk_size: int, hidden: torch.Tensor, weight: torch.Tensor) -> int:
+    """Token rows per chunk: by default half the single-head default, as two heads' logits coexist."""
+    if chunk_size:
+        return chunk_rows(chunk_size, hidden.shape[0], weight.shape[0], hidden.device)
+    return max(1, chunk_rows(0, hidden.shape[0], weight.shape[0], hidden.device) // 2)
+
+
 @torch.library.custom_op("tao_kernels::linear_kl_fwd", mutates_args=())
 def _kl_fwd(
     hidden: torch.Tensor,
@@ -38,7 +45,7 @@ def _kl_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(kl [N], lse [N], ref_lse [N])`` float32; ``kl`` is 0 where ``valid`` is false."""
-    chunk = chunk_rows(chunk_size, hidden.shape[0], weight.shape[0], hidden.device)
+    chunk = _kl_chunk(chunk_size, hidden, weight)
     tgt = torch.zeros(hidden.shape[0], dtype=torch.int64, device=hidden.device)
     stats = forward_stats(
         Head(hidden, weight, bias), tgt, temperature, False, chunk, rows_for(backend),
@@ -73,7 +80,7 @@ def _kl_bwd(
     needs: list[bool],
 ) -> list[torch.Tensor]:
     """Gradients for ``(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)``; empty where not needed."""
-    chunk = chunk_rows(chunk_size, hidden.shape[0], weight.shape[0], hidden.device)
+    chunk = _kl_chunk(chunk_size, hidden, weight)
     head, ref = Head(hidden, weight, bias), Head(ref_hidden, ref_weight, ref_bias)
     tgt = torch.zeros(hidden.shape[0], dtype=torch.int64, device=hidden.device)
     c_kl = grad_kl.float() * valid.to(torch.float32)
