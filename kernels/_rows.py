@@ -1,7 +1,9 @@
-"""Row math on one chunk of raw logits, in pure PyTorch (the CPU production path).
+"""Row math on one block of raw logits, in pure PyTorch (the CPU production path).
 
-A *chunk* is ``C`` tokens' raw logits ``z = h_c @ W.T + b`` (``[C, V]``, the input dtype). Every
-quantity is taken over tempered logits ``x = z / T`` in float32:
+A *block* is a set of raw logits ``z = h @ W.T + b`` in the input dtype: ``C`` tokens against the whole
+vocabulary (``[C, V]``, the forward), or in the backward all tokens against a vocabulary slice (the
+statistics then come from the forward). Every quantity is taken over tempered logits ``x = z / T``
+in float32:
 
     lse     = logsumexp(x)                         logp_v = x_v - lse,  p = exp(logp)
     logp_t  = x_target - lse                       H = -sum_v p_v logp_v
@@ -17,10 +19,9 @@ Gradient of ``c_lp * logp_t + c_ent * H + c_kl * KL`` with respect to the raw lo
 ``b = -c_kl``, ``k = -c_lp - c_ent H - c_kl KL``, which is how it is evaluated below (in place).
 
 On the CPU the elementwise work is memory-bound, so it is done in as few passes as possible over the
-whole chunk: ATen's fused ``_log_softmax`` kernel for the statistics and in-place updates of the
-logits for the gradient. The Triton
-backend implements the same two functions (``stats``, ``grad``) as fused kernels; the chunk loops in
-``_chunked.py`` are shared.
+whole block: ATen's fused ``_log_softmax`` kernel for the statistics and in-place updates of the
+logits for the gradient. The Triton backend implements the same two functions (``stats``, ``grad``)
+as fused kernels; the loops over blocks in ``_chunked.py`` are shared.
 """
 
 from __future__ import annotations
