@@ -89,7 +89,8 @@ def test_bad_options_are_named():
         ArithmeticTask(level="add2").problems("eval", 5000)
 
 
-# real outputs of the embedded SmolLM2-135M-Instruct to this task's prompts (greedy)
+# The first four are real greedy outputs of the embedded SmolLM2-135M-Instruct to arithmetic
+# prompts; the rest are constructed edge cases (answer line, separators, no number).
 REAL_OUTPUTS = [
     ("59 + 63 = 122.", 122),
     ("15 + 43 = 52.", 52),

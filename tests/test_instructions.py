@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from tao_plugins.scorers.rules import compile_rules
+from tao_plugins.scorers.rules import RulesScorer, compile_rules
 from tao_plugins.tasks.instructions import CONSTRAINTS, TOPICS, InstructionsTask, topic_split
 
 from tao_core import TaoInputError, get_component
@@ -88,6 +88,32 @@ def test_check_is_all_or_nothing(rules, good, bad):
     assert task.check(both, good) == 1.0
     assert task.check(both, bad) == 0.0
     assert task.check(both, "Hi") == 0.0  # meets the first rule, not the second
+
+
+# Real greedy outputs of the embedded SmolLM2-135M-Instruct on this task's eval prompts (tao eval).
+REAL = [
+    ('Describe what makes museums interesting. Include a title wrapped in double angular brackets, like <<my title>>.',
+     '<<my title>>\n\nMuseums are not just collections of artifacts, they are immersive experiences that transport us to different eras and cultures. Each museum is a window into the past, a reflection of the present and a chance to explore the future.',
+     1.0),
+    ("Explain umbrellas to a child. End your answer with the exact words 'Thank you.' Use at most 20 words.",
+     "A umbrella is a big umbrella that you put on your head to protect you from the rain. It's like a big umbrella that you can wear to the beach. Thank you for helping me out.",
+     0.0),
+    ('Describe what makes soap interesting. Answer only with a JSON object with the string keys "title" and "summary".',
+     '```json\n{\n    "title": "Soy Based Soap",\n    "summary": "Soy based soap is a popular and versatile soap that is made from soy lecithin, a natural emulsifier, and has been used for centuries. It is a natural and biodegradable soap that is made from soy lecithin, which is a key ingredient in the production of soap."\n}\n```',
+     1.0),
+    ('Write a short description of umbrellas. Include a title wrapped in double angular brackets, like <<my title>>. Do not use any commas.',
+     '<<my title>>\n\nA humble umbrella, a symbol of freedom and protection, it is a versatile and versatile piece of clothing that can be worn in various ways, from the outdoors to the home.',
+     0.0),
+]
+
+
+@pytest.mark.parametrize(("prompt_text", "output", "want"), REAL)
+def test_real_model_outputs(prompt_text, output, want):
+    task = InstructionsTask()
+    ex = next(e for e in task.eval_examples() if e.prompt.text == prompt_text)
+    assert task.check(ex, output) == want
+    scores = RulesScorer().score(ex.prompt, [cand(output)])
+    assert scores[0].status == "ok" and scores[0].value == want
 
 
 def test_default_scorer_reads_each_prompts_rules():
