@@ -97,3 +97,15 @@ def test_package_does_not_import_tao_core():
 
     code = "import sys, tao_kernels; assert not any(m.startswith('tao_core') for m in sys.modules), 'tao_core imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_backend_resolution(monkeypatch):
+    from tao_kernels._backend import resolve_backend
+
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu) == "torch"
+    assert resolve_backend("torch", cpu) == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("triton", cpu) == "triton"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("cuda", cpu)
