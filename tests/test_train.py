@@ -304,3 +304,14 @@ def test_training_logprobs_match_the_samplers_on_the_embedded_model():
         weight = lm.model.get_output_embeddings().weight
         lp = tao_kernels.linear_logprob(hidden, weight, batch.targets, temperature=batch.temperature)
     torch.testing.assert_close(lp, batch.old_logprobs, atol=1e-4, rtol=0)  # measured 2e-6
+
+
+def test_ppo_epochs_take_several_updates_on_one_batch():
+    losses = []
+    for epochs in (1, 3):
+        lm = tiny_lm()
+        trainer = Trainer(lm, TrainConfig(objective="dapo", ppo_epochs=epochs, lr=1e-2))
+        losses.append(trainer.step(*make_batch(lm))["loss"])  # the last epoch's loss
+        adam_steps = {float(s["step"]) for s in trainer.optimizer.state.values()}
+        assert adam_steps == {float(epochs)} and trainer.step_count == 1
+    assert losses[1] < losses[0] - 1e-3  # the third epoch sees ratios moved in the advantages' direction
