@@ -8,7 +8,15 @@ Usable on its own: nothing here imports ``tao_core``.
 - ``linear_policy_loss``: the GRPO-family clipped loss plus a sampled or exact KL term.
 
 Backends: ``"triton"`` (CUDA, or the CPU under ``TRITON_INTERPRET=1``) and ``"torch"`` (chunked
-PyTorch, the CPU path); ``"auto"`` picks. ``tao_kernels.reference`` holds the naive references.
+PyTorch, the CPU path); ``"auto"`` picks. ``tao_kernels.reference`` holds the naive references that
+tests and benchmarks compare against.
+
+Layout: the three ops need the same per-row quantities of one block of logits, so they share one
+pass rather than one file each. ``_chunked.py`` streams the LM head in blocks (token chunks forward,
+vocabulary slices backward; the memory arithmetic is there), ``_rows.py`` (PyTorch) and
+``_triton.py`` (Triton kernels) implement the row math of a block, and ``logprob.py``, ``kl.py`` and
+``policy_loss.py`` register each op as a ``torch.library`` custom op (with a fake implementation, so
+it is one opaque node in ``torch.compile`` graphs) and hold its functional API and its math.
 """
 
 from .kl import kl_estimate, linear_kl
