@@ -29,7 +29,8 @@ class SamplingBatch:
     top_p: torch.Tensor  # [B] float32; 1.0 disables
     min_p: torch.Tensor  # [B] float32; 0.0 disables
     uniform: torch.Tensor  # [B] float32 in [0, 1): the row's draw for this step
-    any_greedy: bool  # host-side flags so unused filters cost nothing
+    any_greedy: bool  # host-side flags so unused steps cost nothing
+    any_temperature: bool  # some row has a temperature other than 1
     any_sampled: bool
     any_top_k: bool
     max_top_k: int  # largest top-k of a sampled row (0 if none), so no device read is needed
@@ -56,6 +57,7 @@ class SamplingBatch:
             min_p=torch.tensor(min_p, dtype=torch.float32, device=device),
             uniform=torch.tensor(uniform, dtype=torch.float32, device=device),
             any_greedy=any(greedy),
+            any_temperature=any(t not in (0, 1) for t in temperature),
             any_sampled=not all(greedy),
             any_top_k=any(k > 0 and not g for k, g in zip(top_k, greedy, strict=True)),
             max_top_k=max((k for k, g in zip(top_k, greedy, strict=True) if not g), default=0),
@@ -93,16 +95,21 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.
 
     ``logits`` is ``[B, V]`` in any float dtype; the math runs in float32.
     """
-    z = logits.float() / b.temperature.unsqueeze(-1)
-    logp = torch.log_softmax(z, dim=-1)
+    z = logits.float()
+    if b.any_temperature:
+        z = z / b.temperature.unsqueeze(-1)
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # log_softmax(z) = z - lse
     if b.any_sampled:
-        probs = filtered_probs(logp, b)
-        cdf = probs.cumsum(-1)
+        if b.any_top_k or b.any_top_p or b.any_min_p:
+            probs = filtered_probs(z - lse, b)
+        else:
+            probs = torch.sub(z, lse).exp_()
+        cdf = probs.cumsum_(-1)
         total = cdf[:, -1:]
         target = torch.minimum(b.uniform.unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
         tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
         if b.any_greedy:
-            tokens = torch.where(b.greedy, logp.argmax(-1), tokens)
+            tokens = torch.where(b.greedy, z.argmax(-1), tokens)
     else:
-        tokens = logp.argmax(-1)
-    return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        tokens = z.argmax(-1)
+    return tokens, (z.gather(-1, tokens.unsqueeze(-1)) - lse).squeeze(-1)
