@@ -43,8 +43,20 @@ def _check_fields(cls: type, data: dict[str, Any], where: str) -> None:
         raise TaoInputError(f"{where}: missing field(s) {missing} for {cls.__name__}")
 
 
+class _Record:
+    """``to_dict`` / ``from_dict`` shared by the JSONL record types."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "record") -> Any:
+        _check_fields(cls, data, where)
+        return cls(**data)
+
+
 @dataclass
-class Prompt:
+class Prompt(_Record):
     """One unlabeled input: chat ``messages`` or plain ``text`` (exactly one of them)."""
 
     id: str  # unique within a run; candidates and scores point back to it
@@ -74,17 +86,9 @@ class Prompt:
             return self.messages
         return [{"role": "user", "content": self.text or ""}]
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "prompt") -> Prompt:
-        _check_fields(cls, data, where)
-        return cls(**data)
-
 
 @dataclass
-class SamplingParams:
+class SamplingParams(_Record):
     """How to sample: the same names in the TOML config, the CLI flags and the Python API."""
 
     n: int = 1  # candidates per prompt
@@ -132,17 +136,9 @@ class SamplingParams:
         """The temperature that divides the logits for ``Candidate.logprobs`` (1 when greedy)."""
         return 1.0 if self.greedy else float(self.temperature)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "sampling") -> SamplingParams:
-        _check_fields(cls, data, where)
-        return cls(**data)
-
 
 @dataclass
-class Candidate:
+class Candidate(_Record):
     """One sampled response to a prompt.
 
     ``logprobs[i]`` is the project's single definition of a token's log-probability under the
@@ -171,17 +167,9 @@ class Candidate:
                 f"{len(self.token_ids)} tokens"
             )
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "candidate") -> Candidate:
-        _check_fields(cls, data, where)
-        return cls(**data)
-
 
 @dataclass
-class Score:
+class Score(_Record):
     """A scorer's verdict on one candidate: a value when ``ok``, otherwise a reason.
 
     Abstained and errored candidates are left out of group statistics; they never count as 0.
@@ -223,14 +211,6 @@ class Score:
     @property
     def is_ok(self) -> bool:
         return self.status == "ok"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "score") -> Score:
-        _check_fields(cls, data, where)
-        return cls(**data)
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[Any], *, append: bool = False) -> int:
