@@ -19,8 +19,20 @@ vocabulary slices backward; the memory arithmetic is there), ``_rows.py`` (PyTor
 it is one opaque node in ``torch.compile`` graphs) and hold its functional API and its math.
 """
 
-from .kl import kl_estimate, linear_kl
-from .logprob import linear_logprob
-from .policy_loss import PolicyLossOutput, linear_policy_loss
+if __name__ != "tao_kernels":
+    # This directory is installed as ``tao_kernels`` but, with the repository root on sys.path (pytest,
+    # ``PYTHONPATH=.``), it is also importable as ``kernels``: the name of Hugging Face's kernels package,
+    # which ``import transformers`` imports to probe for it. Running the modules a second time would
+    # re-register the ``tao_kernels::`` custom ops, which destroys the first registration and leaves
+    # ``tao_kernels``' op handles dangling (use-after-free: "ValueError: vector::reserve", bad_alloc).
+    import sys
+
+    import tao_kernels
+
+    sys.modules[__name__] = tao_kernels
+else:
+    from .kl import kl_estimate, linear_kl
+    from .logprob import linear_logprob
+    from .policy_loss import PolicyLossOutput, linear_policy_loss
 
 __all__ = ["PolicyLossOutput", "kl_estimate", "linear_kl", "linear_logprob", "linear_policy_loss"]
