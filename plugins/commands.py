@@ -1,4 +1,4 @@
-"""Built-in CLI commands registered through the tao_register_commands hook.
+"""Built-in CLI commands registered through the tao_register_commands hook: ``eval`` and ``rm``.
 
 ``tao eval --task NAME --model M [--limit K] [--json]``: the fixed evaluation protocol of
 :func:`tao_core.tasks.evaluate` (the task's own prompt, greedy decoding, the task's answer check)
@@ -100,4 +100,7 @@ def eval_cmd(task_name: str, model_spec: str, limit: int | None, options: tuple[
 
 @tao_core.hookimpl
 def tao_register_commands(register):
+    from tao_plugins.rm_commands import rm_group
+
     register("eval", eval_cmd)
+    register("rm", rm_group)

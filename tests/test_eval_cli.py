@@ -58,10 +58,12 @@ def invoke(*args: str):
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
 
-def test_eval_command_is_registered():
+def test_builtin_commands_are_registered():
     result = invoke("eval", "--help")
     assert result.exit_code == 0
     assert "--task" in result.output and "--limit" in result.output and "--json" in result.output
+    result = invoke("rm", "--help")
+    assert result.exit_code == 0 and "train" in result.output
 
 
 def test_eval_json_reports_metric_with_wilson_ci(even_task, tiny_model_dir, tmp_path):
