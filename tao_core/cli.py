@@ -12,7 +12,7 @@ from tao_core.errors import TaoError
 from tao_core.plugins import KINDS, get_plugin_manager
 
 # The README demo: sized to finish within 15 minutes on a 2-core CPU.
-DEMO_STEPS = 20
+DEMO_STEPS = 40
 DEMO_CONFIG = {
     "task": "arithmetic",
     "model": "smollm2-135m",
