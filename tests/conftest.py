@@ -69,6 +69,15 @@ def make_tiny_model_dir(path: Path, *, seed: int = 0, hidden: int = 64, layers: 
     return path
 
 
+def completion_logprobs(model, prompt: list[int], tokens: list[int], temperature: float = 1.0):
+    """Reference ``Candidate.logprobs``: one full forward, ``log_softmax(logits / T)`` at the tokens."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].float() / temperature
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))

@@ -13,6 +13,7 @@ from tao_core.models import LoadedModel
 from tao_core.objectives import baseline, group_mean, group_norm, leave_one_out
 from tao_core.train import TrainConfig, Trainer
 from tao_core.types import Candidate, Prompt, Score
+from tests.conftest import completion_logprobs
 
 RECIPES = ["grpo", "dr_grpo", "dapo", "rloo", "ppo_clip_kl", "online_dpo", "best_of_n_sft"]
 X = 100.0  # value under a False mask: must never reach a statistic
@@ -81,11 +82,6 @@ def tiny_lm(seed: int = 0) -> LoadedModel:
     return LoadedModel(LlamaForCausalLM(CONFIG).eval(), _Tok(), "tiny", None)
 
 
-@torch.no_grad()
-def seq_logprob(model, prompt: list[int], tokens: list[int], temperature: float = 1.0) -> torch.Tensor:
-    logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1] / temperature
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
-
 
 def make_batch(lm: LoadedModel, temperature: float = 0.7, seed: int = 1):
     """3 prompts x 4 candidates; candidate 0 scores 1, the others 0; old log-probs from the model itself."""
@@ -97,7 +93,7 @@ def make_batch(lm: LoadedModel, temperature: float = 0.7, seed: int = 1):
         cands = []
         for j in range(4):
             toks = torch.randint(1, 97, (2 + j,), generator=g).tolist()
-            lp = seq_logprob(lm.model, ids, toks, temperature).tolist()
+            lp = completion_logprobs(lm.model, ids, toks, temperature).tolist()
             cands.append(Candidate(str(p), j, "", ids, toks, lp, temperature=temperature))
         groups.append(cands)
         scores.append([Score.ok(1.0 if j == 0 else 0.0) for j in range(4)])
@@ -126,7 +122,7 @@ def test_online_dpo_prefers_best_over_worst():
         total = 0.0
         for grp in groups:
             c_w, c_l = grp[0], grp[1]
-            lp = lambda m, c: float(seq_logprob(m, c.prompt_token_ids, c.token_ids).sum())
+            lp = lambda m, c: float(completion_logprobs(m, c.prompt_token_ids, c.token_ids).sum())
             total += (lp(lm.model, c_w) - lp(trainer.reference, c_w)) - (lp(lm.model, c_l) - lp(trainer.reference, c_l))
         return total
 

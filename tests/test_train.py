@@ -14,6 +14,7 @@ from tao_core.errors import TaoInputError
 from tao_core.models import LoadedModel
 from tao_core.train import TrainConfig, Trainer
 from tao_core.types import Candidate, Prompt, Score
+from tests.conftest import completion_logprobs
 
 CONFIG = LlamaConfig(
     vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -44,11 +45,6 @@ def tiny_lm(seed: int = 0) -> LoadedModel:
     return LoadedModel(LlamaForCausalLM(CONFIG).eval(), tiny_tokenizer(), "tiny", None)
 
 
-@torch.no_grad()
-def token_logprobs(model, prompt: list[int], tokens: list[int], temperature: float = 1.0) -> torch.Tensor:
-    logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1] / temperature
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
-
 
 def make_batch(lm: LoadedModel, seed: int = 1, temperature: float = 1.0, n_prompts: int = 3, n: int = 4):
     """Handmade groups: candidate 0 scores 1, the others 0; old log-probs from the current model."""
@@ -60,7 +56,7 @@ def make_batch(lm: LoadedModel, seed: int = 1, temperature: float = 1.0, n_promp
         cands = []
         for j in range(n):
             toks = torch.randint(2, 97, (2 + (j + p) % 3,), generator=g).tolist()
-            lp = token_logprobs(lm.model, ids, toks, temperature).tolist()
+            lp = completion_logprobs(lm.model, ids, toks, temperature).tolist()
             cands.append(Candidate(str(p), j, "", ids, toks, lp, temperature=temperature))
         groups.append(cands)
         scores.append([Score.ok(1.0 if j == 0 else 0.0) for j in range(n)])
@@ -75,10 +71,10 @@ def test_high_reward_completions_become_more_likely():
     lm = tiny_lm()
     trainer = Trainer(lm, TrainConfig(objective="grpo", lr=3e-3))
     _, groups, _ = make_batch(lm)
-    before = [[float(token_logprobs(lm.model, c.prompt_token_ids, c.token_ids).sum()) for c in g] for g in groups]
+    before = [[float(completion_logprobs(lm.model, c.prompt_token_ids, c.token_ids).sum()) for c in g] for g in groups]
     for _ in range(5):
         trainer.step(*make_batch(lm))  # on-policy: old log-probs from the current weights
-    after = [[float(token_logprobs(lm.model, c.prompt_token_ids, c.token_ids).sum()) for c in g] for g in groups]
+    after = [[float(completion_logprobs(lm.model, c.prompt_token_ids, c.token_ids).sum()) for c in g] for g in groups]
     for b, a in zip(before, after, strict=True):
         assert a[0] > b[0] + 0.5  # the rewarded completion went up
         others = sum(a[j] - b[j] for j in range(1, 4)) / 3

@@ -11,6 +11,7 @@ from tao_core.data import load_prompts, load_prompts_report
 from tao_core.errors import TaoInputError
 from tao_core.generation import HFGenerator, finish_completion
 from tao_core.types import Candidate, Prompt, SamplingParams, Score, read_jsonl, write_jsonl
+from tests.conftest import completion_logprobs
 
 
 def test_jsonl_round_trip(tmp_path):
@@ -113,10 +114,7 @@ def test_hf_generator_logprobs_match_forward(tiny_lm):
     groups = gen.generate(prompts, params)
     assert [len(g) for g in groups] == [3, 3]
     for c in (c for g in groups for c in g):
-        seq = torch.tensor([c.prompt_token_ids + c.token_ids])
-        with torch.no_grad():
-            logits = tiny_lm.model(seq).logits[0, len(c.prompt_token_ids) - 1 : -1].float()
-        ref = torch.log_softmax(logits / 0.8, -1).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        ref = completion_logprobs(tiny_lm.model, c.prompt_token_ids, c.token_ids, 0.8)
         assert torch.allclose(ref, torch.tensor(c.logprobs), atol=1e-4)
         assert c.finish_reason in ("stop", "length") and c.temperature == 0.8
 
