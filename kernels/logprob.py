@@ -110,9 +110,8 @@ def _logprob_bwd(
     stats = RowStats(lse=lse, logp=lse, entropy=entropy)
     acc = SliceGrads(head, tuple(needs))
     backward_grads(head, tgt, stats, temperature, (c_lp, c_ent, None), acc, chunk, rows)
-    gh, gw, gb = acc.result()
-    empty = hidden.new_empty(0)
-    return (gh if gh is not None else empty, gw if gw is not None else empty, gb if gb is not None else empty)
+    # a fresh empty tensor per unneeded gradient: a custom op's outputs must not alias each other
+    return tuple(g if g is not None else hidden.new_empty(0) for g in acc.result())
 
 
 @_logprob_bwd.register_fake
