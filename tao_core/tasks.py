@@ -45,6 +45,17 @@ class Task(Protocol):
         """The metric for one example: 1.0 correct, 0.0 wrong (or a value in [0, 1])."""
         ...
 
+    def reference(self, prompt: Prompt) -> str | None:
+        """The response a labeled dataset would hold for training prompt ``prompt``, or None.
+
+        The response is written in the format the task's prompt asks for (``"Answer: 85"`` for
+        ``arithmetic``, the gold query in a ```` ```sql ```` block for ``sql``), so that ``tao sft``
+        can train on it as the supervised baseline TAO is compared against. Return None when the
+        task has no label for the prompt (a label-free task, or a prompt from a user's file): the
+        pipeline never calls this, and ``tao sft`` refuses such a task with a clear error.
+        """
+        ...
+
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval for a proportion; (0, 1) when n == 0."""

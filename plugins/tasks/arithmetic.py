@@ -275,5 +275,15 @@ class ArithmeticTask:
         got = extract_final_number(completion)
         return float(got is not None and got == int(example.reference))
 
+    def reference(self, prompt: Prompt) -> str | None:
+        """The labeled response, ``"Answer: 85"``: the answer line the prompt asks for.
+
+        Computed from ``metadata["expression"]``; None for a prompt without one (e.g. from a file).
+        """
+        expression = prompt.metadata.get("expression")
+        if not isinstance(expression, str):
+            return None
+        return f"Answer: {evaluate_expression(expression)}"
+
 
 TASKS = {"arithmetic": (ArithmeticTask, ("arith",))}

@@ -213,5 +213,9 @@ class InstructionsTask:
         rule = compile_rules(example.reference, "all", f"instructions example {example.prompt.id!r}")
         return float(rule.evaluate(completion)[0] == 1.0)
 
+    def reference(self, prompt: Prompt) -> str | None:
+        """Always None: the task has constraints to check, but no labeled responses to imitate."""
+        return None
+
 
 TASKS = {"instructions": InstructionsTask}

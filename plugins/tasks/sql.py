@@ -76,6 +76,7 @@ class SqlTask:
                                 f"the evaluation split must use databases training never sees")
         self.seed = seed
         self._schemas: dict[str, str] = {}
+        self._train_gold: dict[str, str] | None = None  # training prompt text -> gold query, built on demand
 
     def db_path(self, db: str) -> Path:
         return (self.data_dir / f"{db}.sqlite").resolve()
@@ -106,6 +107,17 @@ class SqlTask:
         if sql is None:
             return 0.0
         return float(execution_match(example.metadata["db_path"], sql, example.reference))
+
+    def reference(self, prompt: Prompt) -> str | None:
+        """The gold query in a ```` ```sql ```` block, for a training prompt of this task; else None.
+
+        Found by the prompt's text (schema and question), so prompts rebuilt elsewhere match too;
+        held-out questions are never given a reference.
+        """
+        if self._train_gold is None:
+            self._train_gold = {self._prompt(r, "").text: r["gold_sql"] for _, r in self._split("train")}
+        gold = self._train_gold.get(prompt.text or "")
+        return None if gold is None else f"```sql\n{gold.strip()}\n```"
 
 
 TASKS = {"sql": SqlTask}
