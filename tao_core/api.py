@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from tao_core.config import RunConfig
+from tao_core.errors import TaoInputError
 from tao_core.models import LoadedModel, load_model
 from tao_core.plugins import get_component
 from tao_core.types import Candidate, Prompt, SamplingParams
+
+if TYPE_CHECKING:
+    from tao_core.sft import SftResult
 
 
 def _as_model(model: str | LoadedModel) -> LoadedModel:
@@ -29,4 +36,35 @@ def generate(
     return gen.generate(ps, params or SamplingParams())
 
 
-__all__ = ["generate", "load_model"]
+def sft(
+    config: str | os.PathLike | RunConfig,
+    *,
+    examples: int | None = None,
+    epochs: int = 1,
+    overrides: dict[str, Any] | None = None,
+    output_dir: str | None = None,
+    eval_each_epoch: bool = True,
+    progress: bool = True,
+    lm: LoadedModel | None = None,
+) -> SftResult:
+    """Supervised fine-tuning on the task's labeled training prompts (``tao sft``).
+
+    ``config`` is a TOML run config path (as for ``tao run``) or a :class:`RunConfig`;
+    ``overrides`` maps dotted keys to values (``{"train.lr": 1e-5}``, the CLI's ``--set``);
+    ``output_dir`` defaults to the config's ``output_dir`` with ``-sft`` appended. See
+    :func:`tao_core.sft.sft` for the rest.
+    """
+    from tao_core.config import load_config
+    from tao_core.sft import sft as run_sft
+
+    if isinstance(config, RunConfig):
+        cfg = copy.deepcopy(config)
+        if overrides:
+            raise TaoInputError("overrides apply to a TOML config path; set the fields of a RunConfig directly")
+    else:
+        cfg = load_config(config, overrides)
+    cfg.output_dir = output_dir or f"{cfg.output_dir.rstrip('/')}-sft"
+    return run_sft(cfg, examples=examples, epochs=epochs, eval_each_epoch=eval_each_epoch, progress=progress, lm=lm)
+
+
+__all__ = ["generate", "load_model", "sft"]

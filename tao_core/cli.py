@@ -151,6 +151,22 @@ def generate_cmd(model_spec, texts, prompts_file, column, generator_name, output
             click.echo(json.dumps(c.to_dict(), ensure_ascii=False))
 
 
+def parse_overrides(items) -> dict:
+    """``--set KEY=VALUE`` items as ``{dotted key: value}``, each value parsed as TOML (else a string)."""
+    import tomllib
+
+    parsed = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise click.UsageError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            parsed[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed[key.strip()] = raw
+    return parsed
+
+
 def _print_result(result) -> None:
     b, a = result.before, result.after
     click.echo(f"run directory: {result.run_dir}")
@@ -172,8 +188,6 @@ def _print_result(result) -> None:
 @click.option("--output-dir", default=None, help="Run directory (overrides output_dir).")
 def run_cmd(config, resume_dir, overrides, output_dir) -> None:
     """Run TAO from a TOML config: rounds of generate -> score -> train -> evaluate."""
-    import tomllib
-
     from tao_core import pipeline
     from tao_core.config import load_config
 
@@ -184,15 +198,7 @@ def run_cmd(config, resume_dir, overrides, output_dir) -> None:
         return
     if not config:
         raise click.UsageError("give a CONFIG file or --resume RUN_DIR")
-    parsed = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise click.UsageError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            parsed[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            parsed[key.strip()] = raw
+    parsed = parse_overrides(overrides)
     if output_dir:
         parsed["output_dir"] = output_dir
     cfg = load_config(config, parsed)
@@ -200,13 +206,45 @@ def run_cmd(config, resume_dir, overrides, output_dir) -> None:
     click.echo(f"report: tao report {cfg.output_dir}")
 
 
+@cli.command("sft")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--examples", type=int, default=None,
+              help="Labeled examples (default: the prompts the TAO run consumes, rounds x steps_per_round x "
+                   "prompts_per_step).")
+@click.option("--epochs", type=int, default=1, show_default=True, help="Passes over the examples.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key, e.g. --set train.lr=1e-5 (value parsed as TOML).")
+@click.option("--output-dir", "-o", "output_dir", default=None,
+              help="SFT run directory (default: the config's output_dir with '-sft' appended).")
+@click.option("--eval-each-epoch/--no-eval-each-epoch", default=True, show_default=True,
+              help="Evaluate on the held-out split after every epoch (always before and at the end).")
+def sft_cmd(config, examples, epochs, overrides, output_dir, eval_each_epoch) -> None:
+    """Supervised fine-tuning on labeled training prompts: the baseline TAO is compared against.
+
+    Reads the same TOML config as `tao run` (task, model, train.lr, prompts_per_step as the batch,
+    eval_limit, ...) and trains on the task's labeled responses; see `tao report RUN --sft SFT_DIR`.
+    """
+    from tao_core.api import sft
+
+    result = sft(config, examples=examples, epochs=epochs, overrides=parse_overrides(overrides),
+                 output_dir=output_dir, eval_each_epoch=eval_each_epoch)
+    b, a = result.before, result.after
+    click.echo(f"run directory: {result.run_dir}")
+    click.echo(f"labeled examples: {result.examples} x {result.epochs} epoch(s), {result.steps} steps")
+    click.echo(f"held-out {b['metric']} before: {b['value']:.3f}  [{b['ci_low']:.3f}, {b['ci_high']:.3f}]  (n={b['n']})")
+    click.echo(f"held-out {a['metric']} after:  {a['value']:.3f}  [{a['ci_low']:.3f}, {a['ci_high']:.3f}]")
+    click.echo(f"tuning time: {result.tuning_seconds / 60:.1f} min (training steps; evaluation excluded)")
+
+
 @cli.command("report")
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
-def report_cmd(run_dir) -> None:
+@click.option("--sft", "sft_dirs", multiple=True, type=click.Path(file_okay=False, exists=True),
+              help="An SFT run directory (`tao sft`) to compare against (repeatable).")
+def report_cmd(run_dir, sft_dirs) -> None:
     """Write RUN_DIR/report.md and report.html with PNG plots."""
     from tao_core.report import write_report
 
-    md_path, html_path = write_report(run_dir)
+    md_path, html_path = write_report(run_dir, sft_dirs=list(sft_dirs))
     click.echo(f"wrote {md_path} and {html_path}")
 
 

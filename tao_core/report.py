@@ -1,137 +1,254 @@
-"""``tao report RUN_DIR``: a Markdown + HTML report with PNG plots, from the run's metrics.jsonl."""
+"""``tao report RUN_DIR [--sft SFT_DIR ...]``: a Markdown + HTML report with PNG plots.
+
+Everything comes from the run directories' ``metrics.jsonl`` and ``config.json``. A TAO run's
+report shows reward and KL per step, the held-out metric per evaluation, time per stage, tokens per
+second, the gain per hour of tuning, and held-out quality against tuning compute (candidates
+generated so far, and tuning seconds). With ``--sft`` it adds a "TAO vs SFT" section comparing the
+run with supervised fine-tuning runs (``tao sft``) on labeled examples. An SFT run directory can be
+reported on its own too (its compute is labeled examples seen). Tuning time is always generate +
+score + train seconds, evaluation and checkpoint writing excluded.
+"""
 
 from __future__ import annotations
 
 import html
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tao_core import report_plots as plots
 from tao_core.errors import TaoInputError
 from tao_core.rundir import RunDir
 
 
-def _plot(path: Path, draw) -> None:
-    import matplotlib
+@dataclass
+class RunData:
+    """One run directory's config and metric lines, split by type."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    root: Path
+    cfg: dict[str, Any]
+    kind: str  # "tao" or "sft" (config.json "kind"; TAO runs have none)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[dict[str, Any]] = field(default_factory=list)
+    final: dict[str, Any] | None = None
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
-    draw(ax)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    @property
+    def tuning_s(self) -> float:
+        return sum(sum(plots.stage_seconds(r)) for r in self.steps)
+
+    @property
+    def label(self) -> str:
+        if self.kind == "sft":
+            sft = self.cfg.get("sft", {})
+            return f"SFT, {sft.get('examples')} labeled x {sft.get('epochs')} epoch(s)"
+        return (f"TAO ({self.cfg.get('train', {}).get('objective')}, scorer "
+                f"{self.cfg.get('score', {}).get('scorer') or 'task default'})")
+
+    def after(self) -> dict[str, Any] | None:
+        """The evaluation of the model the run hands over: TAO's promoted best, SFT's last epoch."""
+        if not self.evals:
+            return None
+        if self.kind == "sft":
+            return self.evals[-1]
+        if self.final is not None:
+            at_best = [e for e in self.evals if e["step"] == self.final["step"]]
+            if at_best:
+                return max(at_best, key=lambda e: e["value"])
+        return max(self.evals, key=lambda e: e["value"])
+
+    def compute_points(self) -> list[dict[str, Any]]:
+        """Per evaluation: its step, round (or epoch), compute so far, tuning seconds so far, metric.
+
+        Compute is candidates generated (a TAO step's scored + abstained + errored candidates,
+        else ``prompts_per_step x generate.n``) or, for SFT, labeled examples seen.
+        """
+        per_step = self.cfg.get("prompts_per_step", 0) * self.cfg.get("generate", {}).get("n", 0)
+        done: dict[int, tuple[float, float]] = {0: (0.0, 0.0)}
+        compute = seconds = 0.0
+        for r in self.steps:
+            if self.kind == "sft":
+                compute = float(r.get("examples_seen", compute))
+            else:
+                counted = sum(r.get(k, 0) for k in ("scores_ok", "scores_abstain", "scores_error"))
+                compute += counted or per_step
+            seconds += sum(plots.stage_seconds(r))
+            done[r["step"]] = (compute, seconds)
+        return [{"step": e["step"], "round": e.get("round", e.get("epoch")), "compute": done[e["step"]][0],
+                 "tuning_s": done[e["step"]][1], **{k: e[k] for k in ("value", "ci_low", "ci_high", "n")}}
+                for e in self.evals if e["step"] in done]
+
+    def boundaries(self) -> list[tuple[str, float]]:
+        """(label, compute) at the end of each round (TAO) or epoch (SFT)."""
+        key = "epoch" if self.kind == "sft" else "round"
+        ends: dict[Any, int] = {}
+        for r in self.steps:
+            ends[r.get(key)] = r["step"]
+        at = {p["step"]: p["compute"] for p in self.compute_points()}
+        return [(f"{key} {k}", at[s]) for k, s in ends.items() if k is not None and s in at]
 
 
-def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+def load_run(run_dir: str | Path) -> RunData:
+    """Read a run directory (TAO or SFT); an error when it has no metrics."""
     rd = RunDir(run_dir)
     metrics = rd.read_metrics()
     if not metrics:
         raise TaoInputError(f"{run_dir}: no metrics.jsonl to report on (is this a tao run directory?)")
     cfg = json.loads((rd.root / "config.json").read_text()) if (rd.root / "config.json").exists() else {}
-    steps = [r for r in metrics if r["type"] == "step"]
-    evals = [r for r in metrics if r["type"] == "eval"]
-    rounds = [r for r in metrics if r["type"] == "round"]
-    warnings = [r for r in metrics if r["type"] == "warning"]
-    plots = rd.root / "plots"
-    plots.mkdir(exist_ok=True)
+    data = RunData(rd.root, cfg, cfg.get("kind", "tao"))
+    for r in metrics:
+        bucket = {"step": data.steps, "eval": data.evals, "round": data.rounds, "warning": data.warnings}.get(r["type"])
+        if bucket is not None:
+            bucket.append(r)
+        elif r["type"] == "final":
+            data.final = r
+    return data
+
+
+def _ci(e: dict[str, Any]) -> str:
+    return f"{e['value']:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}]"
+
+
+def _compute_section(run: RunData, add) -> list[str]:
+    points = run.compute_points()
+    unit = "labeled examples seen" if run.kind == "sft" else "candidates generated"
+    metric = run.evals[0]["metric"]
+    figure = add("quality_vs_compute.png", f"Held-out {metric} against tuning compute",
+                 lambda axes: plots.quality_vs_compute(axes, points, metric, unit, run.boundaries()), panels=2)
+    lines = ["## Held-out quality against tuning compute", ""]
+    if run.kind != "sft":
+        lines += [f"Compute is candidates generated so far ({run.cfg.get('prompts_per_step')} prompts x "
+                  f"{run.cfg.get('generate', {}).get('n')} candidates per step, rounds marked in the plot) and "
+                  "tuning seconds (generate + score + train).", ""]
+    lines += [f"| step | {'epoch' if run.kind == 'sft' else 'round'} | {unit} | tuning min | held-out {metric} "
+              "(95% CI) |", "|---|---|---|---|---|"]
+    lines += [f"| {p['step']} | {p['round']} | {p['compute']:.0f} | {p['tuning_s'] / 60:.1f} | {_ci(p)} |"
+              for p in points]
+    return lines + [""] + figure
+
+
+def _comparison_section(run: RunData, sft_runs: list[RunData], add) -> list[str]:
+    runs = [run, *sft_runs]
+    lines = ["## TAO vs SFT", ""]
+    for s in sft_runs:
+        for key in ("task", "task_options", "model", "eval_limit"):
+            if s.cfg.get(key) != run.cfg.get(key):
+                lines.append(f"- **not comparable**: `{s.root}` has {key} = `{s.cfg.get(key)}`, the TAO run "
+                             f"`{run.cfg.get(key)}`")
+    for s in sft_runs:
+        if s.kind != "sft":
+            lines.append(f"- `{s.root}` is not an SFT run directory (no kind = \"sft\" in its config.json)")
+    if lines[-1] != "":
+        lines.append("")
+    lines += ["| method | labeled examples used | prompts seen | held-out before (95% CI) | after (95% CI) | "
+              "tuning min |", "|---|---|---|---|---|---|"]
+    rows = []
+    for r in runs:
+        before, after = (r.evals[0] if r.evals else None), r.after()
+        if before is None or after is None:
+            lines.append(f"| {r.label} | - | - | no evaluation | - | - |")
+            continue
+        if r.kind == "sft":
+            sft = r.cfg.get("sft", {})
+            labeled = str(sft.get("examples"))
+            prompts = f"{sft.get('examples')} labeled x {sft.get('epochs')} epoch(s)"
+        else:
+            labeled = "0"
+            prompts = (f"{len(r.steps) * r.cfg.get('prompts_per_step', 0)} unlabeled, "
+                       f"{r.compute_points()[-1]['compute']:.0f} candidates")
+        lines.append(f"| {r.label} | {labeled} | {prompts} | {_ci(before)} | {_ci(after)} "
+                     f"(step {after['step']}) | {r.tuning_s / 60:.1f} |")
+        rows.append({"before": before, "after": after, "short": "TAO" if r.kind == "tao" else
+                     f"SFT {r.cfg.get('sft', {}).get('epochs')} ep"})
+    lines += ["", "TAO's after is its promoted (best non-regressing) evaluation, SFT's the last epoch's. "
+              "TAO uses no labels: its scorer judges sampled candidates; SFT imitates the task's reference "
+              "responses (`Task.reference`). Tuning minutes exclude evaluation.", ""]
+    befores = sorted({f"{row['before']['value']:.3f}" for row in rows})
+    if len(befores) > 1:
+        lines += [f"The starting model's held-out value differs between the runs ({', '.join(befores)}): compare "
+                  "each run's gain over its own before value.", ""]
+    if rows:
+        metric = run.evals[0]["metric"] if run.evals else "metric"
+        curves = [(r.label, r.compute_points()) for r in runs if r.evals]
+        lines += add("tao_vs_sft.png", f"TAO vs SFT: held-out {metric}",
+                     lambda axes: plots.methods_compared(axes, rows, curves, metric), panels=2)
+    return lines
+
+
+def write_report(run_dir: str | Path, sft_dirs: list[str | Path] | None = None) -> tuple[Path, Path]:
+    """Write ``RUN_DIR/report.md``, ``report.html`` and ``plots/*.png``; return the two paths."""
+    run = load_run(run_dir)
+    sft_runs = [load_run(d) for d in sft_dirs or []]
+    plot_dir = run.root / "plots"
+    plot_dir.mkdir(exist_ok=True)
     figures: list[tuple[str, str]] = []
 
-    def add(name: str, title: str, draw) -> None:
-        _plot(plots / name, draw)
+    def add(name: str, title: str, draw, panels: int = 1) -> list[str]:
+        """Save a figure; list it at the end of the report, and return its Markdown for inline use."""
+        plots.save_figure(plot_dir / name, draw, panels)
         figures.append((title, f"plots/{name}"))
+        return [f"![{title}](plots/{name})", ""]
 
+    def inline(name: str, title: str, draw, panels: int = 1) -> list[str]:
+        """Save a figure shown inside its section (not listed again at the end)."""
+        lines = add(name, title, draw, panels)
+        figures.pop()
+        return lines
+
+    steps, evals, cfg = run.steps, run.evals, run.cfg
+    if steps and any("reward_mean" in r for r in steps):
+        add("reward_kl.png", "Reward and KL per step", lambda ax: plots.reward_kl(ax, steps))
     if steps:
-        def reward_kl(ax):
-            ax.plot(*_series(steps, "reward_mean"), label="reward (mean of ok scores)")
-            xs, ys = _series(steps, "kl")
-            if xs:
-                ax.plot(xs, ys, label="KL to reference")
-            ax.set_xlabel("step")
-            ax.legend()
-        add("reward_kl.png", "Reward and KL per step", reward_kl)
-
-        def stage_times(ax):
-            x = [r["step"] for r in steps]
-            g = [r["generate_s"] for r in steps]
-            s = [r["score_s"] for r in steps]
-            t = [r["train_s"] for r in steps]
-            ax.bar(x, g, label="generate")
-            ax.bar(x, s, bottom=g, label="score")
-            ax.bar(x, t, bottom=[a + b for a, b in zip(g, s, strict=True)], label="train")
-            ax.set_xlabel("step")
-            ax.set_ylabel("seconds")
-            ax.legend()
-        add("stage_times.png", "Time per stage", stage_times)
-
-        def throughput(ax):
-            ax.plot(*_series(steps, "generate_tokens_per_s"), label="generation tokens/s")
-            ax.plot(*_series(steps, "tokens_per_s"), label="training tokens/s")
-            ax.set_xlabel("step")
-            ax.legend()
-        add("tokens_per_s.png", "Tokens per second", throughput)
-
+        add("stage_times.png", "Time per stage", lambda ax: plots.stage_times(ax, steps))
+        add("tokens_per_s.png", "Tokens per second", lambda ax: plots.throughput(ax, steps))
     if evals:
         metric = evals[0]["metric"]
+        add("heldout.png", f"Held-out {metric} (95% Wilson interval)", lambda ax: plots.heldout(ax, evals, metric))
+        points = run.compute_points()
+        add("gain_per_hour.png", "Held-out gain against tuning compute",
+            lambda ax: plots.gain_per_hour(ax, points, metric))
 
-        def heldout(ax):
-            ax.errorbar([e["step"] for e in evals], [e["value"] for e in evals],
-                        yerr=[[e["value"] - e["ci_low"] for e in evals], [e["ci_high"] - e["value"] for e in evals]],
-                        marker="o", capsize=3)
-            ax.set_xlabel("step")
-            ax.set_ylabel(f"held-out {metric}")
-        add("heldout.png", f"Held-out {metric} (95% Wilson interval)", heldout)
-
-        cum, hours = 0.0, {0: 0.0}
-        for r in steps:
-            cum += r["generate_s"] + r["score_s"] + r["train_s"]
-            hours[r["step"]] = cum / 3600
-
-        def gain(ax):
-            base = evals[0]["value"]
-            pts = [(hours.get(e["step"]), e["value"] - base) for e in evals if e["step"] in hours]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
-            ax.set_xlabel("tuning compute (hours: generate + score + train)")
-            ax.set_ylabel(f"gain in held-out {metric}")
-        add("gain_per_hour.png", "Held-out gain against tuning compute", gain)
-
-    tuning_s = sum(r["generate_s"] + r["score_s"] + r["train_s"] for r in steps)
-    lines = [f"# tao run report: `{rd.root}`", ""]
+    tuning_s = run.tuning_s
+    lines = [f"# tao {'SFT ' if run.kind == 'sft' else ''}run report: `{run.root}`", ""]
     if cfg:
-        lines += [f"- task: `{cfg.get('task')}`, model: `{cfg.get('model')}`, objective: "
-                  f"`{cfg.get('train', {}).get('objective')}`, scorer: `{cfg.get('score', {}).get('scorer')}`",
-                  f"- {cfg.get('prompts_per_step')} prompts x {cfg.get('generate', {}).get('n')} candidates per step, "
-                  f"{len(steps)} steps"]
-    lines.append(f"- tuning time: {tuning_s / 60:.1f} min (generate {sum(r['generate_s'] for r in steps):.0f} s, "
-                 f"score {sum(r['score_s'] for r in steps):.0f} s, train {sum(r['train_s'] for r in steps):.0f} s)")
+        lines.append(f"- method: {run.label}; task: `{cfg.get('task')}`, model: `{cfg.get('model')}`")
+        if run.kind == "sft":
+            lines.append(f"- {cfg.get('sft', {}).get('batch_size')} examples per step, {len(steps)} steps, "
+                         f"lr {cfg.get('train', {}).get('lr')}")
+        else:
+            lines.append(f"- {cfg.get('prompts_per_step')} prompts x {cfg.get('generate', {}).get('n')} candidates "
+                         f"per step, {len(steps)} steps")
+    g, s, t = (sum(plots.stage_seconds(r)[i] for r in steps) for i in range(3))
+    stages = f"train {t:.0f} s" if run.kind == "sft" else f"generate {g:.0f} s, score {s:.0f} s, train {t:.0f} s"
+    lines.append(f"- tuning time: {tuning_s / 60:.1f} min ({stages}; evaluation excluded)")
     if evals:
-        first, best = evals[0], max(evals, key=lambda e: e["value"])
+        first, best = evals[0], run.after()
         gain = best["value"] - first["value"]
         per_hour = gain / (tuning_s / 3600) if tuning_s else 0.0
-        lines += [f"- held-out {first['metric']}: {first['value']:.3f} before, best {best['value']:.3f} at step "
-                  f"{best['step']} ({gain:+.3f}; {per_hour:+.3f} per hour of tuning)", ""]
-        lines += ["## Evaluations", "", "| step | round | value | 95% CI | n |", "|---|---|---|---|---|"]
-        lines += [f"| {e['step']} | {e['round']} | {e['value']:.3f} | [{e['ci_low']:.3f}, {e['ci_high']:.3f}] | {e['n']} |"
-                  for e in evals]
-    if rounds:
+        lines += [f"- held-out {first['metric']}: {first['value']:.3f} before, {best['value']:.3f} after (step "
+                  f"{best['step']}; {gain:+.3f}; {per_hour:+.3f} per hour of tuning)", ""]
+        lines += ["## Evaluations", "", f"| step | {'epoch' if run.kind == 'sft' else 'round'} | value | 95% CI | n |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {e['step']} | {e.get('round', e.get('epoch'))} | {e['value']:.3f} | "
+                  f"[{e['ci_low']:.3f}, {e['ci_high']:.3f}] | {e['n']} |" for e in evals]
+        lines += [""] + _compute_section(run, inline)
+    if sft_runs:
+        lines += _comparison_section(run, sft_runs, inline)
+    if run.rounds:
         lines += ["", "## Rounds", "", "| round | value | promoted | rolled back |", "|---|---|---|---|"]
-        lines += [f"| {r['round']} | {r['value']:.3f} | {r['promoted']} | {r['rolled_back']} |" for r in rounds]
-    lines += ["", "## Guard warnings", ""]
-    lines += [f"- step {w['step']}: **{w['kind']}**: {w['message']}" for w in warnings] or ["- none"]
+        lines += [f"| {r['round']} | {r['value']:.3f} | {r['promoted']} | {r['rolled_back']} |" for r in run.rounds]
+    if run.kind != "sft":
+        lines += ["", "## Guard warnings", ""]
+        lines += [f"- step {w['step']}: **{w['kind']}**: {w['message']}" for w in run.warnings] or ["- none"]
     lines.append("")
     for title, rel in figures:
         lines += [f"## {title}", "", f"![{title}]({rel})", ""]
     md = "\n".join(lines)
-    md_path = rd.root / "report.md"
+    md_path = run.root / "report.md"
     md_path.write_text(md)
-    html_path = rd.root / "report.html"
+    html_path = run.root / "report.html"
     html_path.write_text(_to_html(md))
     return md_path, html_path
 

@@ -1,0 +1,237 @@
+"""Supervised fine-tuning (``tao sft``): the labeled baseline that TAO is compared against.
+
+SFT trains the model on ``examples`` labeled training prompts: each prompt of the task with the
+response a labeled dataset would hold (:meth:`tao_core.tasks.Task.reference`). By default it takes
+as many prompts as the matching TAO config consumes (``rounds x steps_per_round x
+prompts_per_step``, at most the pool) and the very same ones, in TAO's order. The loss is the mean
+negative log-likelihood of the response's tokens plus the end-of-turn token, given the prompt under
+the chat template, on completion tokens only (``tao_kernels.linear_logprob``). The update is the
+TAO trainer's (:class:`tao_core.train.Trainer`: AdamW, gradient accumulation under
+``train.micro_batch_tokens``, clipping, ``train.precision``, ``train.lr``, ``train.lora``), with
+``prompts_per_step`` examples per optimizer step and each epoch in a fresh seeded order.
+
+Evaluation is the pipeline's protocol (:func:`tao_core.tasks.evaluate`: greedy decoding, the
+task's prompt and answer check, ``eval_limit`` held-out examples) before training and after each
+epoch; ``final/`` holds the weights after the last epoch. The run directory mirrors ``tao run``'s:
+``config.json`` (the run config with ``kind = "sft"`` and an ``sft`` table), ``versions.json``,
+``metrics.jsonl`` (``step``, ``eval`` and ``final`` lines, with the pipeline's keys where they mean
+the same thing) and ``final/``, a Hugging Face directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import tao_kernels
+import torch
+from tqdm.auto import tqdm
+
+from tao_core.batching import Segment, TrainBatch, final_hidden, pack, plan_micro_batches
+from tao_core.config import RunConfig, validate
+from tao_core.errors import TaoInputError
+from tao_core.generation import sampler_for
+from tao_core.models import LoadedModel, load_model
+from tao_core.objectives import LossConfig, LossOutput, Objective
+from tao_core.pipeline import _versions, step_prompts
+from tao_core.plugins import get_component
+from tao_core.rundir import RunDir, atomic_write_text
+from tao_core.tasks import Task, evaluate
+from tao_core.train import Trainer
+from tao_core.types import Candidate, Prompt, Score
+
+KIND = "sft"  # config.json "kind" of an SFT run directory (a TAO run's config has no "kind")
+
+
+def nll_loss(batch: TrainBatch, hidden: torch.Tensor, weight: torch.Tensor, cfg: LossConfig) -> LossOutput:
+    """Supervised fine-tuning: ``L = -(1 / |T|) sum_{t in T} log pi(y_t | x, y_<t)`` over the tokens
+    ``T`` of the labeled responses (temperature 1), the standard next-token cross-entropy."""
+    lp = tao_kernels.linear_logprob(hidden, weight, batch.targets)
+    return LossOutput(-lp.mean(), {"nll": float(-lp.detach().mean())})
+
+
+def select_labeled(rewards: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor) -> list[list[tuple[int, float]]]:
+    """Every labeled response is trained on, with weight 1 (a group holds one example)."""
+    return [[(i, 1.0) for i in mask[g].nonzero().flatten().tolist()] for g in range(mask.shape[0])]
+
+
+SFT_OBJECTIVE = Objective(
+    "sft", nll_loss, advantage="group_mean", select=select_labeled, logprob_temperature=1.0,
+    units=lambda batch, cfg: batch.n_tokens,
+)
+
+
+@dataclass
+class LabeledExample:
+    """A training prompt with its labeled response, tokenized as the model sees them."""
+
+    prompt: Prompt
+    response: str  # Task.reference(prompt)
+    prompt_ids: list[int]  # the prompt under the chat template, generation prompt included
+    target_ids: list[int]  # the response's tokens followed by the end-of-turn token
+
+
+@dataclass
+class SftResult:
+    run_dir: str
+    before: dict[str, Any]  # held-out metric of the starting model
+    after: dict[str, Any]  # held-out metric after the last epoch (the model in final/)
+    examples: int  # labeled examples trained on
+    epochs: int
+    steps: int  # optimizer steps
+    tuning_seconds: float  # training steps only; evaluation and writing excluded
+    evals: list[dict[str, Any]] = field(default_factory=list)  # every evaluation, before and per epoch
+
+
+def labeled_examples(task: Task, prompts: list[Prompt], lm: LoadedModel) -> list[LabeledExample]:
+    """Pair each prompt with ``task.reference(prompt)``; a task or prompt without a label is an error."""
+    reference = getattr(task, "reference", None)
+    if not callable(reference):
+        raise TaoInputError(f"task {task.name!r} has no reference(prompt) method, so it has no labeled responses "
+                            "for `tao sft`; implement Task.reference or use a labeled task (arithmetic, sql)")
+    tok = lm.tokenizer
+    end = tok.eos_token_id if tok.eos_token_id is not None else next(iter(lm.eos_token_ids), None)
+    if end is None:
+        raise TaoInputError(f"model {lm.name!r} has no end-of-sequence token to end the labeled responses with")
+    out = []
+    for p in prompts:
+        text = reference(p)
+        if text is None:
+            raise TaoInputError(f"task {task.name!r} has no labeled response for training prompt {p.id!r} "
+                                "(reference() returned None): `tao sft` needs a task with labels, e.g. arithmetic "
+                                "or sql, and the task's own training prompts rather than a prompts_file")
+        ids = [int(t) for t in tok(text, add_special_tokens=False)["input_ids"]]
+        out.append(LabeledExample(p, text, lm.prompt_token_ids(p), ids + [int(end)]))
+    return out
+
+
+def _segments(examples: list[LabeledExample]) -> list[Segment]:
+    return [Segment(e.prompt_ids, [e.target_ids], [[0.0] * len(e.target_ids)], [1.0], [1.0], 1.0) for e in examples]
+
+
+@torch.no_grad()
+def mean_nll(lm: LoadedModel, examples: list[LabeledExample], micro_batch_tokens: int = 1024) -> float:
+    """Mean negative log-likelihood per response token of ``examples`` under the current weights."""
+    model = lm.model
+    decoder, weight = model.get_decoder(), model.get_output_embeddings().weight
+    pad = lm.tokenizer.pad_token_id or 0
+    total, count = 0.0, 0
+    for mb in plan_micro_batches(_segments(examples), micro_batch_tokens):
+        inputs, batch = pack(mb, "shared_prefix", pad)
+        hidden = final_hidden(decoder, inputs).to(weight.dtype)
+        lp = tao_kernels.linear_logprob(hidden, weight, batch.targets.to(weight.device))
+        total -= float(lp.sum())
+        count += lp.numel()
+    return total / max(1, count)
+
+
+def default_examples(cfg: RunConfig, pool_size: int) -> int:
+    """The number of distinct prompts the TAO run of ``cfg`` consumes."""
+    return min(cfg.rounds * cfg.steps_per_round * cfg.prompts_per_step, pool_size)
+
+
+def sft(cfg: RunConfig, *, examples: int | None = None, epochs: int = 1, eval_each_epoch: bool = True,
+        progress: bool = True, lm: LoadedModel | None = None) -> SftResult:
+    """Fine-tune on ``examples`` labeled training prompts of ``cfg.task`` for ``epochs`` epochs.
+
+    ``examples=None`` takes the number of distinct prompts the TAO run of ``cfg`` consumes;
+    ``eval_each_epoch=False`` evaluates only before training and after the last epoch.
+
+    ``cfg`` is the TAO run config; its ``output_dir`` is the SFT run directory, which must be empty
+    or absent. See the module docstring for what is trained, evaluated and written.
+    """
+    validate(cfg)
+    if examples is not None and (isinstance(examples, bool) or not isinstance(examples, int) or examples < 1):
+        raise TaoInputError(f"examples must be an integer >= 1, got {examples!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise TaoInputError(f"epochs must be an integer >= 1, got {epochs!r}")
+    rd = RunDir(cfg.output_dir)
+    if rd.root.exists() and any(rd.root.iterdir()):
+        raise TaoInputError(f"{rd.root} is not empty; choose another output directory for the SFT run")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    task: Task = get_component("tasks", cfg.task)(**cfg.task_options)
+    if cfg.prompts_file:
+        from tao_core.data import load_prompts
+
+        pool = load_prompts(cfg.prompts_file, column=cfg.prompt_column, task=cfg.task)
+    else:
+        pool = task.train_prompts()
+    n = default_examples(cfg, len(pool)) if examples is None else examples
+    if n > len(pool):
+        raise TaoInputError(f"examples = {n}, but task {cfg.task!r} gives {len(pool)} training prompts; ask for at "
+                            "most that many (or raise the task's n_train in task_options)")
+    lm = lm or load_model(cfg.model)
+    data = labeled_examples(task, step_prompts(pool, cfg.seed, 0, n), lm)
+    # SFT has no reference model and one pass per batch, whatever the TAO config says
+    train_cfg = dataclasses.replace(cfg.train, objective=SFT_OBJECTIVE.name, kl_coef=0.0, ppo_epochs=1,
+                                    old_logprobs="sampled")
+    trainer = Trainer(lm, train_cfg, objective=SFT_OBJECTIVE)
+    sampler = sampler_for(lm)
+    eval_examples = task.eval_examples(cfg.eval_limit)
+    batch = cfg.prompts_per_step
+    steps_per_epoch = -(-n // batch)
+
+    rd.root.mkdir(parents=True, exist_ok=True)
+    config = {"kind": KIND, **cfg.to_dict(),
+              "sft": {"examples": n, "epochs": epochs, "batch_size": batch, "steps": steps_per_epoch * epochs,
+                      "prompts": f"the first {n} prompts of the TAO run's order (seed {cfg.seed})"}}
+    atomic_write_text(rd.root / "config.json", json.dumps(config, indent=2))
+    atomic_write_text(rd.root / "versions.json", json.dumps(_versions(), indent=2))
+
+    def held_out(step: int, epoch: int, seen: int) -> dict[str, Any]:
+        result = evaluate(task, sampler, eval_examples)
+        rec = {**result.to_dict(), "step": step, "epoch": epoch, "examples_seen": seen,
+               "train_nll": mean_nll(lm, data, cfg.train.micro_batch_tokens)}
+        rd.log({"type": "eval", **rec})
+        tqdm.write(f"sft epoch {epoch}: held-out {result.metric} = {result.value:.3f} "
+                   f"[{result.ci_low:.3f}, {result.ci_high:.3f}], train NLL {rec['train_nll']:.4f}")
+        return rec
+
+    before = held_out(0, 0, 0)
+    evals, tuning_s, step, seen = [before], 0.0, 0, 0
+    bar = tqdm(total=steps_per_epoch * epochs, desc="tao sft", disable=not progress, unit="step")
+    for epoch in range(1, epochs + 1):
+        order = list(range(n))
+        random.Random(f"tao-sft:{cfg.seed}:{epoch}").shuffle(order)
+        for start in range(0, n, batch):
+            chunk = [data[i] for i in order[start : start + batch]]
+            record, elapsed = _one_step(trainer, chunk)
+            step, seen, tuning_s = step + 1, seen + len(chunk), tuning_s + elapsed
+            rd.log({**record, "type": "step", "step": step, "epoch": epoch, "examples_seen": seen})
+            bar.update(1)
+            bar.set_postfix(nll=f"{record['nll']:.4f}")
+        if epoch == epochs or eval_each_epoch:
+            evals.append(held_out(step, epoch, seen))
+    bar.close()
+    after = evals[-1]
+    tmp = rd.root / f".final.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_pretrained(tmp)
+    atomic_write_text(tmp / "tao_run.json", json.dumps({"kind": KIND, "before": before, "after": after}, indent=2))
+    os.replace(tmp, rd.root / "final")
+    rd.log({"type": "final", "kind": KIND, "step": step, "before": before["value"], "after": after["value"],
+            "tuning_seconds": tuning_s, "examples": n, "epochs": epochs})
+    return SftResult(str(rd.root), before, after, n, epochs, step, tuning_s, evals)
+
+
+def _one_step(trainer: Trainer, chunk: list[LabeledExample]) -> tuple[dict[str, Any], float]:
+    """One optimizer update on a batch of labeled examples; the step's metrics and its seconds."""
+    cands = [Candidate(prompt_id=e.prompt.id, index=0, text=e.response, prompt_token_ids=e.prompt_ids,
+                       token_ids=e.target_ids, logprobs=[0.0] * len(e.target_ids), finish_reason="stop",
+                       generator="label") for e in chunk]
+    t0 = time.perf_counter()
+    metrics = trainer.step([e.prompt for e in chunk], [[c] for c in cands], [[Score.ok(1.0)] for _ in cands])
+    elapsed = time.perf_counter() - t0
+    keep = ("loss", "nll", "grad_norm", "tokens", "row_tokens", "micro_batches", "lr", "tokens_per_s", "sequences")
+    record = {k: metrics[k] for k in keep if k in metrics}
+    record["trainer_step"] = metrics["step"]
+    record["train_s"] = elapsed
+    return record, elapsed
