@@ -89,26 +89,33 @@ class SftResult:
     evals: list[dict[str, Any]] = field(default_factory=list)  # every evaluation, before and per epoch
 
 
-def labeled_examples(task: Task, prompts: list[Prompt], lm: LoadedModel) -> list[LabeledExample]:
-    """Pair each prompt with ``task.reference(prompt)``; a task or prompt without a label is an error."""
+def references(task: Task, prompts: list[Prompt]) -> list[str]:
+    """``task.reference(prompt)`` for every prompt; a task or a prompt without a label is an error."""
     reference = getattr(task, "reference", None)
     if not callable(reference):
         raise TaoInputError(f"task {task.name!r} has no reference(prompt) method, so it has no labeled responses "
                             "for `tao sft`; implement Task.reference or use a labeled task (arithmetic, sql)")
+    out = []
+    for p in prompts:
+        text = reference(p)
+        if not isinstance(text, str):
+            raise TaoInputError(f"task {task.name!r} has no labeled response for training prompt {p.id!r} "
+                                f"(reference() returned {text!r}): `tao sft` needs a task with labels, e.g. "
+                                "arithmetic or sql, and the task's own training prompts rather than a prompts_file")
+        out.append(text)
+    return out
+
+
+def labeled_examples(task: Task, prompts: list[Prompt], lm: LoadedModel) -> list[LabeledExample]:
+    """Pair each prompt with its reference, tokenized: the chat-templated prompt, the response + end token."""
+    texts = references(task, prompts)
     tok = lm.tokenizer
     end = tok.eos_token_id if tok.eos_token_id is not None else next(iter(lm.eos_token_ids), None)
     if end is None:
         raise TaoInputError(f"model {lm.name!r} has no end-of-sequence token to end the labeled responses with")
-    out = []
-    for p in prompts:
-        text = reference(p)
-        if text is None:
-            raise TaoInputError(f"task {task.name!r} has no labeled response for training prompt {p.id!r} "
-                                "(reference() returned None): `tao sft` needs a task with labels, e.g. arithmetic "
-                                "or sql, and the task's own training prompts rather than a prompts_file")
-        ids = [int(t) for t in tok(text, add_special_tokens=False)["input_ids"]]
-        out.append(LabeledExample(p, text, lm.prompt_token_ids(p), ids + [int(end)]))
-    return out
+    return [LabeledExample(p, text, lm.prompt_token_ids(p),
+                           [int(t) for t in tok(text, add_special_tokens=False)["input_ids"]] + [int(end)])
+            for p, text in zip(prompts, texts, strict=True)]
 
 
 def _segments(examples: list[LabeledExample]) -> list[Segment]:
@@ -168,8 +175,10 @@ def sft(cfg: RunConfig, *, examples: int | None = None, epochs: int = 1, eval_ea
     if n > len(pool):
         raise TaoInputError(f"examples = {n}, but task {cfg.task!r} gives {len(pool)} training prompts; ask for at "
                             "most that many (or raise the task's n_train in task_options)")
+    prompts = step_prompts(pool, cfg.seed, 0, n)
+    references(task, prompts)  # a task without labels fails here, before the model loads
     lm = lm or load_model(cfg.model)
-    data = labeled_examples(task, step_prompts(pool, cfg.seed, 0, n), lm)
+    data = labeled_examples(task, prompts, lm)
     # SFT has no reference model and one pass per batch, whatever the TAO config says
     train_cfg = dataclasses.replace(cfg.train, objective=SFT_OBJECTIVE.name, kl_coef=0.0, ppo_epochs=1,
                                     old_logprobs="sampled")

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import tao_core
 from tao_core.api import sft
 from tao_core.cli import cli
 from tao_core.config import RunConfig, from_dict
 from tao_core.errors import TaoInputError
 from tao_core.pipeline import step_prompts
-from tao_core.plugins import get_component
+from tao_core.plugins import get_component, get_plugin_manager
 from tao_core.tasks import EvalExample
 from tao_core.types import Prompt
 
@@ -119,6 +120,41 @@ def test_sft_bad_input_is_a_clear_error(tmp_path, tiny_model_dir):
     (tmp_path / "full" / "x").write_text("")
     with pytest.raises(TaoInputError, match="is not empty"):
         sft(cfg, output_dir=str(tmp_path / "full"), progress=False)
+
+
+class _UnlabeledTasks:
+    """Registers a task written before Task.reference existed: training prompts, no reference()."""
+
+    @tao_core.hookimpl
+    def tao_register_tasks(self, register):
+        class Unlabeled:
+            name = "unlabeled-test"
+            metric = "accuracy"
+            default_generator = "sample"
+            default_scorer = "majority-vote"
+            max_new_tokens = 4
+
+            def train_prompts(self, limit=None):
+                return [Prompt(id=f"t{i}", text=f"say {i}") for i in range(limit or 20)]
+
+            def eval_examples(self, limit=None):
+                return []
+
+            def check(self, example, completion):
+                return 0.0
+
+        register("unlabeled-test", Unlabeled)
+
+
+def test_sft_refuses_a_task_without_reference(tmp_path, tiny_model_dir):
+    pm = get_plugin_manager()
+    name = pm.register(_UnlabeledTasks(), name="test-unlabeled-task")
+    try:
+        with pytest.raises(TaoInputError, match="task 'unlabeled-test' has no reference\\(prompt\\) method"):
+            sft(_cfg(tiny_model_dir, tmp_path / "u", task="unlabeled-test"), progress=False)
+    finally:
+        pm.unregister(name)
+    assert not (tmp_path / "u-sft").exists()  # nothing written before the error
 
 
 def test_sft_cli(tmp_path, tiny_model_dir):
