@@ -13,6 +13,7 @@ for bit on the CPU, and reuses any candidates and scores already on disk.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import random
@@ -95,7 +96,10 @@ class Pipeline:
         if not self.pool:
             raise TaoInputError(f"task {cfg.task!r} gave no training prompts")
         self.eval_examples = self.task.eval_examples(cfg.eval_limit)
-        self.trainer = Trainer(self.lm, cfg.train)
+        train_cfg = cfg.train
+        if train_cfg.total_steps is None:
+            train_cfg = dataclasses.replace(train_cfg, total_steps=cfg.rounds * cfg.steps_per_round)
+        self.trainer = Trainer(self.lm, train_cfg)
         gen_name = cfg.generate.generator or self.task.default_generator
         self.generator = get_component("generators", gen_name)(self.lm, **cfg.generate.options)
         # one greedy sampler for every evaluation; the engine drops its cache when the weights change

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -34,6 +35,27 @@ from tao_core.objectives import LossConfig, Objective
 from tao_core.types import Candidate, Prompt, Score
 
 PRECISIONS = ("auto", "fp32", "bf16")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def scheduled_lr(base: float, step: int, cfg: TrainConfig) -> float:
+    """The learning rate of optimizer step ``step`` (1-based): linear warm-up over ``warmup_steps``,
+    then ``lr_schedule``. A decaying schedule reaches 0 after ``total_steps`` and stays there.
+
+    A pure function of the step count, so a resumed run needs no scheduler state of its own.
+    """
+    if step <= cfg.warmup_steps:
+        return base * step / (cfg.warmup_steps + 1)
+    if cfg.lr_schedule == "constant":
+        return base
+    if cfg.total_steps is None:
+        raise TaoInputError(f"lr_schedule {cfg.lr_schedule!r} needs total_steps (the pipeline sets it to rounds x "
+                            "steps_per_round)")
+    span = max(cfg.total_steps - cfg.warmup_steps, 1)
+    frac = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+    if cfg.lr_schedule == "linear":
+        return base * (1.0 - frac)
+    return base * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
 @dataclass
@@ -51,6 +73,9 @@ class TrainConfig:
     objective: str = "grpo"  # registered objective (recipe): grpo, dr_grpo, dapo, rloo, ppo_clip_kl, ...
     advantage: str | None = None  # registered advantage estimator; None: the objective's default
     lr: float | None = None  # AdamW learning rate; None: 5e-6 for full fine-tuning, 1e-4 with LoRA
+    lr_schedule: str = "constant"  # "constant" | "linear" (decay to 0) | "cosine" (decay to 0), after warm-up
+    warmup_steps: int = 0  # steps of linear warm-up from lr / (warmup_steps + 1) to lr
+    total_steps: int | None = None  # length of a decaying schedule; None: the run's rounds x steps_per_round
     weight_decay: float = 0.0  # AdamW decoupled weight decay (TRL's default)
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment decay rates
     eps: float = 1e-8  # AdamW denominator epsilon
@@ -90,6 +115,12 @@ class TrainConfig:
             problems.append(f"ppo_epochs must be >= 1, got {self.ppo_epochs}")
         if self.lr is not None and self.lr <= 0:
             problems.append(f"lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.warmup_steps < 0:
+            problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.total_steps is not None and self.total_steps < 1:
+            problems.append(f"total_steps must be >= 1, got {self.total_steps}")
         if self.kl_estimator not in (None, "k1", "k2", "k3", "exact"):
             problems.append(f"kl_estimator must be k1, k2, k3 or exact, got {self.kl_estimator!r}")
         if self.ratio_level not in (None, "token", "sequence"):
@@ -169,6 +200,7 @@ class Trainer:
             self.reference = copy.deepcopy(lm.model).eval().requires_grad_(False)
         self.params = [p for p in lm.model.parameters() if p.requires_grad]
         lr = cfg.lr if cfg.lr is not None else (1e-4 if cfg.lora else 5e-6)
+        self.base_lr = lr
         self.optimizer = torch.optim.AdamW(
             self.params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
         )
@@ -279,6 +311,8 @@ class Trainer:
         units = [self.objective.batch_units(b, lcfg) for _, b in packed]
         total = sum(units)
         self.step_count += 1
+        for group in self.optimizer.param_groups:
+            group["lr"] = scheduled_lr(self.base_lr, self.step_count, self.cfg)
         metrics.update(
             step=float(self.step_count),
             tokens=float(sum(b.n_tokens for _, b in packed)),

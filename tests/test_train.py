@@ -307,3 +307,40 @@ def test_ppo_epochs_take_several_updates_on_one_batch():
         adam_steps = {float(s["step"]) for s in trainer.optimizer.state.values()}
         assert adam_steps == {float(epochs)} and trainer.step_count == 1
     assert losses[1] < losses[0] - 1e-3  # the third epoch sees ratios moved in the advantages' direction
+
+
+@pytest.mark.parametrize(("schedule", "expected"), [
+    ("constant", [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ("linear", [0.25, 0.5, 0.75, 0.8, 0.6, 0.4, 0.2, 0.0]),
+    ("cosine", [0.25, 0.5, 0.75, 0.9045085, 0.6545085, 0.3454915, 0.0954915, 0.0]),
+])
+def test_lr_schedule_warms_up_then_follows_the_schedule(schedule, expected):
+    from tao_core.train import scheduled_lr
+
+    cfg = TrainConfig(lr_schedule=schedule, warmup_steps=3, total_steps=8)
+    assert [scheduled_lr(1.0, s, cfg) for s in range(1, 9)] == pytest.approx(expected)
+    assert scheduled_lr(1.0, 20, cfg) == pytest.approx(expected[-1])  # past the end it stays put
+
+
+def test_trainer_applies_the_schedule_to_the_update():
+    """The step's reported lr is the one AdamW used: a cosine run ends on a zero-lr step that
+    leaves the weights unchanged."""
+    lm = tiny_lm()
+    trainer = Trainer(lm, TrainConfig(objective="grpo", lr=1e-2, lr_schedule="cosine", total_steps=2))
+    first = trainer.step(*make_batch(lm))
+    assert first["lr"] == pytest.approx(0.5e-2)
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    last = trainer.step(*make_batch(lm))
+    assert last["lr"] == 0.0 and last["updated"] == 1.0
+    assert all(torch.equal(before[n], p) for n, p in lm.model.named_parameters())
+
+
+def test_bad_schedule_settings_are_named():
+    with pytest.raises(TaoInputError, match="lr_schedule must be one of"):
+        TrainConfig(lr_schedule="step").validate()
+    with pytest.raises(TaoInputError, match="warmup_steps must be >= 0"):
+        TrainConfig(warmup_steps=-1).validate()
+    lm = tiny_lm()
+    trainer = Trainer(lm, TrainConfig(lr_schedule="linear"))
+    with pytest.raises(TaoInputError, match="needs total_steps"):
+        trainer.step(*make_batch(lm))
