@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tao_core.engine.cache import BlockKVCache
+from tao_core.engine.linear import linear_for
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -41,6 +42,9 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     core = getattr(base, "model", None)
     if core is None or not hasattr(core, "layers") or not hasattr(core, "rotary_emb") or not hasattr(base, "lm_head"):
         return "the model does not have the Llama module layout (model.layers, model.rotary_emb, lm_head)"
+    mlp = getattr(core.layers[0], "mlp", None) if len(core.layers) else None
+    if not all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        return "the layers' MLP is not the gated Llama MLP (gate_proj, up_proj, down_proj, act_fn)"
     return None
 
 
@@ -95,6 +99,7 @@ class LlamaRunner:
         self.group = self.num_heads // self.num_kv_heads
         self.vocab_size = cfg.vocab_size
         self.max_positions = cfg.max_position_embeddings
+        self.linear = linear_for(self.device, self.param_dtype)  # (module, x) -> module's linear map of x
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -118,14 +123,14 @@ class LlamaRunner:
         token's K/V is written to): ``[T]`` int64. ``attend(layer, q, k, v)`` returns ``[T, heads *
         head_dim]`` given this layer's new ``q [T, H, D]`` and ``k, v [T, KVH, D]`` (already cached).
         """
-        t = token_ids.shape[0]
+        t, lin = token_ids.shape[0], self.linear
         h = self.core.embed_tokens(token_ids)
         for i, layer in enumerate(self.core.layers):
             attn = layer.self_attn
             r = layer.input_layernorm(h)
-            q = attn.q_proj(r).view(t, self.num_heads, self.head_dim)
-            k = attn.k_proj(r).view(t, self.num_kv_heads, self.head_dim)
-            v = attn.v_proj(r).view(t, self.num_kv_heads, self.head_dim)
+            q = lin(attn.q_proj, r).view(t, self.num_heads, self.head_dim)
+            k = lin(attn.k_proj, r).view(t, self.num_kv_heads, self.head_dim)
+            v = lin(attn.v_proj, r).view(t, self.num_kv_heads, self.head_dim)
             if hasattr(attn, "q_norm"):
                 q, k = attn.q_norm(q), attn.k_norm(k)
             if i == 0:
@@ -136,13 +141,14 @@ class LlamaRunner:
             cache.k[i].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, k.to(cache.dtype))
             cache.v[i].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, v.to(cache.dtype))
             o = attend(i, q, k, v)
-            h = h + attn.o_proj(o)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + lin(attn.o_proj, o)
+            m, r = layer.mlp, layer.post_attention_layernorm(h)
+            h = h + lin(m.down_proj, m.act_fn(lin(m.gate_proj, r)) * lin(m.up_proj, r))
         return self.core.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, vocab]`` float32 logits for ``[N, hidden]`` final hidden states."""
-        return self.lm_head(hidden).float()
+        return self.linear(self.lm_head, hidden).float()
 
     # attention --------------------------------------------------------------------------------
     def decode_attend(self, cache: BlockKVCache, batch: DecodeBatch):
