@@ -111,6 +111,9 @@ class DiverseGenerator:
     """``diverse``: a temperature ladder crossed with prompt templates, with a diversity figure.
 
     Options: ``temperatures`` (the ladder; it replaces ``params.temperature``; empty keeps it),
+    ``template_temperatures`` (``{template: temperature}``: that template always samples at that
+    temperature instead of its ladder step, e.g. low-temperature structured "voters" next to
+    high-temperature on-policy samples),
     ``templates`` (names from :data:`TEMPLATES`, ``"default"`` for the task's own prompt, or keys
     of ``extra_templates``), ``extra_templates`` (``{name: "... {question} ..."}``),
     ``near_duplicate`` (similarity at or above which a candidate is marked a near-duplicate of an
@@ -126,7 +129,8 @@ class DiverseGenerator:
     def __init__(self, model: LoadedModel, temperatures: Sequence[float] = (0.7, 1.0, 1.3),
                  templates: Sequence[str] = (ON_POLICY, "steps", "json", "plain"),
                  extra_templates: dict[str, str] | None = None, near_duplicate: float = 0.9,
-                 extract: str = "number", pattern: str | None = None, field: str | None = None) -> None:
+                 extract: str = "number", pattern: str | None = None, field: str | None = None,
+                 template_temperatures: dict[str, float] | None = None) -> None:
         from tao_plugins.scorers.majority import AnswerExtractor
 
         self.lm = model
@@ -146,6 +150,14 @@ class DiverseGenerator:
         self.temperatures = [float(t) for t in temperatures]
         if any(t < 0 for t in self.temperatures):
             raise TaoInputError(f"diverse generator: temperatures must be >= 0, got {list(temperatures)}")
+        self.template_temperatures = {str(k): float(v) for k, v in (template_temperatures or {}).items()}
+        stray = sorted(set(self.template_temperatures) - set(self.template_order))
+        if stray:
+            raise TaoInputError(f"diverse generator: template_temperatures names {stray}, which are not among the "
+                                f"templates in use {self.template_order}")
+        if any(t < 0 for t in self.template_temperatures.values()):
+            raise TaoInputError(f"diverse generator: template_temperatures must be >= 0, got "
+                                f"{self.template_temperatures}")
         if not 0.0 < near_duplicate <= 1.0:
             raise TaoInputError(f"diverse generator: near_duplicate must be in (0, 1], got {near_duplicate!r}")
         self.near_duplicate = float(near_duplicate)
@@ -155,7 +167,8 @@ class DiverseGenerator:
         """The (template, temperature) of each of a group's ``n`` candidates."""
         ladder = self.temperatures or [default_temperature]
         t, k = len(self.template_order), len(ladder)
-        return [(self.template_order[j % t], ladder[(j + j // t) % k]) for j in range(n)]
+        slots = [(self.template_order[j % t], ladder[(j + j // t) % k]) for j in range(n)]
+        return [(name, self.template_temperatures.get(name, temp)) for name, temp in slots]
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Candidate]]:
         params.validate()

@@ -57,6 +57,16 @@ def test_slots_cross_templates_and_temperatures(tiny_lm):
     assert DiverseGenerator(tiny_lm, temperatures=()).slots(2, 0.3) == [(ON_POLICY, 0.3), ("steps", 0.3)]
 
 
+def test_template_temperatures_pin_a_template(tiny_lm):
+    gen = DiverseGenerator(tiny_lm, temperatures=(1.0,), templates=(ON_POLICY, "steps"),
+                           template_temperatures={"steps": 0.4})
+    assert gen.slots(4, 1.0) == [(ON_POLICY, 1.0), ("steps", 0.4), (ON_POLICY, 1.0), ("steps", 0.4)]
+    with pytest.raises(TaoInputError, match="not among the templates in use"):
+        DiverseGenerator(tiny_lm, templates=(ON_POLICY,), template_temperatures={"steps": 0.4})
+    with pytest.raises(TaoInputError, match="must be >= 0"):
+        DiverseGenerator(tiny_lm, template_temperatures={"steps": -1})
+
+
 def test_diverse_on_tiny_model(tiny_lm, prompts):
     gen = DiverseGenerator(tiny_lm)
     params = SamplingParams(n=8, max_new_tokens=6, seed=7)

@@ -55,6 +55,20 @@ def test_rewards_agreement_with_the_majority():
     assert s[0].scorer == "majority-vote"
 
 
+def test_only_voter_templates_vote():
+    """Structured-prompt voters decide the majority; the on-policy samples are scored against it
+    even when they outnumber the voters with another answer."""
+    cands = group("84", "84", "84", "Answer: 85", "85", "86")
+    for c, template in zip(cands, ["default"] * 3 + ["column"] * 3, strict=True):
+        c.template = template
+    s = MajorityVoteScorer(voters=["column"]).score(P, cands)
+    assert [x.value for x in s] == [0.0, 0.0, 0.0, 1.0, 1.0, 0.0]
+    assert s[0].details["majority"] == "85" and s[0].details["share"] == pytest.approx(2 / 3)
+    assert all(x.status == "abstain" for x in MajorityVoteScorer(voters=["column"], min_share=0.7).score(P, cands))
+    without = MajorityVoteScorer(voters=["steps"]).score(P, cands)  # no candidate under that template
+    assert all(x.status == "abstain" and "voters (templates ['steps'])" in x.reason for x in without)
+
+
 def test_candidates_without_an_answer_abstain_and_do_not_vote():
     s = MajorityVoteScorer().score(P, group("85", "I don't know", "85", "84"))
     assert [x.status for x in s] == ["ok", "abstain", "ok", "ok"]
@@ -92,6 +106,12 @@ def test_json_field_mode():
     s = scorer.score(P, group('{"answer": 85}', '{"answer": "85"}', '{"answer": 80}', "85"))
     assert [x.status for x in s] == ["ok", "ok", "ok", "abstain"]
     assert [x.value for x in s[:3]] == [1.0, 1.0, 0.0]
+
+
+def test_bad_voters_are_named():
+    for bad in ("column", [], [1]):
+        with pytest.raises(TaoInputError, match="voters must be a non-empty list"):
+            MajorityVoteScorer(voters=bad)
 
 
 def test_bad_options_are_named():

@@ -183,7 +183,10 @@ class MajorityVoteScorer:
     ``min_share``: the group abstains when the majority answer has fewer than this share of all
     candidates (including those without an answer). ``min_answers``: the group abstains with fewer
     extracted answers. ``ties``: ``"abstain"`` (no majority when the top answers tie) or
-    ``"first"`` (the tied answer seen first wins).
+    ``"first"`` (the tied answer seen first wins). ``voters``: the prompt templates
+    (``Candidate.template``) whose candidates vote, e.g. ``["column"]`` for answers sampled under a
+    structured prompt by the ``diverse`` generator; every candidate is then scored against the
+    voters' majority, and ``min_share`` / ``min_answers`` count voters only. None: all vote.
     """
 
     name = "majority-vote"
@@ -192,7 +195,8 @@ class MajorityVoteScorer:
 
     def __init__(self, extract: ExtractMode = "number", pattern: str | None = None, field: str | None = None,
                  reward: Literal["binary", "share"] = "binary", min_share: float = 0.0,
-                 min_answers: int = 2, ties: Literal["abstain", "first"] = "abstain") -> None:
+                 min_answers: int = 2, ties: Literal["abstain", "first"] = "abstain",
+                 voters: list[str] | None = None) -> None:
         self.extractor = AnswerExtractor(extract, pattern, field, where="majority-vote")
         if reward not in ("binary", "share"):
             raise TaoInputError(f"majority-vote: reward must be 'binary' or 'share', got {reward!r}")
@@ -202,7 +206,11 @@ class MajorityVoteScorer:
             raise TaoInputError(f"majority-vote: min_answers must be an integer >= 1, got {min_answers!r}")
         if ties not in ("abstain", "first"):
             raise TaoInputError(f"majority-vote: ties must be 'abstain' or 'first', got {ties!r}")
+        if voters is not None and (isinstance(voters, str) or not voters
+                                   or not all(isinstance(v, str) for v in voters)):
+            raise TaoInputError(f"majority-vote: voters must be a non-empty list of template names, got {voters!r}")
         self.reward, self.min_share, self.min_answers, self.ties = reward, float(min_share), min_answers, ties
+        self.voters = None if voters is None else set(voters)
 
     def _all_abstain(self, reason: str, answers: list[str | None], **details: Any) -> list[Score]:
         return [Score.abstain(f"majority-vote: {reason}", scorer=self.name, version=self.version,
@@ -210,20 +218,23 @@ class MajorityVoteScorer:
 
     def score(self, prompt: Prompt, candidates: list[Candidate]) -> list[Score]:
         answers = [self.extractor(c.text) for c in candidates]
-        votes = Counter(a for a in answers if a is not None)
+        voting = [a for a, c in zip(answers, candidates, strict=True) if self.voters is None or c.template in self.voters]
+        votes = Counter(a for a in voting if a is not None)
         n_answers = sum(votes.values())
         if n_answers < self.min_answers:
-            return self._all_abstain(f"only {n_answers} of {len(candidates)} candidates gave an answer "
+            who = "candidates" if self.voters is None else f"voters (templates {sorted(self.voters)})"
+            return self._all_abstain(f"only {n_answers} of {len(voting)} {who} gave an answer "
                                      f"(min_answers={self.min_answers})", answers)
         ranked = votes.most_common()
         majority, top = ranked[0]
-        share = top / len(candidates)
+        total = len(voting)
+        share = top / total
         if len(ranked) > 1 and ranked[1][1] == top and self.ties == "abstain":
             tied = sorted(a for a, v in ranked if v == top)
             return self._all_abstain(f"no majority: answers {tied} tie with {top} votes each", answers,
                                      share=share)
         if share < self.min_share:
-            return self._all_abstain(f"majority answer {majority!r} has {top}/{len(candidates)} votes, "
+            return self._all_abstain(f"majority answer {majority!r} has {top}/{total} votes, "
                                      f"below min_share={self.min_share}", answers, majority=majority,
                                      share=share)
         out = []
@@ -233,9 +244,9 @@ class MajorityVoteScorer:
                                          version=self.version, details={"answer": None, "majority": majority}))
                 continue
             details = {"answer": a, "majority": majority, "share": share, "votes": votes[a]}
-            value = float(a == majority) if self.reward == "binary" else votes[a] / len(candidates)
+            value = float(a == majority) if self.reward == "binary" else votes[a] / total
             why = "agrees with the majority" if a == majority else f"disagrees with the majority {majority!r}"
-            out.append(Score.ok(value, f"{why} ({top}/{len(candidates)})", scorer=self.name,
+            out.append(Score.ok(value, f"{why} ({top}/{total})", scorer=self.name,
                                 version=self.version, details=details))
         return out
 
