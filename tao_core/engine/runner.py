@@ -7,7 +7,8 @@ What it replaces is the glue: the per-token positions, the cache writes and the 
 cache blocks, which ``transformers`` would do with padded batches and a growing cache.
 
 Tokens of all sequences are packed into one ``[T, hidden]`` matrix, so every projection is one
-matmul over the whole batch; only attention is per sequence (prefill) or padded (decode).
+matmul over the whole batch; only attention is per sequence (prefill) or over the rows of a
+:class:`~tao_core.engine.workspace.DecodeWorkspace` (decode).
 """
 
 from __future__ import annotations
@@ -46,14 +47,6 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     if not all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         return "the layers' MLP is not the gated Llama MLP (gate_proj, up_proj, down_proj, act_fn)"
     return None
-
-
-@dataclass
-class DecodeBatch:
-    """One new token for each of ``B`` sequences."""
-
-    block_table: torch.Tensor  # [B, max_blocks] int64; padding rows point at block 0 (masked out)
-    mask: torch.Tensor  # [B, 1, 1, max_blocks * block_size] bool: True where a key is attended
 
 
 @dataclass
@@ -99,6 +92,7 @@ class LlamaRunner:
         self.group = self.num_heads // self.num_kv_heads
         self.vocab_size = cfg.vocab_size
         self.max_positions = cfg.max_position_embeddings
+        self.scale = float(self.core.layers[0].self_attn.scaling)  # attention softmax scale
         self.linear = linear_for(self.device, self.param_dtype)  # (module, x) -> module's linear map of x
 
     @property
@@ -151,27 +145,9 @@ class LlamaRunner:
         return self.linear(self.lm_head, hidden).float()
 
     # attention --------------------------------------------------------------------------------
-    def decode_attend(self, cache: BlockKVCache, batch: DecodeBatch):
-        """Attention for one new token per sequence over its cached blocks (padded to the longest)."""
-        bsz, nblocks = batch.block_table.shape
-        span = nblocks * cache.block_size
-        scale = self.core.layers[0].self_attn.scaling
-
-        flat_table = batch.block_table.flatten()
-
-        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            kg = gather_blocks(cache.k[layer], flat_table).view(bsz, span, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            vg = gather_blocks(cache.v[layer], flat_table).view(bsz, span, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            # the query heads sharing a KV head become `group` query rows of that head
-            qg = q.view(bsz, self.num_kv_heads, self.group, self.head_dim).to(kg.dtype)
-            out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=batch.mask, scale=scale)
-            return out.reshape(bsz, self.num_heads * self.head_dim).to(q.dtype)
-
-        return attend
-
     def prefill_attend(self, cache: BlockKVCache, seqs: list[PrefillSeq]):
         """Causal attention of each sequence's new tokens over its cached prefix and themselves."""
-        scale = self.core.layers[0].self_attn.scaling
+        scale = self.scale
         masks = []
         for s in seqs:
             if s.start == 0:
