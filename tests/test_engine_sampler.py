@@ -105,3 +105,22 @@ def test_rows_keep_their_own_filters_in_a_mixed_batch():
     tokens, _ = sample(logits, batch)
     # top-1 -> 0; no filter -> the last token for u near 1; greedy -> 0; top-3 then top-p 0.5 -> {0}
     assert tokens.tolist() == [0, 3, 0, 0]
+
+
+def test_two_level_draw_matches_a_full_cumulative_sum():
+    from tao_core.engine.sampler import draw as two_level
+
+    gen = torch.Generator().manual_seed(5)
+    weights = torch.rand(64, 4096, generator=gen) ** 8  # uneven, many chunks
+    weights[:, 1000:3000] = 0  # whole chunks and chunk parts without mass
+    weights[0] = 0
+    weights[0, 4095] = 1.0  # all mass on the last token
+    u = torch.rand(64, generator=gen)
+    u[1], u[2] = 0.0, 1.0 - 2**-24  # extreme draws
+    cdf = weights.double().cumsum(-1)
+    want = torch.searchsorted(cdf, (u.double() * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    got = two_level(weights, u)
+    assert torch.all(weights.gather(-1, got.unsqueeze(-1)) > 0)
+    # float32 chunk sums vs a float64 cumsum: the same token unless u falls within rounding of a boundary
+    assert (got != want.clamp(max=4095)).sum() <= 1
+    assert got[0] == 4095

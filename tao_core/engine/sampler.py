@@ -8,8 +8,9 @@ Definitions (applied in this order, as in ``transformers``), for one row with lo
 - top-p: over the top-k survivors sorted by probability, keep the smallest set whose probability
   (renormalized) reaches ``top_p``: a token is kept when the mass strictly before it is < ``top_p``.
 - min-p: keep tokens with ``p >= min_p * p_max`` (the ratio does not change with renormalization).
-- Draw: inverse CDF over the surviving probabilities in token-id order with the row's uniform ``u``,
-  so a row's token depends only on its logits and its own random stream. Greedy rows take the argmax.
+- Draw: inverse CDF over the surviving probabilities in token-id order with the row's uniform ``u``
+  (``draw``), so a row's token depends only on its logits and its own random stream. Greedy rows
+  take the argmax.
 """
 
 from __future__ import annotations
@@ -90,26 +91,57 @@ def filtered_probs(logp: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     return probs
 
 
+def _chunk_size(vocab: int) -> int:
+    """Tokens per chunk of the two-level draw: the largest power of two <= 1024 dividing ``vocab``."""
+    return min(vocab & -vocab, 1024)
+
+
+def draw(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw over ``weights [B, V]`` (unnormalized, >= 0, some > 0 per row) in token-id order.
+
+    Row b returns the first token whose cumulative weight exceeds ``uniform[b] * total``; a token of
+    weight 0 is never returned. The CDF is built in two levels (per-chunk sums, then the cumulative
+    sum inside the one chunk the draw falls in) so no pass writes a ``[B, V]`` cumulative sum.
+    """
+    bsz, vocab = weights.shape
+    c = _chunk_size(vocab)
+    if c < 64:  # odd vocabulary: one level
+        cdf = weights.cumsum(-1)
+        total = cdf[:, -1:]
+        target = torch.minimum(uniform.unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
+        return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=vocab - 1)
+    chunks = weights.view(bsz, vocab // c, c)
+    ccdf = chunks.sum(-1).cumsum_(-1)  # [B, V / c]
+    total = ccdf[:, -1:]
+    target = torch.minimum(uniform.unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    ci = torch.searchsorted(ccdf, target, right=True).clamp_(max=ccdf.shape[1] - 1)  # [B, 1]: a chunk of mass > 0
+    before = torch.where(ci > 0, ccdf.gather(-1, (ci - 1).clamp(min=0)), 0.0)
+    inner = chunks.gather(1, ci.unsqueeze(-1).expand(bsz, 1, c)).squeeze(1).cumsum_(-1)  # [B, c]
+    # the draw's offset inside its chunk, kept below the chunk's own (positive) total
+    rest = torch.minimum((target - before).clamp_(min=0), torch.nextafter(inner[:, -1:], torch.zeros_like(before)))
+    ti = torch.searchsorted(inner, rest, right=True).clamp_(max=c - 1)
+    return (ci * c + ti).squeeze(-1)
+
+
 def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row; return ``(tokens [B] int64, logprobs [B] float32)``.
 
-    ``logits`` is ``[B, V]`` in any float dtype; the math runs in float32.
+    ``logits`` is ``[B, V]`` in any float dtype; the math runs in float32. Without filters one
+    ``[B, V]`` tensor is written (``e = exp(z - max)``), giving both ``logsumexp = max + log(sum e)``
+    and the draw's weights; no ``[B, V]`` cumulative sum is written.
     """
     z = logits.float()
     if b.any_temperature:
         z = z / b.temperature.unsqueeze(-1)
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # log_softmax(z) = z - lse
-    if b.any_sampled:
-        if b.any_top_k or b.any_top_p or b.any_min_p:
-            probs = filtered_probs(z - lse, b)
-        else:
-            probs = torch.sub(z, lse).exp_()
-        cdf = probs.cumsum_(-1)
-        total = cdf[:, -1:]
-        target = torch.minimum(b.uniform.unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
-        tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+    if not b.any_sampled:
+        tokens = z.argmax(-1)
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    else:
+        zmax = z.amax(-1, keepdim=True)
+        e = torch.sub(z, zmax).exp_()
+        lse = zmax + e.sum(-1, keepdim=True).log_()
+        weights = filtered_probs(z - lse, b) if b.any_top_k or b.any_top_p or b.any_min_p else e
+        tokens = draw(weights, b.uniform)
         if b.any_greedy:
             tokens = torch.where(b.greedy, z.argmax(-1), tokens)
-    else:
-        tokens = z.argmax(-1)
     return tokens, (z.gather(-1, tokens.unsqueeze(-1)) - lse).squeeze(-1)
