@@ -32,6 +32,7 @@ from tao_core.batching import LAYOUTS, Segment, final_hidden, pack, plan_micro_b
 from tao_core.errors import PluginError, TaoInputError
 from tao_core.models import LoadedModel
 from tao_core.objectives import LossConfig, Objective
+from tao_core.onednn import onednn_linears
 from tao_core.types import Candidate, Prompt, Score
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -150,12 +151,16 @@ def resolve_loss_config(cfg: TrainConfig, objective: Objective, max_len: int | N
     return LossConfig(**values, max_len=cfg.max_len or max_len, beta=cfg.beta)
 
 
-def _autocast(device: torch.device, precision: str):
+def _compute(model: torch.nn.Module, device: torch.device, precision: str):
+    """The context a forward runs in: bf16 autocast, or float32 with oneDNN linears on a CPU
+    (see :mod:`tao_core.onednn`; about 2x MKL's float32 matmuls on AMD CPUs)."""
     if precision == "auto":
         bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
         precision = "bf16" if bf16_gpu else "fp32"
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
+    if device.type == "cpu":
+        return onednn_linears(model)
     return nullcontext()
 
 
@@ -349,7 +354,7 @@ class Trainer:
             batch = dataclasses.replace(
                 batch, **{k: getattr(batch, k).to(device) for k in ("targets", "old_logprobs", "advantages", "cu_seqlens")}
             )
-            with _autocast(device, self.cfg.precision):
+            with _compute(model, device, self.cfg.precision):
                 hidden = final_hidden(decoder, inputs)
             if current_old and self.cfg.old_logprobs == "current":
                 import tao_kernels
@@ -381,7 +386,7 @@ class Trainer:
 
         model = self.reference if self.reference is not None else self.lm.model
         ctx = self.lm.model.disable_adapter() if self.reference is None else nullcontext()
-        with ctx, _autocast(device, self.cfg.precision):
+        with ctx, _compute(model, device, self.cfg.precision):
             ref_hidden = final_hidden(model.get_decoder(), inputs)
         ref_weight = model.get_output_embeddings().weight
         ref_hidden = ref_hidden.to(ref_weight.dtype)
