@@ -58,13 +58,14 @@ def test_rewards_agreement_with_the_majority():
 def test_only_voter_templates_vote():
     """Structured-prompt voters decide the majority; the on-policy samples are scored against it
     even when they outnumber the voters with another answer."""
-    cands = group("84", "84", "84", "Answer: 85", "85", "86")
-    for c, template in zip(cands, ["default"] * 3 + ["column"] * 3, strict=True):
+    cands = group("84", "84", "no idea", "Answer: 85", "85", "86", "hmm")
+    for c, template in zip(cands, ["default"] * 3 + ["column"] * 4, strict=True):
         c.template = template
     s = MajorityVoteScorer(voters=["column"]).score(P, cands)
-    assert [x.value for x in s] == [0.0, 0.0, 0.0, 1.0, 1.0, 0.0]
-    assert s[0].details["majority"] == "85" and s[0].details["share"] == pytest.approx(2 / 3)
-    assert all(x.status == "abstain" for x in MajorityVoteScorer(voters=["column"], min_share=0.7).score(P, cands))
+    assert [x.status for x in s] == ["ok"] * 6 + ["abstain"]  # a voter without an answer does not vote
+    assert [x.value for x in s[:6]] == [0.0, 0.0, 0.0, 1.0, 1.0, 0.0]  # a non-voter without one scores 0
+    assert s[0].details["majority"] == "85" and s[0].details["share"] == pytest.approx(2 / 4)
+    assert all(x.status == "abstain" for x in MajorityVoteScorer(voters=["column"], min_share=0.6).score(P, cands))
     without = MajorityVoteScorer(voters=["steps"]).score(P, cands)  # no candidate under that template
     assert all(x.status == "abstain" and "voters (templates ['steps'])" in x.reason for x in without)
 

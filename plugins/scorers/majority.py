@@ -186,7 +186,8 @@ class MajorityVoteScorer:
     ``"first"`` (the tied answer seen first wins). ``voters``: the prompt templates
     (``Candidate.template``) whose candidates vote, e.g. ``["column"]`` for answers sampled under a
     structured prompt by the ``diverse`` generator; every candidate is then scored against the
-    voters' majority, and ``min_share`` / ``min_answers`` count voters only. None: all vote.
+    voters' majority, and ``min_share`` / ``min_answers`` count voters only; a non-voter that gives
+    no answer scores 0 (it failed a question the voters agree on). None: all vote.
     """
 
     name = "majority-vote"
@@ -238,7 +239,13 @@ class MajorityVoteScorer:
                                      f"below min_share={self.min_share}", answers, majority=majority,
                                      share=share)
         out = []
-        for a in answers:
+        for a, c in zip(answers, candidates, strict=True):
+            if a is None and self.voters is not None and c.template not in self.voters:
+                # the voters agreed on an answer this (scored, non-voting) response failed to give
+                out.append(Score.ok(0.0, f"gave no answer; the voters' majority is {majority!r} ({top}/{total})",
+                                    scorer=self.name, version=self.version,
+                                    details={"answer": None, "majority": majority, "share": share, "votes": 0}))
+                continue
             if a is None:
                 out.append(Score.abstain("majority-vote: no answer could be extracted", scorer=self.name,
                                          version=self.version, details={"answer": None, "majority": majority}))
