@@ -143,12 +143,12 @@ def _comparison_section(run: RunData, sft_runs: list[RunData], add) -> list[str]
     if lines[-1] != "":
         lines.append("")
     lines += ["| method | labeled examples used | prompts seen | held-out before (95% CI) | after (95% CI) | "
-              "tuning min |", "|---|---|---|---|---|---|"]
+              "tuning min | torch threads |", "|---|---|---|---|---|---|---|"]
     rows = []
     for r in runs:
         before, after = (r.evals[0] if r.evals else None), r.after()
         if before is None or after is None:
-            lines.append(f"| {r.label} | - | - | no evaluation | - | - |")
+            lines.append(f"| {r.label} | - | - | no evaluation | - | - | - |")
             continue
         if r.kind == "sft":
             sft = r.cfg.get("sft", {})
@@ -159,12 +159,18 @@ def _comparison_section(run: RunData, sft_runs: list[RunData], add) -> list[str]
             prompts = (f"{len(r.steps) * r.cfg.get('prompts_per_step', 0)} unlabeled, "
                        f"{r.compute_points()[-1]['compute']:.0f} candidates")
         lines.append(f"| {r.label} | {labeled} | {prompts} | {_ci(before)} | {_ci(after)} "
-                     f"(step {after['step']}) | {r.tuning_s / 60:.1f} |")
+                     f"(step {after['step']}) | {r.tuning_s / 60:.1f} | {r.cfg.get('threads') or 'default'} |")
         rows.append({"before": before, "after": after, "short": "TAO" if r.kind == "tao" else
                      f"SFT {r.cfg.get('sft', {}).get('epochs')} ep"})
     lines += ["", "TAO's after is its promoted (best non-regressing) evaluation, SFT's the last epoch's. "
               "TAO uses no labels: its scorer judges sampled candidates; SFT imitates the task's reference "
-              "responses (`Task.reference`). Tuning minutes exclude evaluation.", ""]
+              "responses (`Task.reference`). Tuning minutes are wall-clock and exclude evaluation; they compare "
+              "only between runs made with the same threads on an equally loaded machine.", ""]
+    lines += ["Every evaluation (compute: candidates generated for TAO, labeled examples seen for SFT):", "",
+              "| method | step | round / epoch | compute | tuning min | held-out (95% CI) |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r.label} | {p['step']} | {p['round']} | {p['compute']:.0f} | {p['tuning_s'] / 60:.1f} | {_ci(p)} |"
+              for r in runs for p in r.compute_points()]
+    lines.append("")
     befores = sorted({f"{row['before']['value']:.3f}" for row in rows})
     if len(befores) > 1:
         lines += [f"The starting model's held-out value differs between the runs ({', '.join(befores)}): compare "

@@ -212,6 +212,8 @@ def test_report_quality_vs_compute_and_tao_vs_sft(tmp_path, tiny_model_dir):
     assert "## TAO vs SFT" in md
     assert "| TAO (grpo, scorer arithmetic-check) | 0 | 8 unlabeled, 24 candidates | 0.200 [0.100, 0.400] |" in md
     assert "| SFT, 2 labeled x 2 epoch(s) | 2 | 2 labeled x 2 epoch(s) |" in md
+    assert "| TAO (grpo, scorer arithmetic-check) | 4 | 2 | 24 | 2.0 | 0.600 [0.100, 0.900] |" in md
+    assert "| SFT, 2 labeled x 2 epoch(s) | 2 | 2 | 4 |" in md  # every evaluation, with its compute
     assert "not comparable**: `" in md and "model = `" in md  # the fake run names another model
     for png in ("quality_vs_compute.png", "tao_vs_sft.png", "heldout.png", "stage_times.png"):
         assert (tmp_path / "tao" / "plots" / png).stat().st_size > 1000, png
