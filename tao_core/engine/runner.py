@@ -67,9 +67,20 @@ def gather_blocks(layer_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tens
     return torch.index_select(layer_cache.view(layer_cache.shape[0], -1), 0, blocks)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+# RMSNorm classes whose forward is exactly ``weight * x * rsqrt(mean(x^2) + variance_epsilon)``
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+def swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """``[x2, x1]`` for ``x = [x1, x2]`` along the last dimension (rotate_half without the sign)."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    return torch.cat((x2, x1), dim=-1)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding ``x * cos + rotate_half(x) * sin`` with the sign of ``rotate_half`` folded
+    into ``signed_sin = [-sin1, sin2]``."""
+    return torch.addcmul(x * cos, swap_halves(x), signed_sin)
 
 
 class LlamaRunner:
@@ -94,6 +105,8 @@ class LlamaRunner:
         self.max_positions = cfg.max_position_embeddings
         self.scale = float(self.core.layers[0].self_attn.scaling)  # attention softmax scale
         self.linear = linear_for(self.device, self.param_dtype)  # (module, x) -> module's linear map of x
+        # float32 RMSNorms as one fused op (the same math as their forward; bf16 ones round differently)
+        self.fused_norm = self.param_dtype == torch.float32
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -102,6 +115,12 @@ class LlamaRunner:
     @property
     def device(self) -> torch.device:
         return self.core.embed_tokens.weight.device
+
+    def norm(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``module(x)`` for an RMSNorm module, through ``F.rms_norm`` when that is the same math."""
+        if self.fused_norm and type(module).__name__ in RMS_NORMS:
+            return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
+        return module(x)
 
     def forward(
         self,
@@ -117,28 +136,27 @@ class LlamaRunner:
         token's K/V is written to): ``[T]`` int64. ``attend(layer, q, k, v)`` returns ``[T, heads *
         head_dim]`` given this layer's new ``q [T, H, D]`` and ``k, v [T, KVH, D]`` (already cached).
         """
-        t, lin = token_ids.shape[0], self.linear
-        h = self.core.embed_tokens(token_ids)
+        t, lin, norm = token_ids.shape[0], self.linear, self.norm
+        h = self.core.embed_tokens(token_ids)  # a new tensor, updated in place below
+        cos, sin = self.core.rotary_emb(h, positions.unsqueeze(0))
+        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, head_dim]
+        half = self.head_dim // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         for i, layer in enumerate(self.core.layers):
             attn = layer.self_attn
-            r = layer.input_layernorm(h)
+            r = norm(layer.input_layernorm, h)
             q = lin(attn.q_proj, r).view(t, self.num_heads, self.head_dim)
             k = lin(attn.k_proj, r).view(t, self.num_kv_heads, self.head_dim)
             v = lin(attn.v_proj, r).view(t, self.num_kv_heads, self.head_dim)
             if hasattr(attn, "q_norm"):
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            if i == 0:
-                cos, sin = self.core.rotary_emb(h, positions.unsqueeze(0))
-                cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, head_dim]
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+                q, k = norm(attn.q_norm, q), norm(attn.k_norm, k)
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
             cache.k[i].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, k.to(cache.dtype))
             cache.v[i].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, v.to(cache.dtype))
-            o = attend(i, q, k, v)
-            h = h + lin(attn.o_proj, o)
-            m, r = layer.mlp, layer.post_attention_layernorm(h)
-            h = h + lin(m.down_proj, m.act_fn(lin(m.gate_proj, r)) * lin(m.up_proj, r))
-        return self.core.norm(h)
+            h += lin(attn.o_proj, attend(i, q, k, v))
+            m, r = layer.mlp, norm(layer.post_attention_layernorm, h)
+            h += lin(m.down_proj, m.act_fn(lin(m.gate_proj, r)).mul_(lin(m.up_proj, r)))
+        return norm(self.core.norm, h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, vocab]`` float32 logits for ``[N, hidden]`` final hidden states."""
