@@ -23,6 +23,29 @@ DEMO_CONFIG = {
     "generate": {"n": 8, "temperature": 1.0, "max_new_tokens": 32},
     "train": {"objective": "grpo", "lr": 2e-5},
 }
+# `tao demo --label-free`: no answer is ever checked. Each prompt gets 4 on-policy samples under the
+# task's own prompt (temperature 1) and 8 "voters": the same model asked under two structured
+# prompts that spell out written addition (temperature 0.3). The voters' majority answer, when at
+# least half of them agree, scores the on-policy samples (majority-vote with `voters`); the voters
+# themselves are never trained on (off-policy).
+STRUCTURED_TEMPLATES = {
+    "tens": "{question} First add the tens, then add the ones, then add the two results. "
+            "Give the final answer on the last line as 'Answer: <number>'.",
+    "column": "{question} Add the numbers column by column, starting with the ones digits and carrying "
+              "when needed. Give the final answer on the last line as 'Answer: <number>'.",
+}
+LABEL_FREE_CONFIG = {
+    **DEMO_CONFIG,
+    "prompts_per_step": 16,
+    "generate": {
+        "generator": "diverse", "n": 12, "temperature": 1.0, "max_new_tokens": 32,
+        "options": {"templates": ["default", *STRUCTURED_TEMPLATES], "temperatures": [1.0],
+                    "template_temperatures": {name: 0.3 for name in STRUCTURED_TEMPLATES},
+                    "extra_templates": STRUCTURED_TEMPLATES},
+    },
+    "score": {"scorer": "majority-vote", "options": {"voters": list(STRUCTURED_TEMPLATES), "min_share": 0.5}},
+    "train": {"objective": "grpo", "lr": 1e-5},
+}
 
 
 class TaoGroup(click.Group):
@@ -252,8 +275,10 @@ def report_cmd(run_dir, sft_dirs) -> None:
 @click.option("--output-dir", default="runs/demo", show_default=True, help="Run directory (replaced if it exists).")
 @click.option("--steps", type=int, default=DEMO_STEPS, show_default=True, help="Optimizer steps (2 rounds).")
 @click.option("--scorer", default="arithmetic-check", show_default=True,
-              help="arithmetic-check (verifier) or majority-vote (label-free).")
-def demo_cmd(output_dir: str, steps: int, scorer: str) -> None:
+              help="arithmetic-check (verifier) or majority-vote (naive label-free: collapses, see README).")
+@click.option("--label-free", is_flag=True,
+              help="No verifier: on-policy samples are scored by the model's own structured-prompt consensus.")
+def demo_cmd(output_dir: str, steps: int, scorer: str, label_free: bool) -> None:
     """TAO on the embedded SmolLM2-135M: two-digit addition, held-out accuracy before and after."""
     import shutil
     from pathlib import Path
@@ -263,13 +288,13 @@ def demo_cmd(output_dir: str, steps: int, scorer: str) -> None:
 
     if Path(output_dir).exists() and (Path(output_dir) / "metrics.jsonl").exists():
         shutil.rmtree(output_dir)
-    cfg = from_dict(RunConfig, {
-        **DEMO_CONFIG, "output_dir": output_dir, "steps_per_round": max(1, steps // 2),
-        "score": {"scorer": scorer},
-    })
+    if label_free and scorer != "arithmetic-check":
+        raise click.UsageError("--label-free sets its own scorer; leave out --scorer")
+    base = LABEL_FREE_CONFIG if label_free else {**DEMO_CONFIG, "score": {"scorer": scorer}}
+    cfg = from_dict(RunConfig, {**base, "output_dir": output_dir, "steps_per_round": max(1, steps // 2)})
     validate(cfg)
     click.echo(f"tao demo: {cfg.task} on {cfg.model}, {cfg.rounds} rounds x {cfg.steps_per_round} steps of "
-               f"{cfg.prompts_per_step} prompts x {cfg.generate.n} candidates, scorer {scorer}, "
+               f"{cfg.prompts_per_step} prompts x {cfg.generate.n} candidates, scorer {cfg.score.scorer}, "
                f"objective {cfg.train.objective}")
     result = pipeline.run(cfg)
     _print_result(result)
