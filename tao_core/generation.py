@@ -138,9 +138,17 @@ class HFGenerator:
 
 
 def sampler_for(model: LoadedModel) -> Generator:
-    """The fastest available token-level sampler for ``model``: the engine for Llama-family models."""
+    """The fastest available token-level sampler for ``model``: the engine for Llama-family models.
+
+    One sampler per loaded model: the pipeline's generator and its evaluations (and any plugin
+    asking again) share it, and with it one KV cache. A new one is made when ``model.model`` was
+    replaced since (e.g. wrapped with LoRA adapters).
+    """
     from tao_core.engine import EngineGenerator, unsupported_reason
 
-    if unsupported_reason(model.model) is None:
-        return EngineGenerator(model)
-    return HFGenerator(model)
+    cached = getattr(model, "_tao_sampler", None)
+    if cached is not None and cached[0] is model.model:
+        return cached[1]
+    sampler = EngineGenerator(model) if unsupported_reason(model.model) is None else HFGenerator(model)
+    model._tao_sampler = (model.model, sampler)
+    return sampler

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from tao_plugins.generators import (
     ON_POLICY,
     DiverseGenerator,
@@ -167,3 +168,18 @@ def test_diverse_on_the_embedded_model():
     div = g[0].metadata["diversity"]
     assert div["answered"] >= 4 and div["distinct_answers"] >= 1
     assert all(c.finish_reason in ("stop", "length") and c.text for c in g)
+
+
+def test_one_sampler_per_loaded_model(tiny_lm):
+    """The pipeline's generator and its evaluations share one sampler (and one KV cache); a model
+    replaced since (LoRA wrapping) gets a new one."""
+    from tao_core.generation import sampler_for
+
+    first = sampler_for(tiny_lm)
+    assert sampler_for(tiny_lm) is first
+    original = tiny_lm.model
+    try:
+        tiny_lm.model = torch.nn.Sequential(original)  # stands in for a peft wrapper
+        assert sampler_for(tiny_lm) is not first
+    finally:
+        tiny_lm.model = original
