@@ -319,18 +319,3 @@ def test_engine_generator_cuts_stop_strings_and_reports_bad_prompts_alone(model)
     assert cut.logprobs == plain[0][0].logprobs[: len(cut.token_ids)]
     assert [c.finish_reason for c in plain[2]] == ["length"]
 
-
-def test_decode_rows_are_reused_when_sequences_join_and_leave(model):
-    # six sampled requests of different lengths through three rows: finished rows take new sequences
-    lengths = [3, 12, 5, 9, 2, 7]
-    params = [SamplingParams(n=1, temperature=0.9, max_new_tokens=n, seed=20 + i) for i, n in enumerate(lengths)]
-    prompts = [PROMPTS[i % 4] for i in range(6)]
-    eng = make_engine(model, max_running=3)
-    res = eng.generate([EngineRequest(p, sp) for p, sp in zip(prompts, params, strict=True)])
-    ws = eng.workspace
-    assert ws.reused_rows >= 2 and ws.rebuilds < len(lengths)
-    assert ws.k is None  # freed once nothing runs
-    for p, sp, r in zip(prompts, params, res, strict=True):
-        alone = make_engine(model).generate([EngineRequest(p, sp)])[0]
-        assert r.samples[0].token_ids == alone.samples[0].token_ids
-    assert max_gap(model, prompts, res, 0.9) <= 1e-4

@@ -6,8 +6,8 @@ and returns each sampled token's log-prob under the project's one definition.
 
 Modules: ``cache`` (blocks, prefix index), ``scheduler`` (requests, admission), ``sampler``
 (temperature, top-k/top-p/min-p, per-request random streams), ``runner`` (the forward pass),
-``linear`` (float32 CPU linears through oneDNN), ``workspace`` (row-per-sequence K/V for decode
-attention), ``core`` (the step loop on token ids), ``generator`` (the text-level ``Generator``).
+``linear`` (float32 CPU linears through oneDNN), ``core`` (the step loop on token ids),
+``generator`` (the text-level ``Generator``).
 """
 
 from tao_core.engine.core import Engine, EngineConfig, weights_version

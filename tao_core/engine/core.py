@@ -14,10 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from tao_core.engine.cache import BlockKVCache, kv_bytes_per_token
-from tao_core.engine.runner import LlamaRunner, PrefillSeq
+from tao_core.engine.runner import DecodeBatch, LlamaRunner, PrefillSeq
 from tao_core.engine.sampler import SamplingBatch, sample
 from tao_core.engine.scheduler import EngineRequest, EngineResult, Group, SampleResult, Scheduler, Sequence
-from tao_core.engine.workspace import DecodeWorkspace
 from tao_core.errors import TaoInputError
 
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads the per-sample seeds of one request apart
@@ -72,9 +71,6 @@ class Engine:
             device=r.device,
         )
         self.scheduler = Scheduler(self.cache, max_running=self.config.max_running)
-        self.workspace = DecodeWorkspace(
-            num_layers=r.num_layers, num_kv_heads=r.num_kv_heads, head_dim=r.head_dim, group=r.group, scale=r.scale
-        )
         self._weights_version: int | None = None
         self._next_id = 0
         self._done: dict[int, EngineResult] = {}
@@ -120,8 +116,6 @@ class Engine:
                 self._prefill(batch)
             if self.scheduler.running:
                 self._decode()
-            if not self.scheduler.running:
-                self.workspace.release()
         done, self._done = list(self._done.values()), {}
         return done
 
@@ -144,7 +138,6 @@ class Engine:
         """Free the KV-cache memory (e.g. for a training step); the next step allocates it again."""
         if self.has_unfinished():
             raise RuntimeError("cannot release the KV cache while requests are running")
-        self.workspace.release()
         self.cache.release()
 
     # internals --------------------------------------------------------------------------------
@@ -237,10 +230,12 @@ class Engine:
         ids = torch.tensor([s.tokens[-1] for s in running], dtype=torch.int64, device=dev)
         pos_list = [n - 1 for n in lengths]
         slots = torch.tensor([s.blocks[p // bs] * bs + p % bs for s, p in zip(running, pos_list, strict=True)], device=dev)
-        final = [len(s.group.prompt) + s.group.max_new - 1 for s in running]
-        ws = self.workspace
-        ws.prepare(running, lengths, final, [s.blocks for s in running], self.cache)
-        hidden = self.runner.forward(ids, ws.positions, slots, self.cache, ws.attend)
+        pos = torch.tensor(pos_list, dtype=torch.int64, device=dev)
+        nblocks = max(len(s.blocks) for s in running)
+        table = torch.tensor([s.blocks + [0] * (nblocks - len(s.blocks)) for s in running], device=dev)
+        span = torch.arange(nblocks * bs, device=dev)
+        mask = (span.unsqueeze(0) < torch.tensor(lengths, device=dev).unsqueeze(1))[:, None, None, :]
+        hidden = self.runner.forward(ids, pos, slots, self.cache, self.runner.decode_attend(self.cache, DecodeBatch(table, mask)))
         rows = [(s, len(s.generated), s.uniforms) for s in running]
         tokens, logprobs = sample(self.runner.logits(hidden), self._sampling_batch(rows))
         tok_list, lp_list = _to_host(tokens, logprobs)

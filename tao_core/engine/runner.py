@@ -7,8 +7,7 @@ What it replaces is the glue: the per-token positions, the cache writes and the 
 cache blocks, which ``transformers`` would do with padded batches and a growing cache.
 
 Tokens of all sequences are packed into one ``[T, hidden]`` matrix, so every projection is one
-matmul over the whole batch; only attention is per sequence (prefill) or over the rows of a
-:class:`~tao_core.engine.workspace.DecodeWorkspace` (decode).
+matmul over the whole batch; only attention is per sequence (prefill) or padded (decode).
 """
 
 from __future__ import annotations
@@ -47,6 +46,14 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     if not all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         return "the layers' MLP is not the gated Llama MLP (gate_proj, up_proj, down_proj, act_fn)"
     return None
+
+
+@dataclass
+class DecodeBatch:
+    """One new token for each of ``B`` sequences."""
+
+    block_table: torch.Tensor  # [B, max_blocks] int64; padding rows point at block 0 (masked out)
+    mask: torch.Tensor  # [B, 1, 1, max_blocks * block_size] bool: True where a key is attended
 
 
 @dataclass
@@ -163,6 +170,27 @@ class LlamaRunner:
         return self.linear(self.lm_head, hidden).float()
 
     # attention --------------------------------------------------------------------------------
+    def decode_attend(self, cache: BlockKVCache, batch: DecodeBatch):
+        """Attention for one new token per sequence over its cached blocks (padded to the longest).
+
+        Each layer gathers the sequences' blocks into one padded ``[B, span]`` copy (streaming reads
+        of whole blocks; the copy then stays in the last-level cache for the attention that reads
+        it). Reading the cached K/V from memory once per layer is the floor of this step.
+        """
+        bsz, nblocks = batch.block_table.shape
+        span = nblocks * cache.block_size
+        flat_table = batch.block_table.flatten()
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kg = gather_blocks(cache.k[layer], flat_table).view(bsz, span, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            vg = gather_blocks(cache.v[layer], flat_table).view(bsz, span, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            # the query heads sharing a KV head become `group` query rows of that head
+            qg = q.view(bsz, self.num_kv_heads, self.group, self.head_dim).to(kg.dtype)
+            out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=batch.mask, scale=self.scale)
+            return out.reshape(bsz, self.num_heads * self.head_dim).to(q.dtype)
+
+        return attend
+
     def prefill_attend(self, cache: BlockKVCache, seqs: list[PrefillSeq]):
         """Causal attention of each sequence's new tokens over its cached prefix and themselves."""
         scale = self.scale
