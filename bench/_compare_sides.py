@@ -265,7 +265,8 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mb": window.process_peak(), "train_peak_rss_mb": window.peak,
         "cpu_s_per_step": window.cpu_s / spec["steps"],
         "before": before, "after": after, "rewards": rewards, "threads": timer.threads,
-        "objective": f"GRPOTrainer loss_type={spec['trl_loss_type']} "
+        "objective": f"GRPOTrainer loss_type={spec['trl_loss_type']} batch={spec['trl_batch']}"
+                     f"x{completions_per_step // spec['trl_batch']} "
                      f"gradient_checkpointing={spec['trl_gradient_checkpointing']}", "trl_version": trl.__version__,
     }
 
