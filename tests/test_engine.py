@@ -319,3 +319,32 @@ def test_engine_generator_cuts_stop_strings_and_reports_bad_prompts_alone(model)
     assert cut.logprobs == plain[0][0].logprobs[: len(cut.token_ids)]
     assert [c.finish_reason for c in plain[2]] == ["length"]
 
+
+
+def test_shared_prefix_decode_attention_equals_plain_attention(model):
+    from tao_core.engine.cache import BlockKVCache
+    from tao_core.engine.runner import LlamaRunner, decode_batch
+
+    runner = LlamaRunner(model)
+    kvh, d, bs = runner.num_kv_heads, runner.head_dim, 4
+    cache = BlockKVCache(num_layers=2, num_kv_heads=kvh, head_dim=d, block_size=bs, num_blocks=40, dtype=torch.float32, device="cpu")
+    cache.allocate()
+    torch.manual_seed(3)
+    cache.k.normal_()
+    cache.v.normal_()
+    # two requests: 3 samples sharing blocks [1, 2], 2 samples sharing [7]; one request alone
+    tables = [[1, 2, 3, 4], [1, 2, 5], [1, 2, 6, 8, 9], [7, 10], [7, 11, 12], [13, 14]]
+    lengths = [15, 10, 18, 6, 11, 7]
+    groups = [0, 0, 0, 1, 1, 2]
+    shared = [2, 2, 2, 1, 1, 0]
+    q = torch.randn(len(tables), runner.num_heads, d)
+    new_k = new_v = torch.zeros(len(tables), kvh, d)  # unused by attend (already cached)
+    cascade = decode_batch(tables, lengths, groups, shared, bs, torch.float32, torch.device("cpu"))
+    plain = decode_batch(tables, lengths, groups, [0] * 6, bs, torch.float32, torch.device("cpu"))
+    assert cascade.prefix is not None and plain.prefix is None
+    assert cascade.prefix.rows.tolist() == [0, 1, 2, 3, 4]
+    with torch.inference_mode():
+        for layer in range(2):
+            a = runner.decode_attend(cache, cascade)(layer, q, new_k, new_v)
+            b = runner.decode_attend(cache, plain)(layer, q, new_k, new_v)
+            assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from tao_core.engine.cache import BlockKVCache, kv_bytes_per_token
-from tao_core.engine.runner import DecodeBatch, LlamaRunner, PrefillSeq
+from tao_core.engine.runner import LlamaRunner, PrefillSeq, decode_batch
 from tao_core.engine.sampler import SamplingBatch, sample
 from tao_core.engine.scheduler import EngineRequest, EngineResult, Group, SampleResult, Scheduler, Sequence
 from tao_core.errors import TaoInputError
@@ -231,11 +231,15 @@ class Engine:
         pos_list = [n - 1 for n in lengths]
         slots = torch.tensor([s.blocks[p // bs] * bs + p % bs for s, p in zip(running, pos_list, strict=True)], device=dev)
         pos = torch.tensor(pos_list, dtype=torch.int64, device=dev)
-        nblocks = max(len(s.blocks) for s in running)
-        table = torch.tensor([s.blocks + [0] * (nblocks - len(s.blocks)) for s in running], device=dev)
-        span = torch.arange(nblocks * bs, device=dev)
-        mask = (span.unsqueeze(0) < torch.tensor(lengths, device=dev).unsqueeze(1))[:, None, None, :]
-        hidden = self.runner.forward(ids, pos, slots, self.cache, self.runner.decode_attend(self.cache, DecodeBatch(table, mask)))
+        # samples of one request decoded together share its full prompt blocks
+        count: dict[int, int] = {}
+        for s in running:
+            count[id(s.group)] = count.get(id(s.group), 0) + 1
+        shared = [len(s.group.prompt) // bs if count[id(s.group)] > 1 else 0 for s in running]
+        batch = decode_batch(
+            [s.blocks for s in running], lengths, [id(s.group) for s in running], shared, bs, self.cache.dtype, dev
+        )
+        hidden = self.runner.forward(ids, pos, slots, self.cache, self.runner.decode_attend(self.cache, batch))
         rows = [(s, len(s.generated), s.uniforms) for s in running]
         tokens, logprobs = sample(self.runner.logits(hidden), self._sampling_batch(rows))
         tok_list, lp_list = _to_host(tokens, logprobs)

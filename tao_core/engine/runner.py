@@ -49,11 +49,72 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
 
 
 @dataclass
+class SharedPrefix:
+    """Prompt blocks shared by the samples of one request, attended once for all of them.
+
+    ``Gn`` groups of at most ``M`` running sequences; member slot ``g * M + j`` is the j-th member of
+    group g. Cascade attention (Hydragen, arXiv 2402.05099): the members' queries are stacked as
+    the rows of one attention over the group's prefix, each sequence attends to its own blocks
+    alone, and the two partial results are merged with their log-sum-exps.
+    """
+
+    block_table: torch.Tensor  # [Gn, max_prefix_blocks] int64; padding points at block 0 (masked out)
+    mask: torch.Tensor  # [Gn, 1, 1, max_prefix_blocks * block_size] float: 0 attended, -inf not
+    members: torch.Tensor  # [Gn * M] int64: the batch row in each member slot; B (a zero query) if empty
+    rows: torch.Tensor  # [R] int64: batch rows that have a shared prefix
+    slots: torch.Tensor  # [R] int64: their member slots
+
+
+@dataclass
 class DecodeBatch:
     """One new token for each of ``B`` sequences."""
 
-    block_table: torch.Tensor  # [B, max_blocks] int64; padding rows point at block 0 (masked out)
-    mask: torch.Tensor  # [B, 1, 1, max_blocks * block_size] bool: True where a key is attended
+    block_table: torch.Tensor  # [B, max_blocks] int64: blocks after the shared prefix; padding -> block 0
+    mask: torch.Tensor  # [B, 1, 1, max_blocks * block_size] float: 0 where a key is attended, -inf not
+    prefix: SharedPrefix | None = None  # None: every block is in block_table
+
+
+def decode_batch(
+    tables: list[list[int]],
+    lengths: list[int],
+    groups: list[int],
+    shared: list[int],
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> DecodeBatch:
+    """The decode batch of sequences with blocks ``tables``, contexts ``lengths`` (the new token
+    included), group ids ``groups``, and ``shared[i]`` leading blocks that sequence i shares with
+    the other members of its group (0: attended as its own)."""
+    bs = block_size
+    own = [t[f:] for t, f in zip(tables, shared, strict=True)]
+    own_len = [n - f * bs for n, f in zip(lengths, shared, strict=True)]
+
+    def padded(lists: list[list[int]], valid: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(x) for x in lists)
+        table = torch.tensor([x + [0] * (width - len(x)) for x in lists], dtype=torch.int64, device=device)
+        keep = torch.arange(width * bs, device=device).unsqueeze(0) < torch.tensor(valid, device=device).unsqueeze(1)
+        mask = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, -torch.inf)
+        return table, mask[:, None, None, :]
+
+    table, mask = padded(own, own_len)
+    members: dict[int, list[int]] = {}
+    for i, (g, f) in enumerate(zip(groups, shared, strict=True)):
+        if f:
+            members.setdefault(g, []).append(i)
+    if not members:
+        return DecodeBatch(table, mask)
+    width = max(len(m) for m in members.values())
+    slot_rows, rows, slots = [], [], []
+    for gi, m in enumerate(members.values()):
+        for j, i in enumerate(m):
+            rows.append(i)
+            slots.append(gi * width + j)
+        slot_rows.extend(m + [len(tables)] * (width - len(m)))
+    firsts = [m[0] for m in members.values()]
+    pre_table, pre_mask = padded([tables[i][: shared[i]] for i in firsts], [shared[i] * bs for i in firsts])
+    as_t = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
+    return DecodeBatch(table, mask, SharedPrefix(pre_table, pre_mask, as_t(slot_rows), as_t(rows), as_t(slots)))
 
 
 @dataclass
@@ -173,21 +234,46 @@ class LlamaRunner:
     def decode_attend(self, cache: BlockKVCache, batch: DecodeBatch):
         """Attention for one new token per sequence over its cached blocks (padded to the longest).
 
-        Each layer gathers the sequences' blocks into one padded ``[B, span]`` copy (streaming reads
-        of whole blocks; the copy then stays in the last-level cache for the attention that reads
-        it). Reading the cached K/V from memory once per layer is the floor of this step.
+        Each layer gathers the blocks into a padded copy (streaming reads of whole blocks; the copy
+        then stays in the last-level cache for the attention that reads it): reading the cached K/V
+        from memory once per layer bounds this step, so a prefix shared by a request's samples is
+        read once for all of them (:class:`SharedPrefix`), not once per sample.
         """
         bsz, nblocks = batch.block_table.shape
-        span = nblocks * cache.block_size
+        kvh, g, d = self.num_kv_heads, self.group, self.head_dim
         flat_table = batch.block_table.flatten()
+        pre = batch.prefix
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # also returns the log-sum-exp
+
+        def gathered(layer: int, table: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+            shape = (n, -1, kvh, d)
+            return (
+                gather_blocks(cache.k[layer], table).view(shape).transpose(1, 2),
+                gather_blocks(cache.v[layer], table).view(shape).transpose(1, 2),
+            )
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            kg = gather_blocks(cache.k[layer], flat_table).view(bsz, span, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            vg = gather_blocks(cache.v[layer], flat_table).view(bsz, span, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            kg, vg = gathered(layer, flat_table, bsz)
             # the query heads sharing a KV head become `group` query rows of that head
-            qg = q.view(bsz, self.num_kv_heads, self.group, self.head_dim).to(kg.dtype)
-            out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=batch.mask, scale=self.scale)
-            return out.reshape(bsz, self.num_heads * self.head_dim).to(q.dtype)
+            qg = q.view(bsz, kvh, g, d).to(kg.dtype)
+            if pre is None:
+                out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=batch.mask, scale=self.scale)
+                return out.reshape(bsz, self.num_heads * d).to(q.dtype)
+            out, lse = flash(qg, kg, vg, attn_mask=batch.mask, scale=self.scale)  # [B, KVH, G, D], [B, KVH, G]
+            ngroups = pre.block_table.shape[0]
+            kp, vp = gathered(layer, pre.block_table.flatten(), ngroups)
+            width = pre.members.shape[0] // ngroups
+            qx = torch.cat((qg, qg.new_zeros(1, kvh, g, d)))[pre.members]  # [Gn * M, KVH, G, D]
+            qp = qx.view(ngroups, width, kvh, g, d).transpose(1, 2).reshape(ngroups, kvh, width * g, d)
+            op, lp = flash(qp, kp, vp, attn_mask=pre.mask, scale=self.scale)
+            op = op.view(ngroups, kvh, width, g, d).transpose(1, 2).reshape(-1, kvh, g, d)[pre.slots]
+            lp = lp.view(ngroups, kvh, width, g).transpose(1, 2).reshape(-1, kvh, g)[pre.slots]
+            lo = lse[pre.rows]
+            top = torch.maximum(lo, lp)
+            wo, wp = (lo - top).exp_().unsqueeze(-1), (lp - top).exp_().unsqueeze(-1)
+            merged = (out[pre.rows] * wo + op * wp) / (wo + wp)
+            out = out.index_copy(0, pre.rows, merged.to(out.dtype))
+            return out.reshape(bsz, self.num_heads * d).to(q.dtype)
 
         return attend
 
