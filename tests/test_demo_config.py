@@ -24,3 +24,14 @@ def test_label_free_demo_scores_by_consensus_of_structured_voters():
 def test_label_free_rejects_a_scorer():
     result = CliRunner().invoke(cli, ["demo", "--label-free", "--scorer", "majority-vote"])
     assert result.exit_code == 2 and "--label-free sets its own scorer" in result.output
+
+
+def test_example_configs_validate():
+    from pathlib import Path
+
+    from tao_core.config import load_config
+
+    configs = sorted((Path(__file__).parents[1] / "examples" / "configs").glob("*.toml"))
+    assert configs
+    for path in configs:
+        validate(load_config(path), where=str(path))
