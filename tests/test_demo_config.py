@@ -35,3 +35,19 @@ def test_example_configs_validate():
     assert configs
     for path in configs:
         validate(load_config(path), where=str(path))
+
+
+def test_example_configs_match_the_demo_settings():
+    """examples/configs/{demo,label-free-arithmetic}.toml are the demos' settings, kept in step."""
+    import dataclasses
+    from pathlib import Path
+
+    from tao_core.config import load_config
+
+    here = Path(__file__).parents[1] / "examples" / "configs"
+    for name, base in (("demo.toml", DEMO_CONFIG), ("label-free-arithmetic.toml", LABEL_FREE_CONFIG)):
+        got = load_config(here / name)
+        want = from_dict(RunConfig, {**base, "output_dir": got.output_dir, "steps_per_round": 20})
+        for section in ("generate", "score", "train"):
+            assert dataclasses.asdict(getattr(got, section)) == dataclasses.asdict(getattr(want, section)), (name, section)
+        assert (got.task, got.model, got.rounds, got.prompts_per_step) == (want.task, want.model, 2, want.prompts_per_step)
