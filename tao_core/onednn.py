@@ -9,7 +9,9 @@ oneDNN 42 ms forward; the two backward products (``dX = dY W``, ``dW = dY^T X``)
 :class:`OneDNNLinear` for the duration of a ``with`` block. The op reads the module's own weight
 tensor (strided views for the transposes: no copy of the weights is made), so numerics are float32
 throughout; results differ from MKL's only by summation order (~1e-6 relative).
-``TAO_ONEDNN=0`` in the environment turns the routing off (plain ``F.linear``).
+This module is the one home of the op and of the check that it agrees with ``F.linear`` here; the
+sampling engine's linears (:mod:`tao_core.engine.linear`) use it too. ``TAO_ONEDNN=0`` in the
+environment turns both off (plain ``F.linear``).
 """
 
 from __future__ import annotations
@@ -20,18 +22,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
 _AGREES: bool | None = None
 
 
-def _mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b.T`` through oneDNN (``b`` may be a strided view)."""
-    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` through oneDNN for a 2-D ``x``; ``weight`` may be a strided view."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def available() -> bool:
-    """Whether the oneDNN op exists here and matches ``torch.mm`` on a small odd shape, transposed
-    operands included (checked once per process)."""
+    """Whether the oneDNN op exists here and matches ``F.linear`` / ``torch.mm`` on a small odd shape,
+    bias and transposed operands included (checked once per process; ``TAO_ONEDNN=0``: False)."""
     global _AGREES
     if os.environ.get("TAO_ONEDNN", "1") == "0":
         return False
@@ -39,13 +42,13 @@ def available() -> bool:
         _AGREES = False
         if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
             g = torch.Generator().manual_seed(0)
-            x, w, u = (torch.randn(5, 37, generator=g), torch.randn(41, 37, generator=g),
-                       torch.randn(5, 41, generator=g))
+            x, w, u, b = (torch.randn(5, 37, generator=g), torch.randn(41, 37, generator=g),
+                          torch.randn(5, 41, generator=g), torch.randn(41, generator=g))
             try:
                 with torch.no_grad():
-                    ok = torch.allclose(_mm_t(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
-                    ok = ok and torch.allclose(_mm_t(u, w.T), u @ w, rtol=1e-5, atol=1e-5)  # dX = dY W
-                    ok = ok and torch.allclose(_mm_t(u.T, x.T), u.T @ x, rtol=1e-5, atol=1e-5)  # dW = dY^T X
+                    ok = torch.allclose(linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+                    ok = ok and torch.allclose(linear(u, w.T), u @ w, rtol=1e-5, atol=1e-5)  # dX = dY W
+                    ok = ok and torch.allclose(linear(u.T, x.T), u.T @ x, rtol=1e-5, atol=1e-5)  # dW = dY^T X
             except RuntimeError:
                 ok = False
             _AGREES = bool(ok)
@@ -60,7 +63,7 @@ class OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+        y = linear(x2, weight, bias)
         ctx.save_for_backward(x2, weight)
         ctx.lead, ctx.has_bias = lead, bias is not None
         return y.view(*lead, weight.shape[0])
@@ -71,9 +74,9 @@ class OneDNNLinear(torch.autograd.Function):
         g2 = grad.reshape(-1, weight.shape[0]).contiguous()
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _mm_t(g2, weight.T).view(*ctx.lead, weight.shape[1])
+            gx = linear(g2, weight.T).view(*ctx.lead, weight.shape[1])
         if ctx.needs_input_grad[1]:
-            gw = _mm_t(g2.T, x2.T)
+            gw = linear(g2.T, x2.T)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0)
         return gx, gw, gb
@@ -81,7 +84,7 @@ class OneDNNLinear(torch.autograd.Function):
 
 def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
-        return torch.nn.functional.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
     return OneDNNLinear.apply(x, self.weight, self.bias)
 
 

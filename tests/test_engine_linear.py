@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tao_core.engine.linear import linear_for, module_linear, onednn_agrees
+from tao_core import onednn
+from tao_core.engine.linear import linear_for, module_linear
 
 
-@pytest.mark.skipif(not onednn_agrees(), reason="oneDNN linear not available in this torch build")
+@pytest.mark.skipif(not onednn.available(), reason="oneDNN linear not available in this torch build")
 @pytest.mark.parametrize(("rows", "bias"), [(128, False), (41, True), (1, False)])
 def test_onednn_linear_matches_f_linear_and_sees_weight_updates(rows, bias):
     fn = linear_for(torch.device("cpu"), torch.float32)

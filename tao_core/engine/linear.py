@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
+
+from tao_core import onednn
 
 LinearFn = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 
@@ -30,32 +31,12 @@ def _onednn_linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``x @ W.T + b`` through oneDNN for a plain ``nn.Linear``; other modules run their forward."""
     if type(module) is not torch.nn.Linear:
         return module(x)
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), module.weight, module.bias, "none", [], "")
-
-
-def onednn_agrees() -> bool:
-    """Whether the oneDNN op exists here and matches ``F.linear`` in float32 on a small odd shape."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-        return False
-    g = torch.Generator().manual_seed(0)
-    x, w, b = torch.randn(5, 37, generator=g), torch.randn(41, 37, generator=g), torch.randn(41, generator=g)
-    try:
-        with torch.inference_mode():
-            got = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-    except RuntimeError:
-        return False
-    return got.shape == (5, 41) and torch.allclose(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
-
-
-_AGREES: bool | None = None
+    return onednn.linear(x.contiguous(), module.weight, module.bias)
 
 
 def linear_for(device: torch.device, dtype: torch.dtype) -> LinearFn:
     """The linear to use for parameters on ``device`` in ``dtype``: oneDNN for float32 on CPU when it
     is available and agrees with ``F.linear``, else the module's own forward."""
-    global _AGREES
     if device.type != "cpu" or dtype != torch.float32:
         return module_linear
-    if _AGREES is None:
-        _AGREES = onednn_agrees()
-    return _onednn_linear if _AGREES else module_linear
+    return _onednn_linear if onednn.available() else module_linear
