@@ -12,6 +12,7 @@ a figure that other load on a shared machine disturbs much less than the wall ti
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
 import json
 import os
@@ -20,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,12 +73,23 @@ def _triton_version() -> str:
         return "none"
 
 
-def _status_mb(field: str) -> float:
+def status_mb(field: str) -> float:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MiB."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024.0
-    raise RuntimeError(f"{field} not found in /proc/self/status")
+    raise RuntimeError(f"{field} not found in /proc/self/status (peak memory needs Linux)")
+
+
+def append_csv(path: str | Path, fields: Sequence[str], rows: Sequence[dict]) -> None:
+    """Append ``rows`` to the CSV file at ``path``, writing the header first when the file is new."""
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
 
 
 class _Clock:
@@ -118,7 +130,7 @@ def worker(spec: dict, providers: dict[str, Provider], make_inputs: Callable[...
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated() / 2**20
     else:
-        baseline = _status_mb("VmRSS")
+        baseline = status_mb("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")
     fwd, total, cpu = [], [], []
     for i in range(spec["warmup"] + spec["repeats"]):
@@ -137,7 +149,7 @@ def worker(spec: dict, providers: dict[str, Provider], make_inputs: Callable[...
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20 - baseline
     else:
-        peak = _status_mb("VmHWM") - baseline
+        peak = status_mb("VmHWM") - baseline
     return {"ms_fwd": statistics.median(fwd), "ms_fwd_bwd": statistics.median(total), "peak_mem_mb": peak,
             "cpu_ms_fwd_bwd": statistics.median(cpu)}
 

@@ -31,6 +31,9 @@ from tao_core.engine import Engine, EngineConfig, EngineRequest
 from tao_core.models import load_model
 from tao_core.types import Prompt, SamplingParams, read_jsonl
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import append_csv  # noqa: E402
+
 HERE = Path(__file__).parent
 FIELDS = [
     "scenario", "provider", "device", "model", "dtype", "prompts", "n", "new_tokens",
@@ -145,12 +148,7 @@ def main(argv: list[str] | None = None) -> None:
             writer.writerow(row)
         sys.stdout.flush()
     if args.out:
-        new = not os.path.exists(args.out)
-        with open(args.out, "a", newline="") as f:
-            w = csv.DictWriter(f, FIELDS)
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        append_csv(args.out, FIELDS, rows)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ from tao_plugins.scorers.sql import SqlExecScorer
 from tao_core.scoring import ScorerLimits, score_groups
 from tao_core.types import Candidate, Prompt
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import append_csv  # noqa: E402
+
 SPIDER = Path(__file__).resolve().parents[2] / "shared" / "data" / "spider-sample"
 FIELDS = ["bench", "path", "mode", "groups", "group_size", "candidates", "seconds_median", "candidates_per_s",
           "cpu", "python", "sqlite", "date"]
@@ -83,12 +86,7 @@ def main() -> None:
     writer.writerows(rows)
     print(out.getvalue(), end="")
     if args.append:
-        new = not args.append.exists()
-        with open(args.append, "a", newline="") as f:
-            w = csv.DictWriter(f, FIELDS)
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        append_csv(args.append, FIELDS, rows)
 
 
 if __name__ == "__main__":
