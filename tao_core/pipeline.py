@@ -102,8 +102,6 @@ class Pipeline:
         self.trainer = Trainer(self.lm, train_cfg)
         gen_name = cfg.generate.generator or self.task.default_generator
         self.generator = get_component("generators", gen_name)(self.lm, **cfg.generate.options)
-        # one greedy sampler for every evaluation; the engine drops its cache when the weights change
-        self.eval_sampler = sampler_for(self.lm)
         self.scorer = load_scorer(cfg.score.scorer or self.task.default_scorer, **cfg.score.options)
         self.limits = ScorerLimits(timeout_s=cfg.score.timeout_s)
         self.guard = Guard(cfg.guard)
@@ -118,7 +116,7 @@ class Pipeline:
         )
 
     def evaluate(self) -> EvalResult:
-        return evaluate(self.task, self.eval_sampler, self.eval_examples)
+        return evaluate(self.task, sampler_for(self.lm), self.eval_examples)  # the generator's sampler, shared
 
     def _trainable(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.lm.model.named_parameters() if p.requires_grad}
