@@ -326,6 +326,8 @@ def test_shared_prefix_decode_attention_equals_plain_attention(model):
     from tao_core.engine.runner import LlamaRunner, decode_batch
 
     runner = LlamaRunner(model)
+    native = runner.native_attention
+    runner.native_attention = False  # the PyTorch path: cascade vs plain
     kvh, d, bs = runner.num_kv_heads, runner.head_dim, 4
     cache = BlockKVCache(num_layers=2, num_kv_heads=kvh, head_dim=d, block_size=bs, num_blocks=40, dtype=torch.float32, device="cpu")
     cache.allocate()
@@ -348,3 +350,8 @@ def test_shared_prefix_decode_attention_equals_plain_attention(model):
             a = runner.decode_attend(cache, cascade)(layer, q, new_k, new_v)
             b = runner.decode_attend(cache, plain)(layer, q, new_k, new_v)
             assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+            if native:  # and the native kernel, which reads the shared blocks in place
+                runner.native_attention = True
+                c = runner.decode_attend(cache, cascade)(layer, q, new_k, new_v)
+                runner.native_attention = False
+                assert torch.allclose(c, b, atol=1e-5), (c - b).abs().max()

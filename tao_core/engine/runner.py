@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tao_core.engine import native
 from tao_core.engine.cache import BlockKVCache
 from tao_core.engine.linear import linear_for
 
@@ -72,6 +73,8 @@ class DecodeBatch:
     block_table: torch.Tensor  # [B, max_blocks] int64: blocks after the shared prefix; padding -> block 0
     mask: torch.Tensor  # [B, 1, 1, max_blocks * block_size] float: 0 where a key is attended, -inf not
     prefix: SharedPrefix | None = None  # None: every block is in block_table
+    full_table: torch.Tensor | None = None  # [B, all_blocks] int64: every block of each sequence
+    lengths: torch.Tensor | None = None  # [B] int64: context lengths, the new token included
 
 
 def decode_batch(
@@ -87,6 +90,9 @@ def decode_batch(
     included), group ids ``groups``, and ``shared[i]`` leading blocks that sequence i shares with
     the other members of its group (0: attended as its own)."""
     bs = block_size
+    as_t = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
+    width = max(len(t) for t in tables)
+    full = as_t([t + [0] * (width - len(t)) for t in tables])
     own = [t[f:] for t, f in zip(tables, shared, strict=True)]
     own_len = [n - f * bs for n, f in zip(lengths, shared, strict=True)]
 
@@ -103,7 +109,7 @@ def decode_batch(
         if f:
             members.setdefault(g, []).append(i)
     if not members:
-        return DecodeBatch(table, mask)
+        return DecodeBatch(table, mask, None, full, as_t(lengths))
     width = max(len(m) for m in members.values())
     slot_rows, rows, slots = [], [], []
     for gi, m in enumerate(members.values()):
@@ -113,8 +119,8 @@ def decode_batch(
         slot_rows.extend(m + [len(tables)] * (width - len(m)))
     firsts = [m[0] for m in members.values()]
     pre_table, pre_mask = padded([tables[i][: shared[i]] for i in firsts], [shared[i] * bs for i in firsts])
-    as_t = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
-    return DecodeBatch(table, mask, SharedPrefix(pre_table, pre_mask, as_t(slot_rows), as_t(rows), as_t(slots)))
+    prefix = SharedPrefix(pre_table, pre_mask, as_t(slot_rows), as_t(rows), as_t(slots))
+    return DecodeBatch(table, mask, prefix, full, as_t(lengths))
 
 
 @dataclass
@@ -175,6 +181,14 @@ class LlamaRunner:
         self.linear = linear_for(self.device, self.param_dtype)  # (module, x) -> module's linear map of x
         # float32 RMSNorms as one fused op (the same math as their forward; bf16 ones round differently)
         self.fused_norm = self.param_dtype == torch.float32
+        # decode attention in place over the cache blocks (native kernel), else gathered + SDPA
+        self.native_attention = self._native_fits()
+
+    def _native_fits(self) -> bool:
+        if self.device.type != "cpu" or self.param_dtype != torch.float32 or native.library() is None:
+            return False
+        max_group, max_dim, _ = native.LIMITS
+        return self.group <= max_group and self.head_dim <= max_dim
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -232,15 +246,33 @@ class LlamaRunner:
 
     # attention --------------------------------------------------------------------------------
     def decode_attend(self, cache: BlockKVCache, batch: DecodeBatch):
-        """Attention for one new token per sequence over its cached blocks (padded to the longest).
+        """Attention for one new token per sequence over its cached blocks.
 
-        Each layer gathers the blocks into a padded copy (streaming reads of whole blocks; the copy
+        Float32 on CPU (``native_attention``): the native kernel reads each sequence's blocks in
+        place (:func:`tao_core.engine.native.decode_attention`); the samples of one request are
+        adjacent in the batch, so their shared prompt blocks are read from the core's cache. Otherwise
+        each layer gathers the blocks into a padded copy (streaming reads of whole blocks; the copy
         then stays in the last-level cache for the attention that reads it): reading the cached K/V
         from memory once per layer bounds this step, so a prefix shared by a request's samples is
         read once for all of them (:class:`SharedPrefix`), not once per sample.
         """
         bsz, nblocks = batch.block_table.shape
         kvh, g, d = self.num_kv_heads, self.group, self.head_dim
+        if (
+            self.native_attention
+            and batch.full_table is not None
+            and cache.dtype == torch.float32
+            and cache.block_size <= native.LIMITS[2]
+        ):
+            table, lengths = batch.full_table, batch.lengths
+            native.check_table(table, lengths, cache.num_blocks, cache.block_size)
+            heads, scale = self.num_heads, self.scale
+
+            def attend_native(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                out = native.decode_attention(q, cache.k[layer], cache.v[layer], table, lengths, scale, check=False)
+                return out.view(bsz, heads * d)
+
+            return attend_native
         flat_table = batch.block_table.flatten()
         pre = batch.prefix
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # also returns the log-sum-exp
