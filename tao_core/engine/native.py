@@ -38,7 +38,7 @@ LINK_LIBS = ["-lmvec", "-lm"]
 _lib: ctypes.CDLL | None = None
 _tried = False
 _reason: str | None = None
-LIMITS: tuple[int, int, int] = (0, 0, 0)  # max query heads per KV head, head dim, block size
+LIMITS: tuple[int, int, int, int] = (0, 0, 0, 0)  # max query heads per KV head, head dim, block size, query heads
 
 
 def _cpu_flags() -> str:
@@ -77,11 +77,19 @@ def _bind(lib: ctypes.CDLL) -> None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.tao_decode_attention_f32.restype = ctypes.c_int
     lib.tao_decode_attention_f32.argtypes = [ptr] * 6 + [i64] * 6 + [ctypes.c_float]
+    lib.tao_add_rmsnorm_f32.restype = ctypes.c_int
+    lib.tao_add_rmsnorm_f32.argtypes = [ptr] * 4 + [i64] * 2 + [ctypes.c_float]
+    lib.tao_rope_store_f32.restype = ctypes.c_int
+    lib.tao_rope_store_f32.argtypes = [ptr] * 8 + [i64] * 4
+    lib.tao_silu_mul_f32.restype = ctypes.c_int
+    lib.tao_silu_mul_f32.argtypes = [ptr] * 2 + [i64]
+    lib.tao_sample_f32.restype = ctypes.c_int
+    lib.tao_sample_f32.argtypes = [ptr] * 4 + [i64] * 3
     lib.tao_limits.restype = ctypes.c_int
     lib.tao_limits.argtypes = [ptr]
-    limits = (ctypes.c_int64 * 3)()
+    limits = (ctypes.c_int64 * 4)()
     lib.tao_limits(ctypes.cast(limits, ctypes.c_void_p))
-    LIMITS = (int(limits[0]), int(limits[1]), int(limits[2]))
+    LIMITS = (int(limits[0]), int(limits[1]), int(limits[2]), int(limits[3]))
 
 
 def _self_check(lib: ctypes.CDLL) -> str | None:
@@ -93,6 +101,25 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
     lens = torch.tensor([11, 5])
     q = torch.randn(2, kvh * group, d, generator=g)
     got = decode_attention(q, kc, vc, table, lens, 0.3, lib=lib)
+    x, w = torch.randn(3, 10, generator=g), torch.randn(10, generator=g)
+    ref = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    out = torch.empty_like(x)
+    lib.tao_add_rmsnorm_f32(x.data_ptr(), None, w.data_ptr(), out.data_ptr(), 3, 10, 1e-5)
+    if not (out - ref).abs().max().item() < 1e-5:
+        return "the native RMSNorm differs from PyTorch on the self-check"
+    gate, up = torch.randn(50, generator=g) * 10, torch.randn(50, generator=g)
+    ref = torch.nn.functional.silu(gate) * up
+    lib.tao_silu_mul_f32(gate.data_ptr(), up.data_ptr(), 50)
+    if not (gate - ref).abs().max().item() < 1e-5:
+        return "the native SiLU-and-multiply differs from PyTorch on the self-check"
+    z, u = torch.randn(6, 256, generator=g) * 3, torch.rand(6, generator=g)
+    tokens, logprobs = torch.empty(6, dtype=torch.int64), torch.empty(6)
+    lib.tao_sample_f32(z.data_ptr(), u.data_ptr(), tokens.data_ptr(), logprobs.data_ptr(), 6, 256, 64)
+    cdf = torch.softmax(z.double(), -1).cumsum(-1)
+    want = (cdf <= u.double().unsqueeze(-1) * cdf[:, -1:]).sum(-1)
+    lp_want = torch.log_softmax(z, -1).gather(-1, want.unsqueeze(-1)).squeeze(-1)
+    if not torch.equal(tokens, want) or not (logprobs - lp_want).abs().max().item() < 1e-5:
+        return "the native sampler differs from the inverse-CDF definition on the self-check"
     for b in range(2):
         n = int(lens[b])
         k = kc[table[b]].reshape(-1, kvh, d)[:n].repeat_interleave(group, 1)  # [n, H, D]
@@ -170,9 +197,7 @@ def decode_attention(
     places); a caller that calls once per layer with the same table checks it once with
     :func:`check_table` and passes ``check=False``.
     """
-    lib = lib or library()
-    if lib is None:
-        raise RuntimeError(f"the native CPU kernels are not available: {_reason}")
+    lib = lib or _need()
     q, table, lengths = q.contiguous(), block_table.contiguous(), lengths.contiguous()
     b, h, d = q.shape
     _, bs, kvh, _ = k_cache.shape
@@ -191,6 +216,102 @@ def decode_attention(
     if rc != 0:
         raise ValueError(f"shape beyond the native kernel's limits {LIMITS}: heads {h}, kv heads {kvh}, dim {d}, block {bs}")
     return out
+
+
+def _ok(name: str, t: torch.Tensor) -> torch.Tensor:
+    if t.dtype != torch.float32 or t.device.type != "cpu":
+        raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    return t.contiguous()
+
+
+def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``h += delta`` in place (skipped for None), then ``weight * h * rsqrt(mean(h^2) + eps)`` per row
+    of ``h [T, N]`` (contiguous float32 CPU, as are the others) as a new tensor."""
+    lib = _need()
+    if not h.is_contiguous():
+        raise ValueError("h must be contiguous (it is updated in place)")
+    t, n = _ok("h", h).shape
+    if delta is not None:
+        delta = _ok("delta", delta)
+        if delta.shape != h.shape:
+            raise ValueError(f"delta {tuple(delta.shape)} must have the shape of h {tuple(h.shape)}")
+    weight = _ok("weight", weight)
+    if weight.shape != (n,):
+        raise ValueError(f"weight {tuple(weight.shape)} must be [{n}]")
+    out = torch.empty_like(h)
+    lib.tao_add_rmsnorm_f32(h.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(), out.data_ptr(), t, n, float(eps))
+    return out
+
+
+def rope_store(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, check: bool = True,
+) -> None:
+    """Rotary embedding of ``q [T, H, D]`` and ``k [T, KVH, D]`` in place (``cos, sin [T, D]``), then
+    ``k`` and ``v`` written to rows ``slots [T]`` of one layer's cache ``[blocks, bs, KVH, D]``."""
+    lib = _need()
+    for name, x in (("q", q), ("k", k)):
+        if not x.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (it is rotated in place)")
+    t, h, d = _ok("q", q).shape
+    kvh = _ok("k", k).shape[1]
+    v, cos, sin = _ok("v", v), _ok("cos", cos), _ok("sin", sin)
+    if k.shape != (t, kvh, d) or v.shape != k.shape or cos.shape != (t, d) or sin.shape != (t, d):
+        raise ValueError(f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, cos/sin {tuple(cos.shape)} do not fit")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.dtype != torch.float32 or not c.is_contiguous() or c.shape[-2:] != (kvh, d):
+            raise ValueError(f"{name} must be a contiguous float32 [blocks, bs, {kvh}, {d}] tensor")
+    if slots.dtype != torch.int64 or slots.shape != (t,):
+        raise ValueError(f"slots must be int64 [{t}]")
+    rows = k_cache.numel() // (kvh * d)
+    if check and t and (int(slots.min()) < 0 or int(slots.max()) >= rows):
+        raise ValueError(f"cache slots must be in [0, {rows})")
+    rc = lib.tao_rope_store_f32(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.contiguous().data_ptr(),
+        k_cache.data_ptr(), v_cache.data_ptr(), t, h, kvh, d,
+    )
+    if rc != 0:
+        raise ValueError(f"head dim {d} must be even and at most {LIMITS[1]}")
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``gate = silu(gate) * up`` in place; returns ``gate``."""
+    lib = _need()
+    if not gate.is_contiguous() or gate.dtype != torch.float32 or gate.device.type != "cpu":
+        raise ValueError("gate must be a contiguous float32 CPU tensor (it is updated in place)")
+    up = _ok("up", up)
+    if up.shape != gate.shape:
+        raise ValueError(f"up {tuple(up.shape)} must have the shape of gate {tuple(gate.shape)}")
+    lib.tao_silu_mul_f32(gate.data_ptr(), up.data_ptr(), gate.numel())
+    return gate
+
+
+MAX_CHUNKS = 8192  # TAO_MAX_CHUNKS in cpu_kernels.c
+
+
+def sample(logits: torch.Tensor, uniform: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Tokens ``[B]`` and their log-probs for ``logits [B, V]`` (float32 CPU) sampled at temperature 1
+    without truncation, inverse CDF with ``uniform [B]`` over chunks of ``chunk`` tokens, without a
+    ``[B, V]`` intermediate. None when the shape is outside the kernel's limits (use PyTorch)."""
+    lib = _need()
+    z, u = _ok("logits", logits), _ok("uniform", uniform)
+    bsz, vocab = z.shape
+    if u.shape != (bsz,):
+        raise ValueError(f"uniform must be [{bsz}]")
+    if chunk <= 0 or vocab % chunk or vocab // chunk > MAX_CHUNKS:
+        return None
+    tokens = torch.empty(bsz, dtype=torch.int64)
+    logprobs = torch.empty(bsz, dtype=torch.float32)
+    if lib.tao_sample_f32(z.data_ptr(), u.data_ptr(), tokens.data_ptr(), logprobs.data_ptr(), bsz, vocab, chunk) != 0:
+        return None
+    return tokens, logprobs
+
+
+def _need() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the native CPU kernels are not available: {_reason}")
+    return lib
 
 
 def check_table(block_table: torch.Tensor, lengths: torch.Tensor, num_blocks: int, block_size: int) -> None:

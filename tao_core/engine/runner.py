@@ -183,12 +183,26 @@ class LlamaRunner:
         self.fused_norm = self.param_dtype == torch.float32
         # decode attention in place over the cache blocks (native kernel), else gathered + SDPA
         self.native_attention = self._native_fits()
+        # the glue between the linears (residual add + RMSNorm, RoPE + cache write, SiLU * up) as
+        # native kernels, when every norm and activation is one whose math they implement
+        self.native_ops = self.native_attention and self._plain_llama_glue()
 
     def _native_fits(self) -> bool:
         if self.device.type != "cpu" or self.param_dtype != torch.float32 or native.library() is None:
             return False
-        max_group, max_dim, _ = native.LIMITS
-        return self.group <= max_group and self.head_dim <= max_dim
+        max_group, max_dim, _, max_heads = native.LIMITS
+        return self.group <= max_group and self.head_dim <= max_dim and self.num_heads <= max_heads
+
+    def _plain_llama_glue(self) -> bool:
+        norms = [self.core.norm]
+        for layer in self.core.layers:
+            norms += [layer.input_layernorm, layer.post_attention_layernorm]
+            if hasattr(layer.self_attn, "q_norm"):
+                norms += [layer.self_attn.q_norm, layer.self_attn.k_norm]
+            act = layer.mlp.act_fn
+            if not (isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"):
+                return False
+        return all(type(n).__name__ in RMS_NORMS and n.weight.dtype == torch.float32 for n in norms) and self.head_dim % 2 == 0
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -221,6 +235,8 @@ class LlamaRunner:
         t, lin, norm = token_ids.shape[0], self.linear, self.norm
         h = self.core.embed_tokens(token_ids)  # a new tensor, updated in place below
         cos, sin = self.core.rotary_emb(h, positions.unsqueeze(0))
+        if self.native_ops and cache.dtype == torch.float32:
+            return self._forward_native(h, cos[0].contiguous(), sin[0].contiguous(), slots, cache, attend)
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, head_dim]
         half = self.head_dim // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
@@ -239,6 +255,31 @@ class LlamaRunner:
             m, r = layer.mlp, norm(layer.post_attention_layernorm, h)
             h += lin(m.down_proj, m.act_fn(lin(m.gate_proj, r)).mul_(lin(m.up_proj, r)))
         return norm(self.core.norm, h)
+
+    def _forward_native(self, h, cos, sin, slots, cache, attend) -> torch.Tensor:
+        """:meth:`forward` with the glue between linears in native kernels (same math, fewer passes)."""
+        t, lin, nh, kvh, d = h.shape[0], self.linear, self.num_heads, self.num_kv_heads, self.head_dim
+        rows = cache.k[0].numel() // (kvh * d)
+        if t and (int(slots.min()) < 0 or int(slots.max()) >= rows):
+            raise ValueError(f"cache slots must be in [0, {rows})")
+        layers = self.core.layers
+        first = layers[0].input_layernorm
+        r = native.add_rmsnorm(h, None, first.weight, first.variance_epsilon)
+        for i, layer in enumerate(layers):
+            attn = layer.self_attn
+            q = lin(attn.q_proj, r).view(t, nh, d)
+            k = lin(attn.k_proj, r).view(t, kvh, d)
+            v = lin(attn.v_proj, r).view(t, kvh, d)
+            if hasattr(attn, "q_norm"):
+                q, k = self.norm(attn.q_norm, q).contiguous(), self.norm(attn.k_norm, k).contiguous()
+            native.rope_store(q, k, v, cos, sin, slots, cache.k[i], cache.v[i], check=False)
+            post = layer.post_attention_layernorm
+            r = native.add_rmsnorm(h, lin(attn.o_proj, attend(i, q, k, v)), post.weight, post.variance_epsilon)
+            m = layer.mlp
+            gate = native.silu_mul(lin(m.gate_proj, r).contiguous(), lin(m.up_proj, r))
+            nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.core.norm
+            r = native.add_rmsnorm(h, lin(m.down_proj, gate), nxt.weight, nxt.variance_epsilon)
+        return r
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, vocab]`` float32 logits for ``[N, hidden]`` final hidden states."""

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tao_core.engine import native
+
 
 @dataclass
 class SamplingBatch:
@@ -123,6 +125,20 @@ def draw(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return (ci * c + ti).squeeze(-1)
 
 
+_NATIVE: bool | None = None
+
+
+def native_sampling(enable: bool | None = None) -> bool:
+    """Whether unfiltered float32 CPU rows are drawn by the native kernel (the same definition, one
+    pass over the logits less and no ``[B, V]`` intermediate); ``enable`` sets it (tests compare)."""
+    global _NATIVE
+    if enable is not None:
+        _NATIVE = enable
+    if _NATIVE is None:
+        _NATIVE = native.library() is not None
+    return _NATIVE
+
+
 def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row; return ``(tokens [B] int64, logprobs [B] float32)``.
 
@@ -133,6 +149,11 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.
     z = logits.float()
     if b.any_temperature:
         z = z / b.temperature.unsqueeze(-1)
+    filtered = b.any_top_k or b.any_top_p or b.any_min_p
+    if b.any_sampled and not b.any_greedy and not filtered and z.device.type == "cpu" and native_sampling():
+        out = native.sample(z, b.uniform, _chunk_size(z.shape[-1]))
+        if out is not None:
+            return out
     if not b.any_sampled:
         tokens = z.argmax(-1)
         lse = torch.logsumexp(z, dim=-1, keepdim=True)
@@ -140,7 +161,7 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.
         zmax = z.amax(-1, keepdim=True)
         e = torch.sub(z, zmax).exp_()
         lse = zmax + e.sum(-1, keepdim=True).log_()
-        weights = filtered_probs(z - lse, b) if b.any_top_k or b.any_top_p or b.any_min_p else e
+        weights = filtered_probs(z - lse, b) if filtered else e
         tokens = draw(weights, b.uniform)
         if b.any_greedy:
             tokens = torch.where(b.greedy, z.argmax(-1), tokens)
