@@ -10,6 +10,12 @@ time, which other processes sharing the core do not inflate (with one thread it 
 the run would take alone, up to cache and memory-bandwidth sharing). CSV rows go to stdout (and are
 appended to ``--out``).
 
+The ``matmul-bound`` row is not a provider: it times the decode step's matrix products alone (every
+layer's projections and the LM head, on the model's own weights, through the engine's linear, at
+the scenario's batch of rows; fastest of 5 steps) and reports the tokens/s a decode step would reach
+if it cost nothing else: no attention, sampling, prefill or glue. No engine running these weights in
+this dtype on this machine can beat it, so its ``speedup_vs_hf`` says how far a target is reachable.
+
     python bench/engine.py            # scenarios (a) 32 prompts x 128, (b) 8 prompts x n=16 x 128
     python bench/engine.py --quick    # smaller shapes, under 3 minutes on a CPU
 """
@@ -63,6 +69,29 @@ def run_engine(engine: Engine, prompts: list[list[int]], n: int, new_tokens: int
 
 
 @torch.inference_mode()
+def matmul_step_seconds(engine: Engine, rows: int, repeats: int = 5) -> float:
+    """Fastest time of one decode step's matrix products alone for ``rows`` sequences."""
+    r = engine.runner
+    cfg = r.config
+    x = torch.randn(rows, cfg.hidden_size, dtype=r.param_dtype, device=r.device)
+    a = torch.randn(rows, r.num_heads * r.head_dim, dtype=r.param_dtype, device=r.device)
+    m = torch.randn(rows, cfg.intermediate_size, dtype=r.param_dtype, device=r.device)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first is a warm-up
+        start = time.perf_counter()
+        for layer in r.core.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for module, inp in ((attn.q_proj, x), (attn.k_proj, x), (attn.v_proj, x), (attn.o_proj, a),
+                                (mlp.gate_proj, x), (mlp.up_proj, x), (mlp.down_proj, m)):
+                r.linear(module, inp)
+        r.linear(r.lm_head, x)
+        if r.device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@torch.inference_mode()
 def run_hf(model, pad_id: int, prompts: list[list[int]], n: int, new_tokens: int) -> int:
     from transformers import GenerationConfig
 
@@ -87,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--scenarios", default="a,b")
-    ap.add_argument("--providers", default="engine,hf")
+    ap.add_argument("--providers", default="engine,hf,bound", help="engine, hf, bound (the matmul-bound row)")
     ap.add_argument("--prompts", default=str(HERE / "prompts.jsonl"))
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per provider, taken in turns; the fastest is reported")
@@ -114,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
         prompts = all_ids[:n_prompts]
         fns = {}
         for provider in args.providers.split(","):
+            if provider == "bound":
+                continue
             if provider == "engine":
                 fns[provider] = lambda ps, k, t: run_engine(engine, ps, k, t)  # noqa: E731
             else:
@@ -144,6 +175,19 @@ def main(argv: list[str] | None = None) -> None:
             row = rows[-len(speed) + list(speed).index("engine")]
             row["speedup_vs_hf"] = round(speed["engine"] / speed["hf"], 2)
             row["cpu_speedup_vs_hf"] = round(cpu_speed["engine"] / cpu_speed["hf"], 2)
+        if "bound" in args.providers.split(","):
+            step = matmul_step_seconds(engine, n_prompts * n)
+            tokens = n_prompts * n * new_tokens
+            seconds = step * new_tokens
+            row = {
+                **common, "scenario": name, "provider": "matmul-bound", "prompts": n_prompts, "n": n,
+                "new_tokens": new_tokens, "tokens": tokens, "seconds": round(seconds, 2),
+                "tokens_per_s": round(tokens / seconds, 1),
+                "speedup_vs_hf": round(tokens / seconds / speed["hf"], 2) if "hf" in speed else "",
+                "cpu_seconds": "", "cpu_tokens_per_s": "", "cpu_speedup_vs_hf": "", "repeats": 5, "all_seconds": "",
+            }
+            rows.append(row)
+            speed["bound"] = tokens / seconds
         for row in rows[-len(speed) :]:
             writer.writerow(row)
         sys.stdout.flush()
