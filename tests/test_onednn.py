@@ -57,3 +57,33 @@ class _plain:
 
     def __exit__(self, *exc) -> None:
         return None
+
+
+@pytest.mark.skipif(not onednn.available(), reason="oneDNN does not agree with F.linear here")
+def test_k_major_weights_keep_values_parameters_and_gradients():
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 97, (2, 11))
+    params = dict(model.named_parameters())
+    before = {k: v.detach().clone() for k, v in params.items()}
+    ref_loss = model(ids, labels=ids).loss
+    ref = torch.autograd.grad(ref_loss, list(params.values()))
+
+    relaid = onednn.k_major_linears(model)
+    assert relaid == 2 * 7  # q, k, v, o, gate, up, down per layer; the LM head is tied to the embedding
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert q is params["model.layers.0.self_attn.q_proj.weight"] and q.stride() == (1, q.shape[0])
+    assert model.lm_head.weight.is_contiguous()  # tied: left as it was
+    for k, v in model.named_parameters():
+        assert torch.equal(v, before[k]), k
+    with onednn.onednn_linears(model):
+        loss = model(ids, labels=ids).loss
+    grads = torch.autograd.grad(loss, list(params.values()))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(params, grads, ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+        assert got.stride() == params[name].stride(), name  # gradients in the weights' own layout
+    assert onednn.k_major_linears(model) == 0  # already K-major: nothing to do

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from tao_core.engine.cache import BlockKVCache, kv_bytes_per_token
+from tao_core.engine.linear import module_linear
 from tao_core.engine.runner import LlamaRunner, PrefillSeq, decode_batch
 from tao_core.engine.sampler import SamplingBatch, sample
 from tao_core.engine.scheduler import EngineRequest, EngineResult, Group, SampleResult, Scheduler, Sequence
 from tao_core.errors import TaoInputError
+from tao_core.onednn import k_major_linears
 
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads the per-sample seeds of one request apart
 
@@ -30,6 +32,7 @@ class EngineConfig:
     block_size: int = 16  # tokens per cache block; prefixes are shared in whole blocks
     max_running: int = 256  # sequences decoded together at most
     max_prefill_tokens: int = 4096  # new prompt tokens per prefill forward (one prompt always goes in)
+    k_major_weights: bool = True  # float32 CPU: store Linear weights K-major once (tao_core.onednn.k_major_linears)
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -53,6 +56,8 @@ class Engine:
         self.config = config or EngineConfig()
         self.model = model
         self.runner = LlamaRunner(model)
+        if self.config.k_major_weights and self.runner.linear is not module_linear:
+            k_major_linears(model)
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         r = self.runner
         per_token = kv_bytes_per_token(r.num_layers, r.num_kv_heads, r.head_dim, r.param_dtype)
