@@ -21,6 +21,59 @@
 #define TAO_MAX_HEADS 64   /* query heads */
 #define TAO_MAX_CHUNKS 8192 /* vocabulary chunks of the sampler's two-level draw */
 
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define TAO_AVX512 1
+
+/* Lane j of the result is the sum of the 16 lanes of v[j] (a transpose-and-add tree: 45 ops for
+ * 16 dot products instead of 16 separate horizontal reductions). */
+static inline __m512 tao_hsum16(const __m512 *v) {
+    __m512 w[8], x[4];
+    for (int i = 0; i < 8; i++)
+        w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        const __m512d a = _mm512_castps_pd(w[2 * i]), b = _mm512_castps_pd(w[2 * i + 1]);
+        x[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    const __m512 z0 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x88), _mm512_shuffle_f32x4(x[0], x[1], 0xDD));
+    const __m512 z1 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x88), _mm512_shuffle_f32x4(x[2], x[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, 0x88), _mm512_shuffle_f32x4(z0, z1, 0xDD));
+}
+
+/* out[j] = dot(qrow, k_j) for the cnt <= 16 keys k_j = kb + j * tok (lanes past cnt: 0);
+ * nd = D / 16 vectors per row. */
+static inline void tao_scores16(const float *qrow, const float *kb, int64_t tok, int64_t cnt, int64_t nd, float *out) {
+    __m512 acc[16];
+    for (int64_t j = 0; j < 16; j++) {
+        if (j < cnt) {
+            const float *kj = kb + j * tok;
+            __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qrow), _mm512_loadu_ps(kj));
+            for (int64_t c = 1; c < nd; c++) a = _mm512_fmadd_ps(_mm512_loadu_ps(qrow + 16 * c), _mm512_loadu_ps(kj + 16 * c), a);
+            acc[j] = a;
+        } else {
+            acc[j] = _mm512_setzero_ps();
+        }
+    }
+    _mm512_storeu_ps(out, tao_hsum16(acc));
+}
+
+/* acc += sum_j p[j] * v_j over cnt values v_j = vb + j * tok, with the ND accumulators in registers */
+#define TAO_PV(ND)                                                                                   \
+    static inline void tao_pv##ND(float *acc, const float *p, const float *vb, int64_t tok, int64_t cnt) { \
+        __m512 a[ND];                                                                                \
+        for (int c = 0; c < ND; c++) a[c] = _mm512_loadu_ps(acc + 16 * c);                           \
+        for (int64_t j = 0; j < cnt; j++) {                                                          \
+            const __m512 pj = _mm512_set1_ps(p[j]);                                                  \
+            const float *vj = vb + j * tok;                                                          \
+            for (int c = 0; c < ND; c++) a[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vj + 16 * c), a[c]); \
+        }                                                                                            \
+        for (int c = 0; c < ND; c++) _mm512_storeu_ps(acc + 16 * c, a[c]);                           \
+    }
+TAO_PV(4)
+TAO_PV(8)
+#endif
+
 int tao_limits(int64_t *out) {
     out[0] = TAO_MAX_GROUP;
     out[1] = TAO_MAX_DIM;
@@ -76,6 +129,13 @@ int tao_decode_attention_f32(const float *q, const float *kc, const float *vc, c
                     __builtin_prefetch(vn + off);
                 }
             }
+#ifdef TAO_AVX512
+            if (D % 16 == 0) {
+                for (int64_t j0 = 0; j0 < cnt; j0 += 16)
+                    for (int64_t r = 0; r < H; r++)
+                        tao_scores16(qs[r], kb + j0 * tok + (r / G) * D, tok, cnt - j0 < 16 ? cnt - j0 : 16, D / 16, &s[r][j0]);
+            } else
+#endif
             for (int64_t j = 0; j < cnt; j++) {
                 for (int64_t h = 0; h < KVH; h++) {
                     const float *kj = kb + j * tok + h * D;
@@ -102,6 +162,14 @@ int tao_decode_attention_f32(const float *q, const float *kc, const float *vc, c
                 if (corr != 1.0f)
                     for (int64_t d = 0; d < D; d++) acc[r][d] *= corr;
             }
+#ifdef TAO_AVX512
+            if (D == 64 || D == 128) {
+                for (int64_t r = 0; r < H; r++) {
+                    if (D == 64) tao_pv4(acc[r], s[r], vb + (r / G) * D, tok, cnt);
+                    else tao_pv8(acc[r], s[r], vb + (r / G) * D, tok, cnt);
+                }
+            } else
+#endif
             for (int64_t j = 0; j < cnt; j++) {
                 for (int64_t h = 0; h < KVH; h++) {
                     const float *vj = vb + j * tok + h * D;
