@@ -2,7 +2,8 @@
 
 Both providers get the same prompt token ids (bench/prompts.jsonl through the chat template), the
 same sampling settings (temperature 1, no truncation) and exactly ``new_tokens`` new tokens per
-sample (end-of-sequence ignored). Each provider is warmed up first; a timed run is one call, and
+sample (end-of-sequence ignored). The engine starts every run with an empty prefix index, as
+``generate`` does; within a run, prompts share the blocks of their common system prompt. Each provider is warmed up first; a timed run is one call, and
 with ``--repeats N`` the providers take turns N times and the fastest run of each is reported (on a
 shared machine the fastest run is the one least slowed by other processes). ``tokens_per_s``
 counts new tokens only, per wall-clock second; ``cpu_tokens_per_s`` per second of this process's CPU
@@ -63,6 +64,9 @@ def device_name(device: torch.device) -> str:
 
 
 def run_engine(engine: Engine, prompts: list[list[int]], n: int, new_tokens: int) -> int:
+    # start cold: no prompt blocks kept from an earlier run (Hugging Face recomputes its prompts
+    # every call); blocks shared inside this call (the chat template's system prompt) still count
+    engine.cache.invalidate()
     params = SamplingParams(n=n, temperature=1.0, max_new_tokens=new_tokens, seed=0)
     results = engine.generate([EngineRequest(p, params, ignore_eos=True) for p in prompts])
     return sum(len(s.token_ids) for r in results for s in r.samples)
