@@ -140,11 +140,16 @@ def test_train_window_resets_the_peak_and_keeps_the_earlier_one():
     early = _touched(160)
     early_peak = sides.status_mb("VmHWM")
     del early  # a large bytearray is its own mapping: freed back to the system
-    window.open()
-    start = sides.status_mb("VmRSS")
-    block = _touched(64)
-    window.close()
-    del block
+    # the kernel's resident-size counters are per-CPU and folded lazily, so after a long test
+    # session one window can miss its own pages; up to three tries
+    for _ in range(3):
+        window.open()
+        start = sides.status_mb("VmRSS")
+        block = _touched(64)
+        window.close()
+        del block
+        if window.peak >= start + 60:
+            break
     assert start + 60 <= window.peak < early_peak - 60  # the window saw its own 64 MB, not the earlier 160
     assert window.process_peak() >= early_peak - 1  # the whole process keeps the earlier peak (counters lag ~0.2 MB)
     assert window.cpu_s is not None and window.cpu_s >= 0
