@@ -136,17 +136,13 @@ int tao_decode_attention_f32(const float *q, const float *kc, const float *vc, c
                         tao_scores16(qs[r], kb + j0 * tok + (r / G) * D, tok, cnt - j0 < 16 ? cnt - j0 : 16, D / 16, &s[r][j0]);
             } else
 #endif
-            for (int64_t j = 0; j < cnt; j++) {
-                for (int64_t h = 0; h < KVH; h++) {
-                    const float *kj = kb + j * tok + h * D;
-                    for (int64_t g = 0; g < G; g++) {
-                        const int64_t r = h * G + g;
-                        float dot = 0.0f;
-                        for (int64_t d = 0; d < D; d++) dot += qs[r][d] * kj[d];
-                        s[r][j] = dot;
-                    }
+            for (int64_t j = 0; j < cnt; j++) /* query head r reads KV head r / G */
+                for (int64_t r = 0; r < H; r++) {
+                    const float *kj = kb + j * tok + (r / G) * D;
+                    float dot = 0.0f;
+                    for (int64_t d = 0; d < D; d++) dot += qs[r][d] * kj[d];
+                    s[r][j] = dot;
                 }
-            }
             for (int64_t r = 0; r < H; r++) {
                 float mx = m[r];
                 for (int64_t j = 0; j < cnt; j++) mx = s[r][j] > mx ? s[r][j] : mx;
@@ -170,16 +166,11 @@ int tao_decode_attention_f32(const float *q, const float *kc, const float *vc, c
                 }
             } else
 #endif
-            for (int64_t j = 0; j < cnt; j++) {
-                for (int64_t h = 0; h < KVH; h++) {
-                    const float *vj = vb + j * tok + h * D;
-                    for (int64_t g = 0; g < G; g++) {
-                        const int64_t r = h * G + g;
-                        const float p = s[r][j];
-                        for (int64_t d = 0; d < D; d++) acc[r][d] += p * vj[d];
-                    }
+            for (int64_t r = 0; r < H; r++)
+                for (int64_t j = 0; j < cnt; j++) {
+                    const float *vj = vb + j * tok + (r / G) * D;
+                    for (int64_t d = 0; d < D; d++) acc[r][d] += s[r][j] * vj[d];
                 }
-            }
         }
         float *ob = out + b * H * D;
         for (int64_t r = 0; r < H; r++) {
