@@ -166,7 +166,7 @@ def library() -> ctypes.CDLL | None:
         problem = f"could not build or load the native CPU kernels: {e}"
     if problem:
         _reason = problem
-        log.warning("%s; the engine uses its PyTorch attention", problem)
+        log.warning("%s; the engine runs its PyTorch path instead", problem)
         return None
     _lib = lib
     return _lib
