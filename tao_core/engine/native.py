@@ -198,12 +198,10 @@ def decode_attention(
     :func:`check_table` and passes ``check=False``.
     """
     lib = lib or _need()
-    q, table, lengths = q.contiguous(), block_table.contiguous(), lengths.contiguous()
+    q, table, lengths = _ok("q", q), block_table.contiguous(), lengths.contiguous()
     b, h, d = q.shape
     _, bs, kvh, _ = k_cache.shape
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous float32 CPU tensor, got {t.dtype} on {t.device}")
+    _cache_layers(k_cache, v_cache, kvh, d)
     if table.dtype != torch.int64 or lengths.dtype != torch.int64 or table.shape[0] != b or lengths.shape != (b,):
         raise ValueError(f"block_table must be [{b}, blocks] and lengths [{b}], both int64")
     if check:
@@ -222,6 +220,24 @@ def _ok(name: str, t: torch.Tensor) -> torch.Tensor:
     if t.dtype != torch.float32 or t.device.type != "cpu":
         raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
     return t.contiguous()
+
+
+def _cache_layers(k_cache: torch.Tensor, v_cache: torch.Tensor, kvh: int, d: int) -> None:
+    """Raise ValueError unless both are one layer of the cache as the kernels index it: contiguous
+    float32 CPU ``[blocks, bs, kvh, d]`` of the same shape (they are read and written in place)."""
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.dtype != torch.float32 or c.device.type != "cpu" or not c.is_contiguous() or c.dim() != 4 or c.shape[-2:] != (kvh, d):
+            raise ValueError(f"{name} must be a contiguous float32 CPU [blocks, bs, {kvh}, {d}] tensor, "
+                             f"got {c.dtype} {tuple(c.shape)} on {c.device}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache {tuple(v_cache.shape)} must have the shape of k_cache {tuple(k_cache.shape)}")
+
+
+def check_slots(slots: torch.Tensor, k_cache: torch.Tensor) -> None:
+    """Raise ValueError unless every slot is a token row of the cache layer ``[blocks, bs, KVH, D]``."""
+    rows = k_cache.shape[0] * k_cache.shape[1]
+    if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= rows):
+        raise ValueError(f"cache slots must be in [0, {rows})")
 
 
 def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -258,14 +274,11 @@ def rope_store(
     v, cos, sin = _ok("v", v), _ok("cos", cos), _ok("sin", sin)
     if k.shape != (t, kvh, d) or v.shape != k.shape or cos.shape != (t, d) or sin.shape != (t, d):
         raise ValueError(f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, cos/sin {tuple(cos.shape)} do not fit")
-    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if c.dtype != torch.float32 or not c.is_contiguous() or c.shape[-2:] != (kvh, d):
-            raise ValueError(f"{name} must be a contiguous float32 [blocks, bs, {kvh}, {d}] tensor")
+    _cache_layers(k_cache, v_cache, kvh, d)
     if slots.dtype != torch.int64 or slots.shape != (t,):
         raise ValueError(f"slots must be int64 [{t}]")
-    rows = k_cache.numel() // (kvh * d)
-    if check and t and (int(slots.min()) < 0 or int(slots.max()) >= rows):
-        raise ValueError(f"cache slots must be in [0, {rows})")
+    if check:
+        check_slots(slots, k_cache)
     rc = lib.tao_rope_store_f32(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.contiguous().data_ptr(),
         k_cache.data_ptr(), v_cache.data_ptr(), t, h, kvh, d,

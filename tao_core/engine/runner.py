@@ -259,9 +259,7 @@ class LlamaRunner:
     def _forward_native(self, h, cos, sin, slots, cache, attend) -> torch.Tensor:
         """:meth:`forward` with the glue between linears in native kernels (same math, fewer passes)."""
         t, lin, nh, kvh, d = h.shape[0], self.linear, self.num_heads, self.num_kv_heads, self.head_dim
-        rows = cache.k[0].numel() // (kvh * d)
-        if t and (int(slots.min()) < 0 or int(slots.max()) >= rows):
-            raise ValueError(f"cache slots must be in [0, {rows})")
+        native.check_slots(slots, cache.k[0])  # once: every layer writes the same slots
         layers = self.core.layers
         first = layers[0].input_layernorm
         r = native.add_rmsnorm(h, None, first.weight, first.variance_epsilon)
