@@ -236,15 +236,16 @@ class Engine:
         pos_list = [n - 1 for n in lengths]
         slots = torch.tensor([s.blocks[p // bs] * bs + p % bs for s, p in zip(running, pos_list, strict=True)], device=dev)
         pos = torch.tensor(pos_list, dtype=torch.int64, device=dev)
-        # samples of one request decoded together share its full prompt blocks (cascade attention
-        # on the PyTorch path; the native kernel reads them in place, adjacent in the batch)
+        # samples of one request decoded together share its full prompt blocks: cascade attention on
+        # the PyTorch path; the native kernel reads them in place (they are adjacent in the batch)
+        gathered = not self.runner.native_decode(self.cache)
         count: dict[int, int] = {}
         for s in running:
             count[id(s.group)] = count.get(id(s.group), 0) + 1
-        cascade = not self.runner.native_attention
-        shared = [len(s.group.prompt) // bs if cascade and count[id(s.group)] > 1 else 0 for s in running]
+        shared = [len(s.group.prompt) // bs if gathered and count[id(s.group)] > 1 else 0 for s in running]
         batch = decode_batch(
-            [s.blocks for s in running], lengths, [id(s.group) for s in running], shared, bs, self.cache.dtype, dev
+            [s.blocks for s in running], lengths, [id(s.group) for s in running], shared, bs, self.cache.dtype, dev,
+            gathered=gathered,
         )
         hidden = self.runner.forward(ids, pos, slots, self.cache, self.runner.decode_attend(self.cache, batch))
         rows = [(s, len(s.generated), s.uniforms) for s in running]

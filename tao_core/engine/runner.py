@@ -70,11 +70,12 @@ class SharedPrefix:
 class DecodeBatch:
     """One new token for each of ``B`` sequences."""
 
-    block_table: torch.Tensor  # [B, max_blocks] int64: blocks after the shared prefix; padding -> block 0
-    mask: torch.Tensor  # [B, 1, 1, max_blocks * block_size] float: 0 where a key is attended, -inf not
+    full_table: torch.Tensor  # [B, all_blocks] int64: every block of each sequence; padding -> block 0
+    lengths: torch.Tensor  # [B] int64: context lengths, the new token included
+    # for the PyTorch path's gathered attention only (None when the native kernel reads full_table):
+    block_table: torch.Tensor | None = None  # [B, max_blocks] int64: blocks after the shared prefix
+    mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] float: 0 where attended, -inf not
     prefix: SharedPrefix | None = None  # None: every block is in block_table
-    full_table: torch.Tensor | None = None  # [B, all_blocks] int64: every block of each sequence
-    lengths: torch.Tensor | None = None  # [B] int64: context lengths, the new token included
 
 
 def decode_batch(
@@ -85,14 +86,19 @@ def decode_batch(
     block_size: int,
     dtype: torch.dtype,
     device: torch.device,
+    *,
+    gathered: bool = True,
 ) -> DecodeBatch:
     """The decode batch of sequences with blocks ``tables``, contexts ``lengths`` (the new token
     included), group ids ``groups``, and ``shared[i]`` leading blocks that sequence i shares with
-    the other members of its group (0: attended as its own)."""
+    the other members of its group (0: attended as its own). ``gathered=False``: only the full
+    tables and lengths, all the native kernel reads."""
     bs = block_size
     as_t = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
     width = max(len(t) for t in tables)
-    full = as_t([t + [0] * (width - len(t)) for t in tables])
+    full, lens = as_t([t + [0] * (width - len(t)) for t in tables]), as_t(lengths)
+    if not gathered:
+        return DecodeBatch(full, lens)
     own = [t[f:] for t, f in zip(tables, shared, strict=True)]
     own_len = [n - f * bs for n, f in zip(lengths, shared, strict=True)]
 
@@ -109,7 +115,7 @@ def decode_batch(
         if f:
             members.setdefault(g, []).append(i)
     if not members:
-        return DecodeBatch(table, mask, None, full, as_t(lengths))
+        return DecodeBatch(full, lens, table, mask)
     width = max(len(m) for m in members.values())
     slot_rows, rows, slots = [], [], []
     for gi, m in enumerate(members.values()):
@@ -120,7 +126,7 @@ def decode_batch(
     firsts = [m[0] for m in members.values()]
     pre_table, pre_mask = padded([tables[i][: shared[i]] for i in firsts], [shared[i] * bs for i in firsts])
     prefix = SharedPrefix(pre_table, pre_mask, as_t(slot_rows), as_t(rows), as_t(slots))
-    return DecodeBatch(table, mask, prefix, full, as_t(lengths))
+    return DecodeBatch(full, lens, table, mask, prefix)
 
 
 @dataclass
@@ -192,6 +198,11 @@ class LlamaRunner:
             return False
         max_group, max_dim, _, max_heads = native.LIMITS
         return self.group <= max_group and self.head_dim <= max_dim and self.num_heads <= max_heads
+
+    def native_decode(self, cache: BlockKVCache) -> bool:
+        """Whether decode attention over ``cache`` runs in the native kernel (the engine then builds
+        only full block tables, :func:`decode_batch` with ``gathered=False``)."""
+        return self.native_attention and cache.dtype == torch.float32 and cache.block_size <= native.LIMITS[2]
 
     def _plain_llama_glue(self) -> bool:
         norms = [self.core.norm]
@@ -295,14 +306,9 @@ class LlamaRunner:
         from memory once per layer bounds this step, so a prefix shared by a request's samples is
         read once for all of them (:class:`SharedPrefix`), not once per sample.
         """
-        bsz, nblocks = batch.block_table.shape
+        bsz = batch.lengths.shape[0]
         kvh, g, d = self.num_kv_heads, self.group, self.head_dim
-        if (
-            self.native_attention
-            and batch.full_table is not None
-            and cache.dtype == torch.float32
-            and cache.block_size <= native.LIMITS[2]
-        ):
+        if self.native_decode(cache):
             table, lengths = batch.full_table, batch.lengths
             native.check_table(table, lengths, cache.num_blocks, cache.block_size)
             heads, scale = self.num_heads, self.scale
@@ -312,6 +318,8 @@ class LlamaRunner:
                 return out.view(bsz, heads * d)
 
             return attend_native
+        if batch.block_table is None:
+            raise ValueError("this decode batch has no gathered tables (decode_batch(gathered=False)) for the PyTorch path")
         flat_table = batch.block_table.flatten()
         pre = batch.prefix
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # also returns the log-sum-exp
