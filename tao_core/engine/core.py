@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from tao_core.engine.cache import BlockKVCache, kv_bytes_per_token
-from tao_core.engine.linear import module_linear
 from tao_core.engine.runner import LlamaRunner, PrefillSeq, decode_batch
 from tao_core.engine.sampler import SamplingBatch, sample
 from tao_core.engine.scheduler import EngineRequest, EngineResult, Group, SampleResult, Scheduler, Sequence
@@ -56,8 +55,8 @@ class Engine:
         self.config = config or EngineConfig()
         self.model = model
         self.runner = LlamaRunner(model)
-        if self.config.k_major_weights and self.runner.linear is not module_linear:
-            k_major_linears(model)
+        if self.config.k_major_weights:
+            k_major_linears(model)  # float32 CPU Linear weights, when oneDNN is used; others are left as they are
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         r = self.runner
         per_token = kv_bytes_per_token(r.num_layers, r.num_kv_heads, r.head_dim, r.param_dtype)
