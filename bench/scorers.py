@@ -1,5 +1,7 @@
 """Scorer throughput with the cache off: ``sql-exec`` on the Spider sample databases.
 
+The sample ships in ``tests/data/spider-sample`` (two databases, 87 questions; see its LICENSE.md).
+
 Each of the 87 Spider sample questions becomes a group of 8 candidates, all distinct queries (the
 gold query, wrappers of it that return the same or a different result, a wrong query, a failing
 one), so the scorer's de-duplication within a group never saves an execution. Prints CSV rows:
@@ -8,6 +10,9 @@ the median over ``--repeats`` passes of candidates scored per second, directly
 call per group), for each mode.
 
     .venv/bin/python bench/scorers.py [--repeats 7] [--append results.csv]
+
+``sql-exec`` runs each group's queries in a worker process (``tao_plugins.scorers.sql_pool``); the
+first pass of each row warms the pool and the connections and is not timed.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ import argparse
 import csv
 import datetime
 import io
-import json
 import platform
 import sqlite3
 import statistics
@@ -26,19 +30,20 @@ from pathlib import Path
 
 from tao_plugins.scorers.sql import SqlExecScorer
 
+from tao_core.records import read_records
 from tao_core.scoring import ScorerLimits, score_groups
 from tao_core.types import Candidate, Prompt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import append_csv  # noqa: E402
 
-SPIDER = Path(__file__).resolve().parents[2] / "shared" / "data" / "spider-sample"
+SPIDER = Path(__file__).resolve().parents[1] / "tests" / "data" / "spider-sample"
 FIELDS = ["bench", "path", "mode", "groups", "group_size", "candidates", "seconds_median", "candidates_per_s",
           "cpu", "python", "sqlite", "date"]
 
 
 def workload(spider: Path) -> tuple[list[Prompt], list[list[Candidate]]]:
-    questions = [json.loads(line) for line in (spider / "questions.jsonl").read_text().splitlines() if line.strip()]
+    questions = [q for _, q in read_records(spider / "questions.jsonl")]
     prompts, groups = [], []
     for i, q in enumerate(questions):
         gold = q["gold_sql"].strip().rstrip(";")
@@ -52,6 +57,17 @@ def workload(spider: Path) -> tuple[list[Prompt], list[list[Candidate]]]:
     return prompts, groups
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``lscpu``'s), else the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7, help="timed passes per row (median reported)")
@@ -61,12 +77,12 @@ def main() -> None:
         sys.exit(f"bench/scorers.py: the Spider sample is missing at {SPIDER}")
     prompts, groups = workload(SPIDER)
     n_cands = sum(len(g) for g in groups)
-    meta = {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+    meta = {"cpu": cpu_model(), "python": platform.python_version(),
             "sqlite": sqlite3.sqlite_version, "date": datetime.date.today().isoformat()}
     rows = []
     for mode in ("consensus", "executes", "gold"):
         for path in ("direct", "score_groups"):
-            scorer = SqlExecScorer(mode=mode)
+            scorer = SqlExecScorer(mode=mode, allowed_dirs=[SPIDER])
             times = []
             for _ in range(args.repeats + 1):  # the first pass warms the connection pool
                 t0 = time.perf_counter()

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tao_core.errors import ModelLoadError, TaoInputError
+from tao_core.records import read_records
 
 T = TypeVar("T")
 
@@ -142,24 +143,14 @@ def load_pairs(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> tuple
     Every bad row is found before anything is raised: without ``skip_bad_rows`` the error lists them
     all (the first 20) by line number; with it they are returned in ``skipped``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise TaoInputError(f"{path}: pairs file not found")
+    records = read_records(path, on_error="skip")
     pairs: list[PreferencePair] = []
-    bad: list[tuple[int, str]] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as e:
-                bad.append((lineno, f"invalid JSON ({e.msg} at column {e.colno})"))
-                continue
-            try:
-                pairs.append(pair_from_row(row, lineno))
-            except TaoInputError as e:
-                bad.append((lineno, str(e)))
+    for lineno, row in records:
+        try:
+            pairs.append(pair_from_row(row, lineno))
+        except TaoInputError as e:
+            records.reject(lineno, str(e))
+    bad = records.skipped
     if bad and not skip_bad_rows:
         listed = "\n".join(f"  {path}:{line}: {why}" for line, why in bad[:_MAX_LISTED_ERRORS])
         more = f"\n  ... and {len(bad) - _MAX_LISTED_ERRORS} more" if len(bad) > _MAX_LISTED_ERRORS else ""

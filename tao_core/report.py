@@ -12,13 +12,13 @@ score + train seconds, evaluation and checkpoint writing excluded.
 from __future__ import annotations
 
 import html
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tao_core import report_plots as plots
 from tao_core.errors import TaoInputError
+from tao_core.records import read_json_object
 from tao_core.rundir import RunDir
 
 
@@ -96,13 +96,14 @@ def load_run(run_dir: str | Path) -> RunData:
     metrics = rd.read_metrics()
     if not metrics:
         raise TaoInputError(f"{run_dir}: no metrics.jsonl to report on (is this a tao run directory?)")
-    cfg = json.loads((rd.root / "config.json").read_text()) if (rd.root / "config.json").exists() else {}
+    cfg = read_json_object(rd.root / "config.json") if (rd.root / "config.json").exists() else {}
     data = RunData(rd.root, cfg, cfg.get("kind", "tao"))
     for r in metrics:
-        bucket = {"step": data.steps, "eval": data.evals, "round": data.rounds, "warning": data.warnings}.get(r["type"])
+        kind = r.get("type")
+        bucket = {"step": data.steps, "eval": data.evals, "round": data.rounds, "warning": data.warnings}.get(kind)
         if bucket is not None:
             bucket.append(r)
-        elif r["type"] == "final":
+        elif kind == "final":
             data.final = r
     return data
 

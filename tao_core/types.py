@@ -11,16 +11,18 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from tao_core.errors import TaoInputError
+from tao_core.records import read_records
 
 T = TypeVar("T")
 
 FinishReason = Literal["stop", "length", "error"]
+ROLES = ("system", "user", "assistant")  # chat roles a prompt's messages may take
 ScoreStatus = Literal["ok", "abstain", "error"]
 
 
@@ -41,6 +43,12 @@ def _check_fields(cls: type, data: dict[str, Any], where: str) -> None:
     missing = [n for n in required if n not in data]
     if missing:
         raise TaoInputError(f"{where}: missing field(s) {missing} for {cls.__name__}")
+
+
+def _clip(value: Any, limit: int = 80) -> str:
+    """``repr`` of a bad value, cut short enough for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _Record:
@@ -69,16 +77,28 @@ class Prompt(_Record):
         self.id = str(self.id)
         if (self.messages is None) == (self.text is None):
             raise TaoInputError(f"prompt {self.id!r}: give exactly one of 'messages' or 'text'")
-        if self.text is not None and not self.text.strip():
-            raise TaoInputError(f"prompt {self.id!r}: 'text' is empty")
+        if self.text is not None:
+            if not isinstance(self.text, str):
+                raise TaoInputError(f"prompt {self.id!r}: 'text' must be a string, got {type(self.text).__name__}")
+            if not self.text.strip():
+                raise TaoInputError(f"prompt {self.id!r}: 'text' is empty")
         if self.messages is not None:
             if not isinstance(self.messages, list) or not self.messages:
-                raise TaoInputError(f"prompt {self.id!r}: 'messages' must be a non-empty list")
+                raise TaoInputError(f"prompt {self.id!r}: 'messages' must be a non-empty list of "
+                                    "{'role': ..., 'content': ...} objects")
             for i, m in enumerate(self.messages):
                 if not isinstance(m, dict) or "role" not in m or "content" not in m:
                     raise TaoInputError(
-                        f"prompt {self.id!r}: messages[{i}] needs 'role' and 'content' keys, got {m!r}"
+                        f"prompt {self.id!r}: messages[{i}] needs 'role' and 'content' keys, got {_clip(m)}"
                     )
+                if m["role"] not in ROLES:
+                    raise TaoInputError(f"prompt {self.id!r}: messages[{i}] 'role' must be one of {list(ROLES)}, "
+                                        f"got {_clip(m['role'])}")
+                if not isinstance(m["content"], str):
+                    raise TaoInputError(f"prompt {self.id!r}: messages[{i}] 'content' must be a string, "
+                                        f"got {_clip(m['content'])}")
+            if not any(m["content"].strip() for m in self.messages):
+                raise TaoInputError(f"prompt {self.id!r}: every message's 'content' is empty")
 
     def as_messages(self) -> list[dict[str, str]]:
         """The prompt as a chat: ``messages`` as given, or ``text`` as a single user turn."""
@@ -240,30 +260,16 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Any], *, append: bool
     return count
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line_number, object)`` for each non-blank line; a bad line raises with its number."""
-    path = Path(path)
-    if not path.exists():
-        raise TaoInputError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaoInputError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-
-
 def read_jsonl(path: str | os.PathLike, cls: type[T]) -> list[T]:
     """Read a JSONL file of ``cls`` records; errors name the file and line."""
     out = []
-    for lineno, obj in iter_jsonl(path):
+    for lineno, obj in read_records(path):
+        where = f"{path}:{lineno}"
         try:
-            out.append(cls.from_dict(obj, where=f"{path}:{lineno}"))  # type: ignore[attr-defined]
+            out.append(cls.from_dict(obj, where=where))  # type: ignore[attr-defined]
         except TaoInputError as e:
             msg = str(e)
-            raise TaoInputError(msg if msg.startswith(str(path)) else f"{path}:{lineno}: {msg}") from None
+            raise TaoInputError(msg if msg.startswith(where) else f"{where}: {msg}") from None
         except TypeError as e:
-            raise TaoInputError(f"{path}:{lineno}: {e}") from None
+            raise TaoInputError(f"{where}: {e}") from None
     return out

@@ -10,7 +10,6 @@ query returns the gold query's result (as a multiset of rows, or in order when t
 
 from __future__ import annotations
 
-import json
 import random
 import sqlite3
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 from tao_plugins.scorers.sql import execution_match, extract_sql
 
 from tao_core.errors import TaoInputError
+from tao_core.records import read_records
 from tao_core.tasks import EvalExample
 from tao_core.types import Prompt
 
@@ -57,18 +57,17 @@ class SqlTask:
         if not path.is_file():
             raise TaoInputError(f"sql task: {path} not found; build it with plugins/data/sql/build.py")
         self.records: list[dict[str, Any]] = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                rec = json.loads(line)
-                missing = {"db", "split", "question", "gold_sql"} - set(rec)
-                if missing or rec["split"] not in ("train", "eval"):
-                    raise TaoInputError(f"{path}:{lineno}: need db, question, gold_sql and split "
-                                        f"'train' or 'eval' (missing {sorted(missing)})")
-                if not (self.data_dir / f"{rec['db']}.sqlite").is_file():
-                    raise TaoInputError(f"{path}:{lineno}: database {rec['db']}.sqlite not in {self.data_dir}")
-                self.records.append(rec)
+        for lineno, rec in read_records(path):
+            missing = {"db", "split", "question", "gold_sql"} - set(rec)
+            if missing or rec["split"] not in ("train", "eval"):
+                raise TaoInputError(f"{path}:{lineno}: need db, question, gold_sql and split "
+                                    f"'train' or 'eval' (missing {sorted(missing)})")
+            wrong = [k for k in ("db", "question", "gold_sql") if not isinstance(rec[k], str) or not rec[k].strip()]
+            if wrong:
+                raise TaoInputError(f"{path}:{lineno}: {wrong} must be non-empty strings")
+            if not (self.data_dir / f"{rec['db']}.sqlite").is_file():
+                raise TaoInputError(f"{path}:{lineno}: database {rec['db']}.sqlite not in {self.data_dir}")
+            self.records.append(rec)
         train_dbs = {r["db"] for r in self.records if r["split"] == "train"}
         eval_dbs = {r["db"] for r in self.records if r["split"] == "eval"}
         if train_dbs & eval_dbs:
