@@ -7,8 +7,19 @@ A plugin is a module or object registered under the ``tao`` entry-point group, e
     my-plugin = "my_package.tao_plugin"
 
 and it implements any of the hooks below with ``@tao_core.hookimpl``. Every hook receives a
-``register(name, obj, *, aliases=())`` callback; tao owns the registry, so names are unique across
-all plugins (a duplicate is an error that names both plugins) and aliases resolve to the same entry.
+``register(name, obj, *, aliases=())`` callback and returns None; tao owns the registry, so names
+are unique across all plugins and aliases resolve to the same entry.
+
+- ``register`` checks each call: a name (and every alias) is a non-empty string without spaces,
+  ``aliases`` is a tuple or list, and ``obj`` is what the hook's kind needs (a callable factory, an
+  ``Objective``, a ``click.Command``); otherwise it raises ``tao_core.PluginError`` naming the
+  plugin and the name.
+- What a hook registers is kept only if the hook returns normally: one that raises (even
+  ``SystemExit``), returns a value or makes a bad ``register`` call registers nothing, and the
+  reason is shown by ``tao plugins`` and ``tao --help``.
+- A name two plugins register is an error naming both whenever it is used (their other names
+  keep working); a command named like a built-in ``tao`` command is an error of the plugin, and
+  the built-in wins.
 """
 
 from __future__ import annotations

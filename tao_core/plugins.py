@@ -4,6 +4,12 @@ Built-in components in ``tao_plugins`` are registered through the very same entr
 third-party packages. Loading is lazy (first use of :func:`get_plugin_manager`) and can be
 restricted with ``TAO_LOAD_PLUGINS`` (comma-separated entry-point or distribution names; an empty
 value loads none).
+
+A plugin cannot take tao down: a failed import, a hook that raises (``SystemExit`` included; only
+``KeyboardInterrupt`` propagates), a component that is not what its kind needs, or a name taken by
+another plugin or by a built-in command is recorded against the plugin, warned about, and shown by
+``tao plugins`` and ``tao --help``. Each hook's registrations are staged and committed only when
+the hook returns normally, so a failing hook leaves nothing half-registered.
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ import os
 import threading
 import traceback
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import click
 import pluggy
 
 from tao_core import hookspecs
@@ -30,6 +38,15 @@ _SINGULAR = {
     "objectives": "objective",
     "tasks": "task",
     "commands": "command",
+}
+# kind -> (check of a registered object, what the hook docstring asks for)
+_EXPECTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "generators": (callable, "a factory obj(model, **options) -> Generator"),
+    "scorers": (callable, "a factory obj(**options) -> Scorer"),
+    "advantages": (callable, "a function obj(rewards, mask) -> advantages"),
+    "objectives": (lambda o: callable(getattr(o, "loss", None)), "an Objective (an object with a callable .loss)"),
+    "tasks": (callable, "a factory obj(**options) -> Task"),
+    "commands": (lambda o: isinstance(o, click.Command), "a click.Command or click.Group"),
 }
 
 
@@ -52,7 +69,7 @@ class PluginInfo:
     version: str | None
     hooks: list[str] = field(default_factory=list)
     registers: dict[str, list[str]] = field(default_factory=dict)
-    error: str | None = None  # import or registration traceback, when it failed
+    error: str | None = None  # what failed (import, a hook, a name clash), one problem per line
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -66,28 +83,78 @@ class PluginInfo:
         return d
 
 
-class Registry:
-    """Names -> components, per kind, with aliases and duplicate detection."""
+def _valid_name(name: Any) -> bool:
+    return isinstance(name, str) and bool(name) and not any(c.isspace() for c in name)
 
-    def __init__(self) -> None:
+
+def check_component(kind: str, name: Any, obj: Any, aliases: Any = ()) -> tuple[str, ...]:
+    """Raise :class:`PluginError` unless ``name``, ``aliases`` and ``obj`` fit ``kind``; return the aliases."""
+    where = f"tao_register_{kind}"
+    what = _SINGULAR[kind]
+    if not _valid_name(name):
+        raise PluginError(f"{where}: {what} name {name!r} must be a non-empty string without spaces")
+    if isinstance(aliases, str) or not isinstance(aliases, tuple | list):
+        raise PluginError(
+            f"{where}: aliases of {what} {name!r} must be a tuple or list of names, got {aliases!r} "
+            f"(write aliases=({aliases!r},) for one alias)"
+        )
+    for a in aliases:
+        if not _valid_name(a):
+            raise PluginError(f"{where}: alias {a!r} of {what} {name!r} must be a non-empty string without spaces")
+    check, expected = _EXPECTED[kind]
+    if not check(obj):
+        raise PluginError(
+            f"{where}: {what} {name!r} is {type(obj).__name__} {obj!r:.80}, not {expected}; "
+            f"register the factory itself (e.g. the class), not an instance or a value"
+        )
+    return tuple(dict.fromkeys(a for a in aliases if a != name))
+
+
+class Registry:
+    """Names -> components, per kind, with aliases, reserved names and duplicate detection.
+
+    A name two plugins register is *conflicted*: looking it up raises an error naming both, and
+    both plugins carry that error in :attr:`errors`; their other names keep working.
+    """
+
+    def __init__(self, reserved: dict[str, dict[str, str]] | None = None) -> None:
         self._entries: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
         self._aliases: dict[str, dict[str, str]] = {k: {} for k in KINDS}
+        self._conflicts: dict[str, dict[str, str]] = {k: {} for k in KINDS}
+        self._reserved = {k: dict((reserved or {}).get(k, {})) for k in KINDS}  # name -> its owner, in words
+        self.errors: dict[str, list[str]] = {}  # plugin name -> problems found while registering it
 
-    def add(self, kind: str, name: str, obj: Any, plugin: str, aliases: tuple[str, ...] = ()) -> None:
-        if kind not in KINDS:
-            raise PluginError(f"plugin {plugin!r}: unknown kind {kind!r}; kinds are {list(KINDS)}")
-        if not isinstance(name, str) or not name:
-            raise PluginError(f"plugin {plugin!r}: {_SINGULAR[kind]} name must be a non-empty string")
+    def record_error(self, plugin: str, message: str) -> None:
+        self.errors.setdefault(plugin, []).append(message)
+
+    def add(self, kind: str, name: str, obj: Any, plugin: str, aliases: tuple[str, ...] = ()) -> bool:
+        """Add a checked component; on a clash record the error (against both plugins) and return False."""
+        what = _SINGULAR[kind]
+        for n in (name, *aliases):
+            if n in self._reserved[kind]:
+                self.record_error(
+                    plugin,
+                    f"{what} name {n!r} is taken by {self._reserved[kind][n]}, which wins; "
+                    f"rename {what} {name!r} in plugin {plugin!r}",
+                )
+                return False
         for n in (name, *aliases):
             owner = self._owner(kind, n)
             if owner is not None:
-                raise PluginError(
-                    f"duplicate {_SINGULAR[kind]} name {n!r}: registered by plugin {owner.plugin!r} "
-                    f"and again by plugin {plugin!r}; rename one or restrict TAO_LOAD_PLUGINS"
+                message = (
+                    f"duplicate {what} name {n!r}: registered by plugin {owner.plugin!r} and again by plugin "
+                    f"{plugin!r}; neither is used under that name until one is renamed, uninstalled or left "
+                    f"out of TAO_LOAD_PLUGINS"
                 )
-        self._entries[kind][name] = Entry(kind, name, obj, plugin, tuple(aliases))
+                self._conflicts[kind].setdefault(n, message)
+                self.record_error(owner.plugin, message)
+                if plugin != owner.plugin:
+                    self.record_error(plugin, message)
+                return False
+        self._entries[kind][name] = Entry(kind, name, obj, plugin, aliases)
         for a in aliases:
             self._aliases[kind][a] = name
+        return True
 
     def _owner(self, kind: str, name: str) -> Entry | None:
         if name in self._entries[kind]:
@@ -96,10 +163,16 @@ class Registry:
             return self._entries[kind][self._aliases[kind][name]]
         return None
 
+    def lookup(self, kind: str, name: str) -> Entry | None:
+        """The entry for a name or alias, None when unknown; a conflicted name raises :class:`PluginError`."""
+        if name in self._conflicts[kind]:
+            raise PluginError(self._conflicts[kind][name])
+        return self._owner(kind, name)
+
     def entry(self, kind: str, name: str) -> Entry:
-        e = self._owner(kind, name)
+        e = self.lookup(kind, name)
         if e is None:
-            avail = ", ".join(sorted(self._entries[kind])) or "none"
+            avail = ", ".join(self.names(kind)) or "none"
             raise PluginError(
                 f"unknown {_SINGULAR[kind]} {name!r}; available: {avail}. "
                 f"`tao plugins` lists what each installed plugin registers."
@@ -110,10 +183,39 @@ class Registry:
         return self.entry(kind, name).obj
 
     def names(self, kind: str) -> list[str]:
-        return sorted(self._entries[kind])
+        """Usable names of a kind (conflicted ones left out)."""
+        return sorted(n for n in self._entries[kind] if n not in self._conflicts[kind])
 
     def entries(self, kind: str) -> list[Entry]:
+        return [self._entries[kind][n] for n in self.names(kind)]
+
+    def plugin_entries(self, kind: str) -> list[Entry]:
+        """Every entry a plugin registered, conflicted names included (what ``tao plugins`` shows)."""
         return [self._entries[kind][n] for n in sorted(self._entries[kind])]
+
+
+class _Staging:
+    """The registrations of one hook call, committed only if the hook returns normally."""
+
+    def __init__(self, kind: str, plugin: str) -> None:
+        self.kind = kind
+        self.plugin = plugin
+        self.items: list[tuple[str, Any, tuple[str, ...]]] = []
+        self.error: str | None = None  # the first bad registration, even if the plugin swallowed it
+        self.open = True
+
+    def register(self, name: str, obj: Any, *, aliases: tuple[str, ...] | list[str] = ()) -> None:
+        if not self.open:
+            raise PluginError(
+                f"plugin {self.plugin!r} called register({name!r}, ...) after tao_register_{self.kind} "
+                f"returned; call it only while the hook runs"
+            )
+        try:
+            checked = check_component(self.kind, name, obj, aliases)
+        except PluginError as e:
+            self.error = self.error or str(e)
+            raise PluginError(f"plugin {self.plugin!r}, {e}") from None
+        self.items.append((name, obj, checked))
 
 
 def _allowed_names() -> set[str] | None:
@@ -130,39 +232,55 @@ class PluginManager:
         self.pm = pluggy.PluginManager("tao")
         self.pm.add_hookspecs(hookspecs)
         self.versions: dict[str, str | None] = {}
-        self.failures: dict[str, str] = {}
+        self.load_errors: dict[str, list[str]] = {}  # plugin name -> why it could not be loaded or registered
+        self._reserved: dict[str, dict[str, str]] = {k: {} for k in KINDS}
         self._registry: Registry | None = None
         self._lock = threading.RLock()
         if autoload:
             self.load_entrypoints()
 
+    def _load_failed(self, name: str, message: str, details: str = "") -> None:
+        self.load_errors.setdefault(name, []).append(message)
+        warnings.warn(f"tao plugin {name!r}: {message}" + (f"\n{details}" if details else ""), stacklevel=3)
+
     def load_entrypoints(self) -> None:
         """Import every allowed ``tao`` entry point; failures are recorded and warned, not raised."""
         allowed = _allowed_names()
-        seen: set[str] = set()
+        seen: dict[str, str] = {}  # entry-point name -> "distribution (module)" that provided it
         for ep in md.entry_points(group=ENTRY_POINT_GROUP):
             dist = getattr(ep, "dist", None)
             dist_name = dist.metadata["Name"] if dist is not None else None
             if allowed is not None and ep.name not in allowed and dist_name not in allowed:
                 continue
-            if ep.name in seen or self.pm.has_plugin(ep.name):
-                continue
-            seen.add(ep.name)
-            version = dist.version if dist is not None else None
-            try:
-                obj = ep.load()
-            except Exception:
-                tb = traceback.format_exc()
-                self.failures[ep.name] = tb
-                self.versions[ep.name] = version
-                warnings.warn(
-                    f"tao plugin {ep.name!r} ({ep.value}) failed to import and is skipped:\n{tb}",
-                    stacklevel=2,
+            source = f"{dist_name or 'an unknown distribution'} ({ep.value})"
+            if ep.name in seen:
+                self._load_failed(
+                    ep.name,
+                    f"entry point name declared twice, by {seen[ep.name]} and by {source}; only the first is "
+                    f"loaded; uninstall one of them",
                 )
                 continue
-            self.register(obj, name=ep.name, version=version)
+            if self.pm.has_plugin(ep.name):
+                continue
+            seen[ep.name] = source
+            self.versions[ep.name] = dist.version if dist is not None else None
+            try:
+                obj = ep.load()
+            except KeyboardInterrupt:
+                raise
+            except BaseException as e:  # SystemExit at import must not end tao either
+                self._load_failed(
+                    ep.name,
+                    f"failed to import {ep.value} ({type(e).__name__}: {e}) and is skipped",
+                    traceback.format_exc(),
+                )
+                continue
+            try:
+                self.register(obj, name=ep.name, version=self.versions[ep.name])
+            except PluginError as e:
+                self._load_failed(ep.name, f"{e}; the plugin is skipped")
         if allowed:
-            missing = allowed - seen - {self._dist_of(n) for n in seen}
+            missing = allowed - set(seen) - {self._dist_of(n) for n in seen}
             for name in sorted(missing):
                 warnings.warn(f"TAO_LOAD_PLUGINS names {name!r}, but no such tao plugin is installed", stacklevel=2)
 
@@ -175,9 +293,12 @@ class PluginManager:
     def register(self, plugin: Any, name: str | None = None, version: str | None = None) -> str:
         """Register a plugin object (module, class or instance) and check its hook names."""
         with self._lock:
-            registered = self.pm.register(plugin, name=name)
+            try:
+                registered = self.pm.register(plugin, name=name)
+            except (ValueError, pluggy.PluginValidationError) as e:
+                raise PluginError(f"plugin {name!r} cannot be registered: {e}") from None
             if registered is None:
-                raise PluginError(f"plugin {name!r} is already registered")
+                raise PluginError(f"plugin {name!r} cannot be registered: it is None or its name is blocked")
             try:
                 self.pm.check_pending()
             except pluggy.PluginValidationError as e:
@@ -194,7 +315,16 @@ class PluginManager:
         with self._lock:
             self.pm.unregister(name=name)
             self.versions.pop(name, None)
+            self.load_errors.pop(name, None)
             self._registry = None
+
+    def reserve(self, kind: str, names: Iterable[str], owner: str) -> None:
+        """Keep ``names`` of ``kind`` for ``owner`` (e.g. the CLI's built-in commands): a plugin's clash is an error."""
+        with self._lock:
+            wanted = {**self._reserved[kind], **dict.fromkeys(names, owner)}
+            if wanted != self._reserved[kind]:
+                self._reserved[kind] = wanted
+                self._registry = None
 
     @property
     def registry(self) -> Registry:
@@ -204,30 +334,43 @@ class PluginManager:
             return self._registry
 
     def _build_registry(self) -> Registry:
-        reg = Registry()
-        errors: dict[str, str] = {}
+        reg = Registry(self._reserved)
+        tracebacks: dict[str, str] = {}  # problem -> the traceback of the hook that raised
         for kind in KINDS:
-            caller = getattr(self.pm.hook, f"tao_register_{kind}")
+            hook = f"tao_register_{kind}"
             # get_hookimpls() lists registrations oldest first: stable names, first owner wins.
-            for impl in caller.get_hookimpls():
+            for impl in getattr(self.pm.hook, hook).get_hookimpls():
                 plugin = impl.plugin_name
-
-                def register(name: str, obj: Any, *, aliases: tuple[str, ...] | list[str] = (),
-                             _kind: str = kind, _plugin: str = plugin) -> None:
-                    reg.add(_kind, name, obj, _plugin, tuple(aliases))
-
+                staged = _Staging(kind, plugin)
                 try:
-                    impl.function(register=register)
-                except PluginError:
+                    result = impl.function(register=staged.register)
+                except KeyboardInterrupt:
                     raise
-                except Exception:
-                    errors[plugin] = traceback.format_exc()
-                    warnings.warn(
-                        f"tao plugin {plugin!r} raised in tao_register_{kind} and its "
-                        f"{kind} are skipped:\n{errors[plugin]}",
-                        stacklevel=3,
-                    )
-        self.failures.update(errors)
+                except BaseException as e:  # SystemExit included: a plugin must not end tao
+                    result = e
+                finally:
+                    staged.open = False
+                if staged.error is not None:
+                    message = staged.error
+                elif isinstance(result, BaseException):
+                    message = f"{hook} raised {type(result).__name__}: {result}"
+                elif result is not None:
+                    message = f"{hook} returned {type(result).__name__} {result!r:.80} instead of calling register(name, obj)"
+                else:
+                    for name, obj, aliases in staged.items:
+                        reg.add(kind, name, obj, plugin, aliases)
+                    continue
+                message = f"{message}; none of its {kind} are registered"
+                reg.record_error(plugin, message)
+                if isinstance(result, BaseException):
+                    tracebacks[message] = "".join(traceback.format_exception(result))
+        warned: set[str] = set()
+        for plugin, problems in reg.errors.items():
+            for p in problems:
+                if p not in warned:
+                    warned.add(p)
+                    details = tracebacks.get(p, "")
+                    warnings.warn(f"tao plugin {plugin!r}: {p}" + (f"\n{details}" if details else ""), stacklevel=4)
         return reg
 
     def plugin_infos(self) -> list[PluginInfo]:
@@ -238,12 +381,13 @@ class PluginManager:
             hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
             infos[name] = PluginInfo(name, self.versions.get(name), hooks, {})
         for kind in KINDS:
-            for e in reg.entries(kind):
+            for e in reg.plugin_entries(kind):
                 infos.setdefault(e.plugin, PluginInfo(e.plugin, self.versions.get(e.plugin)))
                 infos[e.plugin].registers.setdefault(kind, []).append(e.name)
-        for name, tb in self.failures.items():
-            info = infos.setdefault(name, PluginInfo(name, self.versions.get(name)))
-            info.error = tb.strip().splitlines()[-1] if tb else "failed"
+        for errors in (self.load_errors, reg.errors):
+            for name, problems in errors.items():
+                info = infos.setdefault(name, PluginInfo(name, self.versions.get(name)))
+                info.error = "\n".join([*([info.error] if info.error else []), *problems])
         return [infos[n] for n in sorted(infos)]
 
 

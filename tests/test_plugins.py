@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 import pytest
@@ -41,6 +42,9 @@ def rmx_train(steps: int) -> None:
     click.echo(f"trained {steps} steps")
 
 
+TEST_OBJECTIVE = SimpleNamespace(name="test-obj", loss=lambda batch, hidden, weight, cfg: None)
+
+
 class EveryHookPlugin:
     """Implements all six hooks, one component each."""
 
@@ -58,7 +62,7 @@ class EveryHookPlugin:
 
     @tao_core.hookimpl
     def tao_register_objectives(self, register):
-        register("test-obj", {"loss": None})
+        register("test-obj", TEST_OBJECTIVE)
 
     @tao_core.hookimpl
     def tao_register_tasks(self, register):
@@ -84,7 +88,7 @@ def test_every_hook_registers(pm):
     assert reg.get("generators", "tg") is object  # alias
     assert reg.get("scorers", "test-constant") is ConstantScorer
     assert reg.get("advantages", "test-adv")(3, None) == 3
-    assert reg.get("objectives", "test-obj") == {"loss": None}
+    assert reg.get("objectives", "test-obj") is TEST_OBJECTIVE
     assert reg.get("tasks", "test-task") is dict
     assert reg.get("commands", "rmx") is rmx_group
     info = {i.name: i for i in pm.plugin_infos()}["every-hook-test"]
@@ -118,14 +122,93 @@ def test_duplicate_name_names_both_plugins(pm):
         @tao_core.hookimpl
         def tao_register_scorers(self, register):
             register("test-constant", ConstantScorer)
+            register("dup-only", ConstantScorer)
 
-    pm.register(Dup(), name="dup-plugin")
+    with pytest.warns(UserWarning, match="duplicate scorer name 'test-constant'"):
+        pm.register(Dup(), name="dup-plugin")
+        reg = pm.registry
     try:
         with pytest.raises(PluginError) as e:
-            _ = pm.registry
-        assert "every-hook-test" in str(e.value) and "dup-plugin" in str(e.value)
+            reg.get("scorers", "test-constant")
+        assert "'every-hook-test'" in str(e.value) and "'dup-plugin'" in str(e.value)
+        assert "test-constant" not in reg.names("scorers")
+        assert reg.get("scorers", "dup-only") is ConstantScorer  # the plugins' other names still work
+        assert reg.get("generators", "test-gen") is object
+        info = {i.name: i for i in pm.plugin_infos()}
+        assert "duplicate scorer name 'test-constant'" in info["dup-plugin"].error
+        assert "duplicate scorer name 'test-constant'" in info["every-hook-test"].error
     finally:
         pm.unregister("dup-plugin")
+    assert pm.registry.get("scorers", "test-constant") is ConstantScorer
+
+
+class DupCommand:
+    """Registers a command name the every-hook plugin already has, and one named like a built-in."""
+
+    @tao_core.hookimpl
+    def tao_register_commands(self, register):
+        register("rmx", click.Command("rmx"))
+        register("run", click.Command("run", help="plugin's run"))
+        register("dupcmd-ok", click.Command("dupcmd-ok", callback=lambda: click.echo("ok from plugin")))
+
+
+@pytest.fixture
+def dup_cmd(pm):
+    with pytest.warns(UserWarning):
+        pm.register(DupCommand(), name="dup-cmd")
+        _ = pm.registry
+    yield pm
+    pm.unregister("dup-cmd")
+
+
+def test_help_and_plugins_work_and_show_duplicates(dup_cmd):
+    from tao_core.cli import cli
+
+    res = CliRunner().invoke(cli, ["--help"])
+    assert res.exit_code == 0, res.output
+    assert "Plugin errors" in res.output and "duplicate command name 'rmx'" in res.output
+    assert "dupcmd-ok" in res.output
+    res = CliRunner().invoke(cli, ["plugins"])
+    assert res.exit_code == 0, res.output
+    assert "FAILED: duplicate command name 'rmx': registered by plugin 'every-hook-test' and again by plugin " \
+           "'dup-cmd'" in res.output
+    res = CliRunner().invoke(cli, ["plugins", "--json"])
+    assert res.exit_code == 0, res.output
+    data = {p["name"]: p for p in json.loads(res.output)}
+    assert "'rmx'" in data["dup-cmd"]["error"] and "'run'" in data["dup-cmd"]["error"]
+    res = CliRunner().invoke(cli, ["rmx", "train"])  # using the duplicate name is an error naming both
+    assert res.exit_code == 2 and "'every-hook-test'" in res.output and "'dup-cmd'" in res.output
+    res = CliRunner().invoke(cli, ["dupcmd-ok"])
+    assert res.exit_code == 0 and "ok from plugin" in res.output
+
+
+def test_builtin_command_wins_over_plugin_command(dup_cmd):
+    from tao_core.cli import cli
+
+    res = CliRunner().invoke(cli, ["run", "--help"])
+    assert res.exit_code == 0 and "Run TAO from a TOML config" in res.output
+    assert "plugin's run" not in res.output
+    res = CliRunner().invoke(cli, ["plugins"])
+    assert "FAILED: command name 'run' is taken by a built-in tao command, which wins; rename command 'run' " \
+           "in plugin 'dup-cmd'" in res.output
+    assert "run" not in dup_cmd.registry.names("commands")
+
+
+def test_plugin_command_alias_resolves(pm):
+    class Aliased:
+        @tao_core.hookimpl
+        def tao_register_commands(self, register):
+            register("alias-cmd", click.Command("alias-cmd", callback=lambda: click.echo("aliased")),
+                     aliases=("ac",))
+
+    pm.register(Aliased(), name="aliased")
+    try:
+        from tao_core.cli import cli
+
+        res = CliRunner().invoke(cli, ["ac"])
+        assert res.exit_code == 0 and "aliased" in res.output
+    finally:
+        pm.unregister("aliased")
 
 
 def test_duplicate_alias_is_an_error():
@@ -134,17 +217,172 @@ def test_duplicate_alias_is_an_error():
     class A:
         @tao_core.hookimpl
         def tao_register_tasks(self, register):
-            register("one", 1, aliases=("shared",))
+            register("one", dict, aliases=("shared",))
 
     class B:
         @tao_core.hookimpl
         def tao_register_tasks(self, register):
-            register("two", 2, aliases=("shared",))
+            register("two", list, aliases=("shared",))
 
     manager.register(A(), name="a")
     manager.register(B(), name="b")
+    with pytest.warns(UserWarning, match="'shared'"):
+        reg = manager.registry
     with pytest.raises(PluginError, match="'shared'.*'a'.*'b'"):
+        reg.get("tasks", "shared")
+    assert reg.get("tasks", "one") is dict
+    with pytest.raises(PluginError, match="unknown task 'two'"):  # b's registration clashed as a whole
+        reg.get("tasks", "two")
+
+
+def _manager_with(plugin: object, name: str = "p") -> PluginManager:
+    manager = PluginManager(autoload=False)
+    manager.register(plugin, name=name)
+    return manager
+
+
+def _only_error(manager: PluginManager, name: str = "p") -> str:
+    with pytest.warns(UserWarning, match=f"tao plugin {name!r}"):
+        infos = {i.name: i for i in manager.plugin_infos()}
+    assert infos[name].error, infos
+    return infos[name].error
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom"), SystemExit(3), GeneratorExit()])
+def test_hook_that_raises_registers_nothing(exc):
+    class HalfThenRaise:
+        @tao_core.hookimpl
+        def tao_register_scorers(self, register):
+            register("half-1", ConstantScorer)
+            register("half-2", ConstantScorer, aliases=("h2",))
+            raise exc
+
+        @tao_core.hookimpl
+        def tao_register_tasks(self, register):
+            register("other-kind-ok", dict)
+
+    manager = _manager_with(HalfThenRaise())
+    error = _only_error(manager)
+    assert f"tao_register_scorers raised {type(exc).__name__}" in error and "none of its scorers" in error
+    reg = manager.registry
+    assert reg.names("scorers") == []
+    with pytest.raises(PluginError, match="unknown scorer 'h2'"):
+        reg.get("scorers", "h2")
+    assert reg.get("tasks", "other-kind-ok") is dict  # the plugin's other hooks are unaffected
+
+
+def test_keyboard_interrupt_in_hook_propagates_and_nothing_is_cached():
+    calls = []
+
+    class Interrupted:
+        @tao_core.hookimpl
+        def tao_register_scorers(self, register):
+            calls.append(1)
+            register("ki", ConstantScorer)
+            if len(calls) == 1:
+                raise KeyboardInterrupt
+
+    manager = _manager_with(Interrupted())
+    with pytest.raises(KeyboardInterrupt):
         _ = manager.registry
+    assert manager.registry.get("scorers", "ki") is ConstantScorer  # rebuilt on the next use
+
+
+@pytest.mark.parametrize(
+    ("kind", "obj", "expected"),
+    [
+        ("scorers", ConstantScorer(), "a factory obj(**options) -> Scorer"),
+        ("generators", "sample", "a factory obj(model, **options) -> Generator"),
+        ("advantages", 0.5, "a function obj(rewards, mask)"),
+        ("objectives", {"loss": None}, "an Objective"),
+        ("tasks", None, "a factory obj(**options) -> Task"),
+        ("commands", rmx_train.callback, "a click.Command or click.Group"),
+    ],
+)
+def test_wrong_component_type_names_plugin_and_name(kind, obj, expected):
+    raised = []
+    good = {"commands": rmx_group, "objectives": TEST_OBJECTIVE}.get(kind, ConstantScorer)
+
+    @tao_core.hookimpl
+    def hook(register):
+        register("good-first", good)
+        try:
+            register("bad-one", obj)
+        except PluginError as e:  # the plugin swallows the error: its hook still counts as failed
+            raised.append(str(e))
+
+    wrong = SimpleNamespace(**{f"tao_register_{kind}": hook})
+    manager = _manager_with(wrong, name="wrong-plugin")
+    error = _only_error(manager, "wrong-plugin")
+    assert f"'bad-one' is {type(obj).__name__}" in error and expected in error
+    assert manager.registry.names(kind) == []  # not even the good first registration
+    assert raised and raised[0].startswith(f"plugin 'wrong-plugin', tao_register_{kind}: ")
+
+
+@pytest.mark.parametrize(
+    ("name", "aliases", "match"),
+    [
+        ("", (), "name '' must be a non-empty string"),
+        (3, (), "name 3 must be"),
+        ("two words", (), "without spaces"),
+        ("ok", "single", "must be a tuple or list of names, got 'single'"),
+        ("ok", ("",), "alias '' of scorer 'ok'"),
+    ],
+)
+def test_bad_names_and_aliases(name, aliases, match):
+    class BadName:
+        @tao_core.hookimpl
+        def tao_register_scorers(self, register):
+            register(name, ConstantScorer, aliases=aliases)
+
+    manager = _manager_with(BadName())
+    assert match in _only_error(manager)
+    assert manager.registry.names("scorers") == []
+
+
+def test_hook_returning_a_value_registers_nothing():
+    class OldStyle:
+        @tao_core.hookimpl
+        def tao_register_scorers(self, register):
+            return [("constant", ConstantScorer)]
+
+    manager = _manager_with(OldStyle())
+    error = _only_error(manager)
+    assert "tao_register_scorers returned list" in error and "instead of calling register" in error
+    assert manager.registry.names("scorers") == []
+
+
+def test_register_after_the_hook_returned_is_an_error():
+    kept = []
+
+    class Late:
+        @tao_core.hookimpl
+        def tao_register_scorers(self, register):
+            kept.append(register)
+
+    manager = _manager_with(Late(), name="late")
+    _ = manager.registry
+    with pytest.raises(PluginError, match="plugin 'late' called register\\('x', ...\\) after tao_register_scorers"):
+        kept[0]("x", ConstantScorer)
+    assert manager.registry.names("scorers") == []
+
+
+def test_bad_hook_signature_and_double_registration_are_plugin_errors():
+    manager = PluginManager(autoload=False)
+
+    class WrongArg:
+        @tao_core.hookimpl
+        def tao_register_scorers(self, reg):  # pluggy only passes `register`
+            reg("x", ConstantScorer)
+
+    with pytest.raises(PluginError, match="plugin 'wrong-arg' cannot be registered"):
+        manager.register(WrongArg(), name="wrong-arg")
+    plugin = EveryHookPlugin()
+    manager.register(plugin, name="once")
+    with pytest.raises(PluginError, match="plugin 'twice' cannot be registered.*different name"):
+        manager.register(plugin, name="twice")
+    with pytest.raises(PluginError, match="plugin 'once' cannot be registered.*already registered"):
+        manager.register(EveryHookPlugin(), name="once")
 
 
 def test_misspelled_hook_is_an_error():
@@ -217,6 +455,42 @@ def test_failing_import_is_reported_and_rest_keep_working(tmp_path):
     assert data["good"]["version"] == "0.3"
     assert "missing dependency xyz" in data["bad"]["error"]
     assert "tao plugin 'bad'" in out.stderr and "Traceback" in out.stderr
+
+
+def test_hostile_installed_plugins_leave_help_and_plugins_working(tmp_path):
+    """Exit at import, a misspelled hook, a duplicate of a built-in scorer, an entry point declared twice."""
+    _fake_dist(tmp_path / "a", "exit-plugin", "exits", "tao_exit_plugin", "import sys\nsys.exit('bye')\n")
+    _fake_dist(tmp_path / "a", "typo-plugin", "typo", "tao_typo_plugin", """
+        import tao_core
+
+        @tao_core.hookimpl
+        def tao_register_scorer(register):
+            register("x", object)
+        """)
+    _fake_dist(tmp_path / "a", "dupone", "dup", "tao_dup_plugin", """
+        import tao_core
+
+        @tao_core.hookimpl
+        def tao_register_scorers(register):
+            register("arithmetic-check", object)
+        """)
+    # No "-" in these two dist names: importlib reads a .dist-info folder's name up to its first "-".
+    _fake_dist(tmp_path / "b", "duptwo", "dup", "tao_dup_plugin_two", "")
+    pythonpath = f"{tmp_path / 'a'}{os.pathsep}{tmp_path / 'b'}"
+    out = _run_tao(["--help"], {"PYTHONPATH": pythonpath})
+    assert out.returncode == 0, out.stderr
+    assert "Plugin errors" in out.stdout and "run " in out.stdout
+    for needle in ("exits", "SystemExit: bye", "typo", "unknown hook", "duplicate scorer name 'arithmetic-check'"):
+        assert needle in out.stdout, needle
+    out = _run_tao(["plugins", "--json"], {"PYTHONPATH": pythonpath})
+    assert out.returncode == 0, out.stderr
+    data = {p["name"]: p for p in json.loads(out.stdout)}
+    assert "failed to import tao_exit_plugin (SystemExit: bye)" in data["exits"]["error"]
+    assert "tao_register_scorer" in data["typo"]["error"] and "skipped" in data["typo"]["error"]
+    assert "'builtin-scorers'" in data["dup"]["error"] and "'dup'" in data["dup"]["error"]
+    assert "declared twice, by dupone (tao_dup_plugin) and by duptwo" in data["dup"]["error"]
+    assert "duplicate scorer name" in data["builtin-scorers"]["error"]
+    assert data["builtin-generators"].get("error") is None
 
 
 def test_tao_load_plugins_restricts_and_empty_loads_none(tmp_path):
