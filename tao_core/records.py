@@ -53,6 +53,7 @@ OnError = Literal["raise", "skip"]
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
 CSV_SUFFIXES = (".csv", ".tsv")
 MAX_LINE_BYTES = 16 * 1024 * 1024  # one physical line; also the CSV field limit, in characters
+_CSV_NO_LIMIT = 2**31 - 1  # the largest field limit every platform's C long holds
 MAX_DEPTH = 100  # JSON nesting levels; real prompt rows and run records use fewer than 10
 
 _UTF16_32_BOMS = (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
@@ -142,7 +143,9 @@ class Records:
         header_line = 0
         while True:
             start = reader.line_num + 1
-            previous_limit = csv.field_size_limit(self.max_line_bytes)
+            # csv's own field limit (128 KiB by default, process-wide) would stop mid-field and lose
+            # track of the quoting; lift it while reading this row and check the fields after.
+            previous_limit = csv.field_size_limit(_CSV_NO_LIMIT)
             try:
                 row = next(reader)
                 problem = next((why if n == start else f"line {n}: {why}"
@@ -150,9 +153,12 @@ class Records:
             except StopIteration:
                 return
             except csv.Error as e:
-                problem = _csv_problem(str(e), self.max_line_bytes)
+                problem = _csv_problem(str(e))
             finally:
                 csv.field_size_limit(previous_limit)
+            if problem is None and any(len(value) > self.max_line_bytes for value in row):
+                problem = (f"a field is longer than {self.max_line_bytes} characters (the max_line_bytes limit); "
+                           "shorten it or raise the limit")
             if header is None:
                 if problem is not None:
                     raise TaoInputError(f"{self.path}:{start}: cannot read the header row: {problem}")
@@ -219,10 +225,8 @@ def _parse_line(text: str) -> dict[str, Any]:
     return value
 
 
-def _csv_problem(message: str, max_field: int) -> str:
+def _csv_problem(message: str) -> str:
     """The csv module's error, said for the person who wrote the file."""
-    if message.startswith("field larger than field limit"):
-        return f"a field is longer than {max_field} characters (the max_line_bytes limit); shorten it or raise the limit"
     if message.startswith("new-line character seen in unquoted field"):
         return "a line break (\\r) inside an unquoted field; quote the field"
     if message == "unexpected end of data":
