@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-LAYOUTS = ("shared_prefix", "padded")
+from tao_core.config import LAYOUTS
 
 
 @dataclass

@@ -1,22 +1,49 @@
-"""The run configuration: one dataclass tree, read from TOML with every key checked up front.
+"""The run configuration: one dataclass tree, read from TOML, checked whole before any work starts.
 
 The names are the same in the TOML file, the ``tao run`` flags and the Python API
-(``tao_core.pipeline.run(RunConfig(...))``). An unknown key, a wrong type or a missing plugin is an
-error naming the key path (``train.lr``) and what is accepted, before any work starts.
+(``tao_core.pipeline.run(RunConfig(...))``). :func:`validate` is the one check of a config: every
+field's type and allowed range (``RULES``; floats must also be finite), that every named plugin is
+registered and that its options are keywords its factory accepts. Every problem is collected and
+reported in one :class:`~tao_core.errors.TaoInputError` naming its key path (``train.lr``).
+
+This module imports neither torch nor a plugin at import time, so a config can be read and checked
+where torch is not installed; ``docs/config.md`` is generated from it by ``scripts/config_reference.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
+import os
+import stat
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tao_core.errors import PluginError, TaoInputError
-from tao_core.train import TrainConfig
+
+PRECISIONS = ("auto", "fp32", "bf16")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+LAYOUTS = ("shared_prefix", "padded")  # micro-batch layouts of tao_core.batching.pack
+KL_ESTIMATORS = ("k1", "k2", "k3", "exact")
+RATIO_LEVELS = ("token", "sequence")
+LOSS_AGGS = ("token_mean", "seq_mean", "fixed_length")
+OLD_LOGPROBS = ("sampled", "current")
+
+# Upper bounds on the values that size an allocation (a bigger one is a typo, not a plan).
+MAX_GROUP = 1024  # generate.n: candidates held per prompt
+MAX_NEW_TOKENS = 65536  # generate.max_new_tokens: the KV cache is sized for it
+MAX_PROMPTS_PER_STEP = 4096  # prompts_per_step: x generate.n candidates per step
+MAX_MICRO_BATCH_TOKENS = 1 << 20  # train.micro_batch_tokens: ~2 MB of activations per token
+MAX_LORA_R = 4096  # train.lora_r
+MAX_THREADS = 1024  # threads
+MAX_SEED = 2**32 - 1  # seed, train.seed: what every RNG (random, numpy, torch) accepts
+INT64 = 2**63  # every other integer fits in a signed 64-bit integer (torch tensors, RNG seeds)
 
 
 @dataclass
@@ -25,13 +52,13 @@ class GenerateConfig:
 
     generator: str | None = None  # registered generator; None: the task's default
     options: dict[str, Any] = field(default_factory=dict)  # keyword options for the generator factory
-    n: int = 8  # candidates per prompt (the group size)
-    temperature: float = 1.0  # sampling temperature (also divides the logits of Candidate.logprobs)
-    top_k: int = 0  # 0 disables
-    top_p: float = 1.0  # 1 disables
-    min_p: float = 0.0  # 0 disables
-    max_new_tokens: int | None = None  # None: the task's evaluation budget
-    stop: list[str] = field(default_factory=list)  # stop strings
+    n: int = 8  # candidates per prompt (the group size; group statistics need two)
+    temperature: float = 1.0  # sampling temperature (also divides the logits of Candidate.logprobs); 0: greedy
+    top_k: int = 0  # keep the k most likely tokens; 0 disables
+    top_p: float = 1.0  # nucleus sampling; 1 disables
+    min_p: float = 0.0  # drop tokens with p < min_p x p_max; 0 disables
+    max_new_tokens: int | None = None  # completion length cap; None: the task's evaluation budget
+    stop: list[str] = field(default_factory=list)  # stop strings, cut from the completion
 
 
 @dataclass
@@ -51,11 +78,61 @@ class GuardConfig:
     eval_every: int = 0  # also evaluate every K steps (0: only at each round's end)
     promote_tolerance: float = 0.0  # a round is promoted when its metric >= best - tolerance
     rollback: bool = True  # a regressing round's weights are replaced by the best checkpoint's
-    min_entropy: float | None = None  # warn when the mean token entropy falls below this
+    min_entropy: float | None = None  # warn when the mean token entropy falls below this (None: never)
     min_length_ratio: float = 0.3  # warn when mean completion length < ratio x the first step's
-    max_kl: float | None = None  # warn when the KL to the reference exceeds this
+    max_kl: float | None = None  # warn when the KL to the reference exceeds this (None: never)
     hacking_drop: float = 0.1  # warn when reward rises while the held-out metric drops this much
     stop_on_collapse: bool = False  # stop the run (keeping the best checkpoint) at the first warning
+
+
+@dataclass
+class TrainConfig:
+    """How to train: the same names in the TOML config, the CLI flags and the Python API.
+
+    ``old_logprobs = "current"`` takes the policy's own log-probs at the start of the step (detached,
+    from the same forward, so the first update's ratio is exactly 1, as TRL does with one iteration)
+    instead of the sampler's. Use it with ``precision = "bf16"`` on a CPU: measured on SmolLM2-135M,
+    CPU bf16 autocast runs the step about 2x faster than fp32 but moves token log-probs by 0.03 nats
+    on average (0.2-0.26 at worst) from the fp32 sampler's, enough to clip tokens spuriously when
+    the ratio is taken against the sampled log-probs.
+    """
+
+    objective: str = "grpo"  # registered objective (recipe): grpo, dr_grpo, dapo, rloo, ppo_clip_kl, ...
+    advantage: str | None = None  # registered advantage estimator; None: the objective's default
+    lr: float | None = None  # AdamW learning rate; None: 5e-6 for full fine-tuning, 1e-4 with LoRA
+    lr_schedule: str = "constant"  # "constant" | "linear" (decay to 0) | "cosine" (decay to 0), after warm-up
+    warmup_steps: int = 0  # steps of linear warm-up from lr / (warmup_steps + 1) to lr
+    total_steps: int | None = None  # length of a decaying schedule; None: the run's rounds x steps_per_round
+    weight_decay: float = 0.0  # AdamW decoupled weight decay (TRL's default)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment decay rates
+    eps: float = 1e-8  # AdamW denominator epsilon
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
+    micro_batch_tokens: int = 1024  # token budget of one forward/backward (rows incl. prompts): ~2 MB of
+    # fp32 activations per token on SmolLM2-135M, so ~2 GB per micro-batch
+    ppo_epochs: int = 1  # optimizer updates over the same batch per step (PPO mini-steps)
+    kl_coef: float | None = None  # KL(policy || reference) weight; None: the objective's default (0 mostly)
+    kl_estimator: str | None = None  # "k1" | "k2" | "k3" | "exact"; None: the objective's default or k3
+    clip_low: float | None = None  # ratio clipped at 1 - clip_low; None: the objective's default or 0.2
+    clip_high: float | None = None  # ratio clipped at 1 + clip_high; None: the objective's default or 0.2
+    ratio_level: str | None = None  # "token" | "sequence" importance ratios; None: objective's or token
+    loss_agg: str | None = None  # "token_mean" | "seq_mean" | "fixed_length"; None: the objective's
+    max_len: int | None = None  # fixed_length normalizer; None: the step's longest completion
+    beta: float = 0.1  # online DPO inverse temperature
+    lora: bool = False  # train LoRA adapters instead of every weight
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scale numerator (scale = alpha / r)
+    lora_dropout: float = 0.0  # LoRA dropout; 0 keeps the training log-probs equal to the sampler's
+    lora_target_modules: str | list[str] = "all-linear"  # peft target modules (never the head)
+    precision: str = "auto"  # "auto": bf16 autocast on a bf16-capable GPU, fp32 on the CPU; "fp32" | "bf16"
+    old_logprobs: str = "sampled"  # PPO's old policy: "sampled" (Candidate.logprobs) | "current" (see the docstring)
+    layout: str = "shared_prefix"  # "shared_prefix" (prompt once per group) | "padded" (reference)
+    seed: int = 0  # seeds LoRA initialization
+
+
+    def validate(self) -> None:
+        """The value checks of :func:`validate` for this section alone (no plugin look-ups): the
+        trainer runs them, since it is also used without a :class:`RunConfig`."""
+        _raise("invalid training config", list(check_values(self, "train.").values()))
 
 
 @dataclass
@@ -66,7 +143,7 @@ class RunConfig:
     task_options: dict[str, Any] = field(default_factory=dict)  # keyword options for the task factory
     model: str = "smollm2-135m"  # alias, cache name, GGUF file or Hugging Face directory
     prompts_file: str | None = None  # unlabeled user prompts (JSONL/CSV/Parquet) instead of the task's
-    prompt_column: str | None = None  # column of prompts_file holding the text
+    prompt_column: str | None = None  # column of prompts_file holding the text (needs prompts_file)
     output_dir: str = "runs/tao"  # the run directory
     seed: int = 0  # seeds prompt order, sampling and training
     rounds: int = 1  # generate -> score -> train -> evaluate rounds
@@ -84,69 +161,255 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+# ---------------------------------------------------------------------------------------------
+# What each field accepts
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a field accepts beyond its type: ``text`` for messages and the reference, ``test`` checks it."""
+
+    text: str
+    test: Callable[[Any], bool]
+
+
+def between(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+            hi_open: bool = False) -> Rule:
+    """Numbers from ``lo`` to ``hi``, each end excluded where ``*_open``, either end optional."""
+
+    def test(v: float) -> bool:
+        above = lo is None or (v > lo if lo_open else v >= lo)
+        below = hi is None or (v < hi if hi_open else v <= hi)
+        return above and below
+
+    if lo is not None and hi is not None:
+        text = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    elif lo is not None:
+        text = f"{'>' if lo_open else '>='} {lo}"
+    else:
+        text = f"{'<' if hi_open else '<='} {hi}"
+    return Rule(text, test)
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule("one of " + ", ".join(repr(c) for c in choices), lambda v: v in choices)
+
+
+NON_EMPTY = Rule("a non-empty string", lambda v: bool(v.strip()))
+PATH = Rule("a non-empty path", lambda v: bool(v.strip()) and "\0" not in v)
+STRINGS = Rule("a list of non-empty strings", lambda v: all(v))
+MODULES = Rule("a non-empty string or list of non-empty strings",
+               lambda v: bool(v.strip()) if isinstance(v, str) else bool(v) and all(s.strip() for s in v))
+BETAS = Rule("two numbers in [0, 1)", lambda v: all(0 <= b < 1 for b in v))
+
+RULES: dict[str, Rule] = {
+    "model": NON_EMPTY,
+    "prompts_file": PATH,
+    "prompt_column": NON_EMPTY,
+    "output_dir": PATH,
+    "seed": between(0, MAX_SEED),
+    "rounds": between(1),
+    "steps_per_round": between(1),
+    "prompts_per_step": between(1, MAX_PROMPTS_PER_STEP),
+    "eval_limit": between(1),
+    "checkpoint_every": between(1),
+    "threads": between(1, MAX_THREADS),
+    "generate.n": between(2, MAX_GROUP),
+    "generate.temperature": between(0),
+    "generate.top_k": between(0),
+    "generate.top_p": between(0, 1, lo_open=True),
+    "generate.min_p": between(0, 1, hi_open=True),
+    "generate.max_new_tokens": between(1, MAX_NEW_TOKENS),
+    "generate.stop": STRINGS,
+    "score.timeout_s": between(0, lo_open=True),
+    "guard.eval_every": between(0),
+    "guard.promote_tolerance": between(0),
+    "guard.min_entropy": between(0),
+    "guard.min_length_ratio": between(0, 1),
+    "guard.max_kl": between(0),
+    "guard.hacking_drop": between(0),
+    "train.lr": between(0, lo_open=True),
+    "train.lr_schedule": one_of(*LR_SCHEDULES),
+    "train.warmup_steps": between(0),
+    "train.total_steps": between(1),
+    "train.weight_decay": between(0),
+    "train.betas": BETAS,
+    "train.eps": between(0, lo_open=True),
+    "train.max_grad_norm": between(0),
+    "train.micro_batch_tokens": between(1, MAX_MICRO_BATCH_TOKENS),
+    "train.ppo_epochs": between(1),
+    "train.kl_coef": between(0),
+    "train.kl_estimator": one_of(*KL_ESTIMATORS),
+    "train.clip_low": between(0, 1, hi_open=True),
+    "train.clip_high": between(0),
+    "train.ratio_level": one_of(*RATIO_LEVELS),
+    "train.loss_agg": one_of(*LOSS_AGGS),
+    "train.max_len": between(1),
+    "train.beta": between(0, lo_open=True),
+    "train.lora_r": between(1, MAX_LORA_R),
+    "train.lora_alpha": between(1),
+    "train.lora_dropout": between(0, 1, hi_open=True),
+    "train.lora_target_modules": MODULES,
+    "train.precision": one_of(*PRECISIONS),
+    "train.old_logprobs": one_of(*OLD_LOGPROBS),
+    "train.layout": one_of(*LAYOUTS),
+    "train.seed": between(0, MAX_SEED),
+}
+
+# Fields naming a registered component: key -> registry kind.
+PLUGINS = {"task": "tasks", "generate.generator": "generators", "score.scorer": "scorers",
+           "train.objective": "objectives", "train.advantage": "advantages"}
+# Keyword options of a component's factory: key -> (the key naming the component, the attribute of
+# the task factory naming its default when that key is None, positional arguments the caller passes).
+OPTIONS = {"task_options": ("task", None, 0),
+           "generate.options": ("generate.generator", "default_generator", 1),  # factory(model, **options)
+           "score.options": ("score.scorer", "default_scorer", 0)}
+
+
+def _field_hints(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
 def _type_ok(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
     if hint is Any:
         return True
     if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
+        return any(_type_ok(value, h) for h in args)
     if hint is type(None):
         return value is None
     if hint is float:
         return isinstance(value, int | float) and not isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
+    if origin is tuple and Ellipsis not in args:
+        return isinstance(value, list | tuple) and len(value) == len(args) and all(map(_type_ok, value, args))
     if origin in (list, tuple):
-        args = typing.get_args(hint)
         return isinstance(value, list | tuple) and all(_type_ok(v, args[0]) for v in value)
     if origin is dict:
-        return isinstance(value, dict)
+        return isinstance(value, dict) and all(_type_ok(k, args[0]) for k in value)
     return isinstance(value, hint)
-
-
-def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
-    """Build dataclass ``cls`` from nested dicts; errors name the key path and what is accepted."""
-    if not isinstance(data, dict):
-        raise TaoInputError(f"{path or 'config'}: expected a table, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        where = f"{path}.{key}" if path else key
-        if key not in fields:
-            raise TaoInputError(f"unknown config key {where!r}; accepted here: {', '.join(sorted(fields))}")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = from_dict(hint, value, where)
-            continue
-        if not _type_ok(value, hint):
-            raise TaoInputError(
-                f"config key {where!r} must be {_hint_name(hint)}, got {value!r} ({type(value).__name__})"
-            )
-        kwargs[key] = tuple(value) if typing.get_origin(hint) is tuple else value
-    return cls(**kwargs)
 
 
 def _hint_name(hint: Any) -> str:
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
+def _show(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return not isinstance(value, list | tuple) or all(map(_finite, value))
+
+
+def check_values(cfg: Any, prefix: str = "") -> dict[str, str]:
+    """Every field of config dataclass ``cfg`` (and of its sections) against its type and ``RULES``:
+    ``{key: message}`` for each bad one. Plugin names and options are :func:`validate`'s."""
+    problems: dict[str, str] = {}
+    for name, hint in _field_hints(type(cfg)).items():
+        key, value = prefix + name, getattr(cfg, name)
+        rule = RULES.get(key)
+        if dataclasses.is_dataclass(hint):
+            if isinstance(value, hint):
+                problems |= check_values(value, key + ".")
+            else:
+                problems[key] = f"{key} must be a {hint.__name__} (a table), got {_show(value)}"
+        elif not _type_ok(value, hint):
+            problems[key] = f"{key} must be {_hint_name(hint)}, got {_show(value)} ({type(value).__name__})"
+        elif not _finite(value):
+            problems[key] = f"{key} must be finite, got {_show(value)}"
+        elif isinstance(value, int) and not -INT64 <= value < INT64:
+            problems[key] = f"{key} must fit in a signed 64-bit integer, got {_show(value)}"
+        elif value is not None and rule is not None and not rule.test(value):
+            problems[key] = f"{key} must be {rule.text}, got {_show(value)}"
+    return problems
+
+
+def _raise(where: str, problems: list[str]) -> None:
+    if len(problems) == 1:
+        raise TaoInputError(f"{where}: {problems[0]}")
+    if problems:
+        raise TaoInputError(f"{where}: {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and checking a config
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from nested dicts; errors name the key path and what is accepted.
+
+    Types are checked here, ranges and plugins by :func:`validate`.
+    """
+    if not isinstance(data, dict):
+        raise TaoInputError(f"{path or 'config'}: expected a table, got {_show(data)} ({type(data).__name__})")
+    hints = _field_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in hints:
+            raise TaoInputError(f"unknown config key {where!r}; accepted here: {', '.join(hints)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value, where)
+            continue
+        if not _type_ok(value, hint):
+            raise TaoInputError(
+                f"config key {where!r} must be {_hint_name(hint)}, got {_show(value)} ({type(value).__name__})"
+            )
+        kwargs[key] = tuple(value) if typing.get_origin(hint) is tuple else value
+    return cls(**kwargs)
+
+
+def _override(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """``data[a][b] = value`` for ``dotted = "a.b"``; every part but the last must be a table."""
+    parts = dotted.split(".") if isinstance(dotted, str) else [""]
+    if not all(p.strip() for p in parts):
+        raise TaoInputError(f"override {dotted!r}: a key is a dotted path of names, like 'train.lr'")
+    node: dict[str, Any] = data
+    section: type | None = RunConfig  # None: inside a free-form options table
+    for depth, name in enumerate(parts[:-1], 1):
+        where = ".".join(parts[:depth])
+        if section is not None:
+            hints = _field_hints(section)
+            if name not in hints:
+                raise TaoInputError(f"override {dotted!r}: unknown config key {where!r}; accepted here: "
+                                    f"{', '.join(hints)}")
+            hint = hints[name]
+            if not (dataclasses.is_dataclass(hint) or typing.get_origin(hint) is dict):
+                raise TaoInputError(f"override {dotted!r}: {where!r} is a {_hint_name(hint)}, not a table of keys")
+            section = hint if dataclasses.is_dataclass(hint) else None
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise TaoInputError(f"override {dotted!r}: {where!r} holds {_show(child)}, not a table of keys")
+        node = child
+    node[parts[-1]] = value
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a TOML run config; ``overrides`` maps dotted keys (``train.lr``) to values."""
+    """Read a TOML run config; ``overrides`` maps dotted keys (``train.lr``) to values. The result
+    has passed :func:`validate`."""
     path = Path(path)
-    if not path.is_file():
-        raise TaoInputError(f"{path}: config file not found")
+    kind = _probe(str(path))
+    if kind != "a file":
+        raise TaoInputError(f"{path}: config file not found" if kind == "nothing" else f"{path}: is {kind}, not a config file")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise TaoInputError(f"{path}: cannot read the config: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise TaoInputError(f"{path}: invalid TOML: {e}") from None
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
+    except RecursionError:
+        raise TaoInputError(f"{path}: invalid TOML: arrays or tables nested too deeply") from None
     try:
+        for dotted, value in (overrides or {}).items():
+            _override(data, dotted, value)
         cfg = from_dict(RunConfig, data)
     except TaoInputError as e:
         raise TaoInputError(f"{path}: {e}") from None
@@ -155,31 +418,92 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
 
 
 def validate(cfg: RunConfig, where: str = "config") -> None:
-    """Check values and that every named plugin exists, before any work starts."""
+    """Check every field (type, range, finiteness), the named plugins and their options, and the
+    input files; raise one :class:`TaoInputError` listing every problem. Call it before any model
+    load or run-directory write."""
+    if not isinstance(cfg, RunConfig):
+        raise TaoInputError(f"{where}: expected a RunConfig, got {type(cfg).__name__}")
+    bad = check_values(cfg)
+    if any(section in bad for section in ("generate", "score", "train")):
+        _raise(where, list(bad.values()))  # the checks below read inside each section
+    _raise(where, [*bad.values(), *_file_problems(cfg, bad), *_plugin_problems(cfg, bad)])
+
+
+def _file_problems(cfg: RunConfig, bad: dict[str, str]) -> list[str]:
+    """The files the config names, for the keys whose values passed :func:`check_values`."""
+    problems = []
+    if cfg.prompts_file is None and cfg.prompt_column is not None:
+        problems.append(f"prompt_column = {_show(cfg.prompt_column)} needs prompts_file, the file holding that column")
+    if "prompts_file" not in bad and cfg.prompts_file is not None:
+        kind = _probe(cfg.prompts_file)
+        if kind != "a file":
+            problems.append(f"prompts_file {_show(cfg.prompts_file)} " +
+                            ("not found" if kind == "nothing" else f"is {kind}; give a JSONL, CSV or Parquet file"))
+    if "output_dir" not in bad and _probe(cfg.output_dir) not in ("nothing", "a directory"):
+        problems.append(f"output_dir {_show(cfg.output_dir)} is {_probe(cfg.output_dir)}; the run directory must be "
+                        "a directory or not exist yet")
+    return problems
+
+
+def _probe(path: str) -> str:
+    """What ``path`` names: "a file", "a directory", "nothing", "something else" or why it can't be looked at."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "nothing"
+    except (OSError, ValueError) as e:
+        return f"unusable ({getattr(e, 'strerror', None) or e})"
+    return "a file" if stat.S_ISREG(mode) else "a directory" if stat.S_ISDIR(mode) else "something else"
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _plugin_problems(cfg: RunConfig, bad: dict[str, str]) -> list[str]:
+    """Named plugins are registered and their options are keywords of their factories, for the
+    keys whose values passed :func:`check_values`."""
     from tao_core.plugins import get_registry
 
-    problems = []
-    for key in ("rounds", "steps_per_round", "prompts_per_step", "checkpoint_every"):
-        if getattr(cfg, key) < 1:
-            problems.append(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.generate.n < 2:
-        problems.append(f"generate.n must be >= 2 (group statistics need two candidates), got {cfg.generate.n}")
-    try:
-        cfg.train.validate()
-    except TaoInputError as e:
-        problems.append(str(e))
     reg = get_registry()
-    named = [("tasks", "task", cfg.task), ("generators", "generate.generator", cfg.generate.generator),
-             ("scorers", "score.scorer", cfg.score.scorer), ("objectives", "train.objective", cfg.train.objective),
-             ("advantages", "train.advantage", cfg.train.advantage)]
-    for kind, key, name in named:
-        if name is None:
+    problems, factories = [], {}
+    for key, kind in PLUGINS.items():
+        name = _get(cfg, key)
+        if name is None or key in bad:
             continue
         try:
-            reg.entry(kind, name)
+            factories[key] = reg.entry(kind, name).obj
         except PluginError:
-            problems.append(f"{key} = {name!r} is not a registered {kind[:-1]}; available: {', '.join(reg.names(kind))}")
-    if cfg.prompts_file is not None and not Path(cfg.prompts_file).is_file():
-        problems.append(f"prompts_file {cfg.prompts_file!r} not found")
-    if problems:
-        raise TaoInputError(f"{where}: " + "; ".join(problems))
+            problems.append(f"{key} = {_show(name)} is not a registered {kind[:-1]}; available: {', '.join(reg.names(kind))}")
+    for key, (name_key, task_default, positional) in OPTIONS.items():
+        name = _get(cfg, name_key)
+        if name is None and task_default is not None:
+            name = getattr(factories.get("task"), task_default, None)  # a class attribute of the task factory
+        if not isinstance(name, str) or name_key in bad or key in bad:
+            continue
+        try:
+            factory = reg.entry(PLUGINS[name_key], name).obj
+        except PluginError:
+            continue  # reported above, or a task's missing default (reported when the task is built)
+        problems += _option_problems(key, _get(cfg, key), f"{PLUGINS[name_key][:-1]} {name!r}", factory, positional)
+    return problems
+
+
+def _option_problems(key: str, options: dict[str, Any], what: str, factory: Any, positional: int) -> list[str]:
+    """``options`` against the keyword parameters of ``factory`` (after ``positional`` ones)."""
+    try:
+        params = list(inspect.signature(factory).parameters.values())[positional:]
+    except (TypeError, ValueError):  # no signature to read (a builtin): the factory checks its options
+        return []
+    keywords = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    problems = []
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        accepted = ", ".join(p.name for p in keywords) or "none"
+        problems += [f"{key}.{k} is not an option of {what}; it accepts: {accepted}"
+                     for k in options if k not in {p.name for p in keywords}]
+    missing = [p.name for p in keywords if p.default is p.empty and p.name not in options]
+    if missing:
+        problems.append(f"{key} lacks {', '.join(missing)}, required by {what}")
+    return problems

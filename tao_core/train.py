@@ -21,22 +21,19 @@ import random
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from tao_core.batching import LAYOUTS, Segment, final_hidden, pack, plan_micro_batches
+from tao_core.batching import Segment, final_hidden, pack, plan_micro_batches
+from tao_core.config import TrainConfig
 from tao_core.errors import PluginError, TaoInputError
 from tao_core.models import LoadedModel
 from tao_core.objectives import LossConfig, Objective
 from tao_core.onednn import onednn_linears
 from tao_core.types import Candidate, Prompt, Score
-
-PRECISIONS = ("auto", "fp32", "bf16")
-LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 def scheduled_lr(base: float, step: int, cfg: TrainConfig) -> float:
@@ -57,79 +54,6 @@ def scheduled_lr(base: float, step: int, cfg: TrainConfig) -> float:
     if cfg.lr_schedule == "linear":
         return base * (1.0 - frac)
     return base * 0.5 * (1.0 + math.cos(math.pi * frac))
-
-
-@dataclass
-class TrainConfig:
-    """How to train: the same names in the TOML config, the CLI flags and the Python API.
-
-    ``old_logprobs = "current"`` takes the policy's own log-probs at the start of the step (detached,
-    from the same forward, so the first update's ratio is exactly 1, as TRL does with one iteration)
-    instead of the sampler's. Use it with ``precision = "bf16"`` on a CPU: measured on SmolLM2-135M,
-    CPU bf16 autocast runs the step about 2x faster than fp32 but moves token log-probs by 0.03 nats
-    on average (0.2-0.26 at worst) from the fp32 sampler's, enough to clip tokens spuriously when
-    the ratio is taken against the sampled log-probs.
-    """
-
-    objective: str = "grpo"  # registered objective (recipe): grpo, dr_grpo, dapo, rloo, ppo_clip_kl, ...
-    advantage: str | None = None  # registered advantage estimator; None: the objective's default
-    lr: float | None = None  # AdamW learning rate; None: 5e-6 for full fine-tuning, 1e-4 with LoRA
-    lr_schedule: str = "constant"  # "constant" | "linear" (decay to 0) | "cosine" (decay to 0), after warm-up
-    warmup_steps: int = 0  # steps of linear warm-up from lr / (warmup_steps + 1) to lr
-    total_steps: int | None = None  # length of a decaying schedule; None: the run's rounds x steps_per_round
-    weight_decay: float = 0.0  # AdamW decoupled weight decay (TRL's default)
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment decay rates
-    eps: float = 1e-8  # AdamW denominator epsilon
-    max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
-    micro_batch_tokens: int = 1024  # token budget of one forward/backward (rows incl. prompts): ~2 MB of
-    # fp32 activations per token on SmolLM2-135M, so ~2 GB per micro-batch
-    ppo_epochs: int = 1  # optimizer updates over the same batch per step (PPO mini-steps)
-    kl_coef: float | None = None  # KL(policy || reference) weight; None: the objective's default (0 mostly)
-    kl_estimator: str | None = None  # "k1" | "k2" | "k3" | "exact"; None: the objective's default or k3
-    clip_low: float | None = None  # ratio clipped at 1 - clip_low; None: the objective's default or 0.2
-    clip_high: float | None = None  # ratio clipped at 1 + clip_high; None: the objective's default or 0.2
-    ratio_level: str | None = None  # "token" | "sequence" importance ratios; None: objective's or token
-    loss_agg: str | None = None  # "token_mean" | "seq_mean" | "fixed_length"; None: the objective's
-    max_len: int | None = None  # fixed_length normalizer; None: the step's longest completion
-    beta: float = 0.1  # online DPO inverse temperature
-    lora: bool = False  # train LoRA adapters instead of every weight
-    lora_r: int = 16  # LoRA rank
-    lora_alpha: int = 32  # LoRA scale numerator (scale = alpha / r)
-    lora_dropout: float = 0.0  # LoRA dropout; 0 keeps the training log-probs equal to the sampler's
-    lora_target_modules: str | list[str] = "all-linear"  # peft target modules (never the head)
-    precision: str = "auto"  # "auto": bf16 autocast on a bf16-capable GPU, fp32 on the CPU; "fp32" | "bf16"
-    old_logprobs: str = "sampled"  # PPO's old policy: "sampled" (Candidate.logprobs) | "current" (see below)
-    layout: str = "shared_prefix"  # "shared_prefix" (prompt once per group) | "padded" (reference)
-    seed: int = 0  # seeds LoRA initialization
-
-    def validate(self) -> None:
-        problems = []
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.layout not in LAYOUTS:
-            problems.append(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if self.old_logprobs not in ("sampled", "current"):
-            problems.append(f"old_logprobs must be 'sampled' or 'current', got {self.old_logprobs!r}")
-        if self.micro_batch_tokens < 1:
-            problems.append(f"micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
-        if self.ppo_epochs < 1:
-            problems.append(f"ppo_epochs must be >= 1, got {self.ppo_epochs}")
-        if self.lr is not None and self.lr <= 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            problems.append(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.warmup_steps < 0:
-            problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.total_steps is not None and self.total_steps < 1:
-            problems.append(f"total_steps must be >= 1, got {self.total_steps}")
-        if self.kl_estimator not in (None, "k1", "k2", "k3", "exact"):
-            problems.append(f"kl_estimator must be k1, k2, k3 or exact, got {self.kl_estimator!r}")
-        if self.ratio_level not in (None, "token", "sequence"):
-            problems.append(f"ratio_level must be token or sequence, got {self.ratio_level!r}")
-        if self.loss_agg not in (None, "token_mean", "seq_mean", "fixed_length"):
-            problems.append(f"loss_agg must be token_mean, seq_mean or fixed_length, got {self.loss_agg!r}")
-        if problems:
-            raise TaoInputError("invalid training config: " + "; ".join(problems))
 
 
 _LOSS_FALLBACKS = {
