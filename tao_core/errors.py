@@ -15,3 +15,10 @@ class PluginError(TaoError):
 
 class ModelLoadError(TaoError):
     """A model could not be found, read or converted."""
+
+
+class TaoWriteError(TaoError, OSError):
+    """Writing a run's file failed (disk full, I/O error); what was written before stays valid."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import random
+import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,12 +28,13 @@ import torch
 from tqdm.auto import tqdm
 
 from tao_core.config import RunConfig, from_dict, validate
-from tao_core.errors import TaoInputError
+from tao_core.errors import TaoInputError, TaoWriteError
+from tao_core.fsio import fault_point, write_file
 from tao_core.generation import sampler_for
 from tao_core.guards import Guard
 from tao_core.models import LoadedModel, load_model
 from tao_core.plugins import get_component
-from tao_core.rundir import RunDir
+from tao_core.rundir import KEEP_CHECKPOINTS, RunDir, replace_dir
 from tao_core.scoring import ScorerLimits, load_scorer, score_groups
 from tao_core.tasks import EvalResult, Task, evaluate
 from tao_core.train import Trainer
@@ -75,17 +79,18 @@ def step_prompts(pool: list[Prompt], seed: int, step: int, k: int) -> list[Promp
 
 
 class Pipeline:
-    """Holds the model, task, generator, scorer and trainer of one run directory."""
+    """Holds the model, task, generator, scorer and trainer of one run directory.
 
-    def __init__(self, cfg: RunConfig, *, lm: LoadedModel | None = None, progress: bool = True) -> None:
+    Order of work: the config is validated, the task built and the prompts read; only then is
+    the run directory claimed (marker + lock, see :class:`RunDir`) and the model loaded. A bad
+    config or prompts file therefore fails in seconds and leaves no directory behind.
+    """
+
+    def __init__(self, cfg: RunConfig, *, lm: LoadedModel | None = None, progress: bool = True,
+                 resume: bool = False) -> None:
         validate(cfg)
         self.cfg = cfg
-        self.dir = RunDir(cfg.output_dir)
         self.progress = progress
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        torch.manual_seed(cfg.seed)
-        self.lm = lm or load_model(cfg.model)
         self.task: Task = get_component("tasks", cfg.task)(**cfg.task_options)
         if cfg.prompts_file:
             from tao_core.data import load_prompts
@@ -96,6 +101,19 @@ class Pipeline:
         if not self.pool:
             raise TaoInputError(f"task {cfg.task!r} gave no training prompts")
         self.eval_examples = self.task.eval_examples(cfg.eval_limit)
+        self.dir = RunDir(cfg.output_dir).claim("run", resume=resume)
+        try:
+            self._build(lm)
+        except BaseException:
+            self.dir.release()
+            raise
+
+    def _build(self, lm: LoadedModel | None) -> None:
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.lm = lm or load_model(cfg.model)
         train_cfg = cfg.train
         if train_cfg.total_steps is None:
             train_cfg = dataclasses.replace(train_cfg, total_steps=cfg.rounds * cfg.steps_per_round)
@@ -105,6 +123,7 @@ class Pipeline:
         self.scorer = load_scorer(cfg.score.scorer or self.task.default_scorer, **cfg.score.options)
         self.limits = ScorerLimits(timeout_s=cfg.score.timeout_s)
         self.guard = Guard(cfg.guard)
+        self._best_steps: list[int] = []  # best steps the kept checkpoints refer to (their weights stay)
 
     # -- pieces --------------------------------------------------------------------------------
     def sampling(self, step: int) -> SamplingParams:
@@ -121,30 +140,49 @@ class Pipeline:
     def _trainable(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.lm.model.named_parameters() if p.requires_grad}
 
-    def _restore_best(self) -> None:
-        best = self.dir.load_best()
+    def _restore_best(self, step: int) -> None:
+        best = self.dir.load_best(step)
         with torch.no_grad():
             for n, p in self._trainable().items():
                 p.copy_(best[n])
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, *, resume: bool = False) -> RunResult:
+        """Run to the end (resuming from the newest valid checkpoint when ``resume``); releases the directory."""
+        try:
+            return self._run(resume)
+        except TaoWriteError as e:
+            raise TaoWriteError(e.errno, f"{e}; the run stopped, and what it wrote before is intact: free the "
+                                f"space or fix the disk, then `tao run --resume {self.dir.root}`") from e
+        finally:
+            self.dir.release()
+
+    def _run(self, resume: bool) -> RunResult:
         cfg, rd = self.cfg, self.dir
         total_steps = cfg.rounds * cfg.steps_per_round
-        ckpt = rd.latest_checkpoint() if resume else None
-        if ckpt is not None:
-            state = json.loads((ckpt / "pipeline.json").read_text())
-            self.trainer.load_state_dict(torch.load(ckpt / "trainer.pt", weights_only=False))
-            self.guard.load_state_dict(state["guard"])
-            start, before, best, tuning_s = state["step"], state["before"], state["best"], state["tuning_seconds"]
+        found = rd.load_checkpoint() if resume else None
+        if found is not None:
+            ckpt, trainer_state, state, fallbacks = found
+            try:
+                self.trainer.load_state_dict(trainer_state)
+                self.guard.load_state_dict(state["guard"])
+                start, before, best, tuning_s = state["step"], state["before"], state["best"], state["tuning_seconds"]
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise TaoInputError(f"{ckpt}: checkpoint does not fit this run ({type(e).__name__}: {e})") from None
+            self._best_steps = [best["step"]]
             rd.truncate_metrics_after(start)
+            for message in fallbacks:
+                rd.log({"type": "warning", "step": start, "kind": "checkpoint_fallback", "message": message})
+                tqdm.write(f"warning: {message}")
         else:
             if resume:
-                # killed before the first checkpoint: start over in the same directory
+                message = (f"{rd.root}: no checkpoint was written before the run stopped; starting again from "
+                           "step 0 (finished generation and scoring on disk are reused)")
+                warnings.warn(message, stacklevel=2)
                 rd.truncate_metrics_after(-1)
-            rd.root.mkdir(parents=True, exist_ok=True)
-            (rd.root / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-            (rd.root / "versions.json").write_text(json.dumps(_versions(), indent=2))
+            write_file(rd.root / "config.json", json.dumps(cfg.to_dict(), indent=2))
+            write_file(rd.root / "versions.json", json.dumps(_versions(), indent=2))
+            fault_point("eval.before")
             result = self.evaluate()
             before = best = {**result.to_dict(), "step": 0, "round": 0}
             rd.log({"type": "eval", "step": 0, "round": 0, **result.to_dict()})
@@ -171,14 +209,21 @@ class Pipeline:
             if done % cfg.checkpoint_every == 0 or end_of_round or stopped or done == total_steps:
                 state = {"step": done, "before": before, "best": best, "tuning_seconds": tuning_s,
                          "guard": self.guard.state_dict()}
+                fault_point("checkpoint.before")
                 rd.save_checkpoint(done, self.trainer.state_dict(), state)
+                self._best_steps = [*self._best_steps, best["step"]][-KEEP_CHECKPOINTS:]
             if stopped:
                 tqdm.write("stopping: a collapse guard fired (guard.stop_on_collapse); keeping the best weights")
                 break
         bar.close()
-        self._restore_best()
-        final = self.trainer.save_pretrained(rd.root / "final")
-        (final / "tao_run.json").write_text(json.dumps({"best": best, "before": before}, indent=2))
+        self._restore_best(best["step"])
+        fault_point("final.before")
+        tmp = rd.root / f".final.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.trainer.save_pretrained(tmp)
+        write_file(tmp / "tao_run.json", json.dumps({"best": best, "before": before}, indent=2))
+        replace_dir(tmp, rd.root / "final")
+        fault_point("final.after")
         rd.log({"type": "final", "step": best["step"], "before": before["value"], "after": best["value"],
                 "tuning_seconds": tuning_s})
         return RunResult(str(rd.root), before, best, done, tuning_s, self.guard.messages(), stopped)
@@ -189,17 +234,23 @@ class Pipeline:
         t0 = time.perf_counter()
         groups = rd.load_candidates(step, prompts)
         if groups is None:
+            fault_point("generate.before")
             groups = self.generator.generate(prompts, self.sampling(step))
             rd.save_step_prompts(step, prompts)
             rd.save_candidates(step, groups)
+            fault_point("generate.after")
         t1 = time.perf_counter()
         scores = rd.load_scores(step, groups)
         if scores is None:
             cache = rd.root / "score-cache" if self.cfg.score.cache else None
+            fault_point("score.before")
             scores = score_groups(self.scorer, prompts, groups, cache=cache, limits=self.limits)
             rd.save_scores(step, scores)
+            fault_point("score.after")
         t2 = time.perf_counter()
+        fault_point("train.before")
         metrics = self.trainer.step(prompts, groups, scores)
+        fault_point("train.after")
         t3 = time.perf_counter()
         cands = [c for g in groups for c in g]
         flat = [s for g in scores for s in g]
@@ -219,7 +270,9 @@ class Pipeline:
     def _evaluate_and_promote(self, done: int, round_index: int, best: dict[str, Any],
                               end_of_round: bool) -> tuple[dict[str, Any], bool]:
         cfg, rd = self.cfg, self.dir
+        fault_point("eval.before")
         result = self.evaluate()
+        fault_point("eval.after")
         rec = {**result.to_dict(), "step": done, "round": round_index}
         rd.log({"type": "eval", **rec})
         tqdm.write(f"step {done}: held-out {result.metric} = {result.value:.3f} "
@@ -232,11 +285,18 @@ class Pipeline:
         promoted = result.value >= best["value"] - cfg.guard.promote_tolerance
         if promoted and result.value >= best["value"]:
             best = rec
-            rd.save_best(self._trainable(), best)
+            rd.save_best(self._trainable(), best, keep_steps=set(self._best_steps))
+            fault_point("best.after")
         if end_of_round:
-            self.trainer.save_pretrained(rd.round_model_dir(round_index))
+            dest = rd.round_model_dir(round_index)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".model.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.trainer.save_pretrained(tmp)
+            replace_dir(tmp, dest)
+            fault_point("round.after-model")
             if not promoted and cfg.guard.rollback:
-                self._restore_best()
+                self._restore_best(best["step"])
             rd.log({"type": "round", "step": done, "round": round_index, "value": result.value,
                     "promoted": promoted, "rolled_back": (not promoted) and cfg.guard.rollback,
                     "best_value": best["value"], "best_step": best["step"]})
@@ -245,18 +305,18 @@ class Pipeline:
 
 def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True, lm: LoadedModel | None = None) -> RunResult:
     """Run (or resume) the TAO pipeline described by ``cfg``; see :class:`Pipeline`."""
-    rd = RunDir(cfg.output_dir)
-    if not resume and rd.root.exists() and any(rd.root.iterdir()):
-        raise TaoInputError(f"{rd.root} already holds a run: resume it with `tao run --resume {rd.root}` "
-                            "or choose another output_dir")
-    return Pipeline(cfg, lm=lm, progress=progress).run(resume=resume)
+    return Pipeline(cfg, lm=lm, progress=progress, resume=resume).run(resume=resume)
 
 
 def resume(run_dir: str, *, progress: bool = True) -> RunResult:
     """Continue the run in ``run_dir`` from its last checkpoint with its saved config."""
     path = RunDir(run_dir).root / "config.json"
     if not path.exists():
-        raise TaoInputError(f"{run_dir}: not a tao run directory (no config.json)")
-    cfg = from_dict(RunConfig, json.loads(path.read_text()))
+        raise TaoInputError(f"{run_dir}: not a tao run directory (no config.json); nothing to resume")
+    try:
+        saved = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise TaoInputError(f"{path}: unreadable saved config ({e})") from None
+    cfg = from_dict(RunConfig, saved)
     cfg.output_dir = run_dir
     return run(cfg, resume=True, progress=progress)

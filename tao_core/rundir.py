@@ -3,44 +3,182 @@
 Layout::
 
     RUN_DIR/
+      tao-dir.json  .lock                                   # what made this directory; who holds it
       config.json  versions.json  metrics.jsonl
       steps/step-00012/{prompts,candidates,scores}.jsonl   # one directory per optimizer step
-      checkpoints/latest -> step-00010/{trainer.pt,pipeline.json}
-      best/trainable.safetensors  best/pipeline.json        # the best held-out weights so far
+      checkpoints/step-00010/ step-00012/ latest           # the last two checkpoints (tao_core.checkpoint)
+      best/step-00008.safetensors  best/pipeline.json       # the best held-out weights so far
       rounds/round-001/model/                               # a Hugging Face directory per round
       final/                                                # the promoted model at the end
 
-Files are written to a temporary name and renamed; checkpoints are whole directories renamed into
-place, and ``checkpoints/latest`` is a small file replaced atomically after the directory exists.
+Lifecycle, the same for ``tao run``, ``tao sft`` and ``tao rm train``: :meth:`RunDir.claim` takes
+a directory that is absent, empty, or already marked with ``tao-dir.json`` of the same kind, and
+holds an exclusive lock (``flock`` on ``.lock``) for the life of the process, so two processes never
+write into one directory. Any other non-empty directory is refused: tao never writes into, or
+deletes, a folder it did not make. Run directories from before the marker existed are adopted
+when resumed.
+
+Every write goes through :mod:`tao_core.fsio` (temporary name, fsync, rename; metrics lines are
+appended and fsynced). Checkpoints are whole directories renamed into place; ``checkpoints/latest``
+names the newest, and resume verifies each checkpoint's manifest, falling back to the previous one
+with a warning. Whole directories (``final/``, round models) are written beside their place and
+renamed in.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tao_core.types import Candidate, Prompt, Score, read_jsonl, write_jsonl
+from tao_core import checkpoint
+from tao_core.errors import TaoInputError
+from tao_core.fsio import append_line, fault_point, fsync_dir, write_file
+from tao_core.records import read_records
+from tao_core.types import Candidate, Prompt, Score, read_jsonl
+
+MARKER = "tao-dir.json"
+LOCK = ".lock"
+KINDS = ("run", "sft", "rm")
+KEEP_CHECKPOINTS = 2
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_file(path, text)
+
+
+def _jsonl(records: list[Any]) -> bytes:
+    lines = (json.dumps(r.to_dict() if hasattr(r, "to_dict") else r, ensure_ascii=False) for r in records)
+    return "".join(line + "\n" for line in lines).encode("utf-8")
+
+
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Move the finished directory ``tmp`` to ``dest``, replacing an older ``dest`` (never half of either)."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(dest, old)
+    os.rename(tmp, dest)
+    fsync_dir(dest.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_marker(root: Path) -> dict[str, Any] | None:
+    path = root / MARKER
+    if not path.exists():
+        return None
+    try:
+        marker = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise TaoInputError(f"{path}: unreadable tao directory marker ({e}); this directory was not "
+                            "made by this tao, or its marker was damaged: choose another directory") from None
+    if not isinstance(marker, dict) or marker.get("kind") not in KINDS:
+        raise TaoInputError(f"{path}: not a tao directory marker (expected a 'kind' of {', '.join(KINDS)})")
+    return marker
+
+
+def _legacy_kind(root: Path) -> str | None:
+    """The kind of a directory written before markers existed, judged by its files."""
+    if (root / "config.json").is_file() and (root / "metrics.jsonl").exists():
+        try:
+            config = json.loads((root / "config.json").read_bytes())
+        except (OSError, ValueError):
+            return None
+        return "sft" if isinstance(config, dict) and config.get("kind") == "sft" else "run"
+    if (root / "tao_reward_model.json").is_file():
+        return "rm"
+    return None
 
 
 class RunDir:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
+        self._lock_fd: int | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def claim(self, kind: str, *, resume: bool = False, replace: bool = False,
+              info: dict[str, Any] | None = None) -> RunDir:
+        """Take this directory for a ``kind`` run and lock it; see the module docstring.
+
+        ``resume`` accepts a directory that already holds a started run of ``kind``; ``replace``
+        empties one (its marker must say ``kind``, and ``info`` must match the marker's: the demo
+        replaces only its own runs). ``info`` is stored in a new marker.
+        """
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        root = self.root
+        if root.exists() and not root.is_dir():
+            raise TaoInputError(f"{root} is a file, not a directory; choose another output directory")
+        marker = _read_marker(root) if root.is_dir() else None
+        entries = {p.name for p in root.iterdir()} - {LOCK} if root.is_dir() else set()
+        if marker is None and entries:
+            legacy = _legacy_kind(root)
+            if legacy == kind and resume:
+                marker = {"kind": kind, "format": 1, "adopted": True}
+            elif legacy is not None:
+                raise TaoInputError(f"{root} holds a tao {legacy} made before run directories were marked; "
+                                    + ("resume it (`tao run --resume`) or " if legacy == "run" else "")
+                                    + "choose another output directory (tao never deletes it for you)")
+            else:
+                raise TaoInputError(f"{root} is not empty and is not a tao directory (no {MARKER}); tao never "
+                                    "writes into or deletes a folder it did not make: choose another output "
+                                    "directory or empty this one yourself")
+        if marker is not None and marker["kind"] != kind:
+            raise TaoInputError(f"{root} holds a tao {marker['kind']} directory, not a {kind} one; choose another "
+                                "output directory")
+        started = bool(entries - {MARKER})
+        if marker is not None and started and not (resume or replace):
+            hint = f"resume it with `tao run --resume {root}` or " if kind == "run" else ""
+            raise TaoInputError(f"{root} already holds a {kind}: {hint}choose another output directory")
+        if replace and marker is not None and started:
+            want = {k: v for k, v in (info or {}).items()}
+            if any(marker.get(k) != v for k, v in want.items()):
+                raise TaoInputError(f"{root} holds a {kind} that this command did not make "
+                                    f"({MARKER}: {json.dumps(marker)}); choose another output directory")
+        root.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        if replace and started:
+            for p in root.iterdir():
+                if p.name not in (LOCK, MARKER):
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        if not (root / MARKER).exists():
+            body = {"kind": kind, "format": 1, "created": round(time.time(), 3), **(info or {}),
+                    **({k: v for k, v in marker.items() if k != "kind"} if marker else {})}
+            write_file(root / MARKER, json.dumps(body, indent=2))
+        return self
+
+    def _lock(self) -> None:
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                holder = (self.root / LOCK).read_text(errors="replace").strip() or "?"
+                raise TaoInputError(f"{self.root} is in use by another tao process (pid {holder}); wait for it "
+                                    "to finish or stop it first") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        """Give up the lock (also released when the process exits, however it exits)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # -- paths ---------------------------------------------------------------------------------
     @property
@@ -65,31 +203,28 @@ class RunDir:
     def log(self, record: dict[str, Any]) -> None:
         """Append one metrics line (fsynced): steps, evaluations, rounds, warnings."""
         record = {"time": round(time.time(), 3), **record}
-        write_jsonl(self.metrics_path, [record], append=True)
+        append_line(self.metrics_path, json.dumps(record, ensure_ascii=False))
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """Every metrics line; a last line torn by a kill mid-write is dropped (its step is redone),
+        a bad line anywhere else is an error naming its line."""
         if not self.metrics_path.exists():
             return []
-        out = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a line torn by a kill mid-write: the step is redone and logged again
-        return out
+        return [r for _, r in read_records(self.metrics_path, tolerate_torn_tail=True)]
 
     def truncate_metrics_after(self, step: int) -> None:
         """Drop metric lines of steps after ``step`` (they are redone after a resume)."""
         kept = [r for r in self.read_metrics() if r.get("step", 0) <= step]
-        write_jsonl(self.metrics_path, kept)
+        write_file(self.metrics_path, _jsonl(kept))
 
     # -- stage artifacts -----------------------------------------------------------------------
     def save_step_prompts(self, step: int, prompts: list[Prompt]) -> None:
-        write_jsonl(self.step_dir(step) / "prompts.jsonl", prompts)
+        self.step_dir(step).mkdir(parents=True, exist_ok=True)
+        write_file(self.step_dir(step) / "prompts.jsonl", _jsonl(prompts))
 
     def save_candidates(self, step: int, groups: list[list[Candidate]]) -> None:
-        write_jsonl(self.step_dir(step) / "candidates.jsonl", [c for g in groups for c in g])
+        self.step_dir(step).mkdir(parents=True, exist_ok=True)
+        write_file(self.step_dir(step) / "candidates.jsonl", _jsonl([c for g in groups for c in g]))
 
     def load_candidates(self, step: int, prompts: list[Prompt]) -> list[list[Candidate]] | None:
         path = self.step_dir(step) / "candidates.jsonl"
@@ -101,7 +236,8 @@ class RunDir:
         return [sorted(by_prompt[p.id], key=lambda c: c.index) for p in prompts]
 
     def save_scores(self, step: int, scores: list[list[Score]]) -> None:
-        write_jsonl(self.step_dir(step) / "scores.jsonl", [s for g in scores for s in g])
+        self.step_dir(step).mkdir(parents=True, exist_ok=True)
+        write_file(self.step_dir(step) / "scores.jsonl", _jsonl([s for g in scores for s in g]))
 
     def load_scores(self, step: int, groups: list[list[Candidate]]) -> list[list[Score]] | None:
         path = self.step_dir(step) / "scores.jsonl"
@@ -116,40 +252,104 @@ class RunDir:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, step: int, trainer_state: dict[str, Any], pipeline_state: dict[str, Any],
-                        keep: int = 1) -> Path:
+                        keep: int = KEEP_CHECKPOINTS) -> Path:
+        """Write checkpoint ``step`` (see :mod:`tao_core.checkpoint`), point ``latest`` at it, keep the last ``keep``."""
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         final = self.checkpoints / f"step-{step:05d}"
         tmp = self.checkpoints / f".tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
-        torch.save(trainer_state, tmp / "trainer.pt")
-        atomic_write_text(tmp / "pipeline.json", json.dumps(pipeline_state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        atomic_write_text(self.checkpoints / "latest", final.name)
-        for old in sorted(self.checkpoints.glob("step-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            checkpoint.write(tmp, trainer_state, pipeline_state)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fault_point("checkpoint.before-rename")
+        replace_dir(tmp, final)
+        fault_point("checkpoint.before-latest")
+        write_file(self.checkpoints / "latest", final.name)
+        names = sorted(p.name for p in self.checkpoints.iterdir() if checkpoint.is_checkpoint_name(p.name))
+        for old in names[:-keep]:
+            shutil.rmtree(self.checkpoints / old, ignore_errors=True)
         for stale in self.checkpoints.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         return final
 
-    def latest_checkpoint(self) -> Path | None:
+    def checkpoint_dirs(self) -> list[Path]:
+        """Checkpoint directories, the one ``latest`` names first, then the others newest first."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = sorted((p for p in self.checkpoints.iterdir() if checkpoint.is_checkpoint_name(p.name)),
+                       key=lambda p: p.name, reverse=True)
         pointer = self.checkpoints / "latest"
-        if not pointer.exists():
-            return None
-        path = self.checkpoints / pointer.read_text().strip()
-        return path if (path / "pipeline.json").exists() else None
+        named = None
+        if pointer.exists():
+            try:
+                named = pointer.read_bytes().decode("utf-8").strip()
+            except (OSError, UnicodeDecodeError):
+                named = None
+        if named and checkpoint.is_checkpoint_name(named) and (self.checkpoints / named).is_dir():
+            found.sort(key=lambda p: p.name != named)
+        return found
 
-    def save_best(self, trainable: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
-        from safetensors.torch import save_file
+    def load_checkpoint(self) -> tuple[Path, dict[str, Any], dict[str, Any], list[str]] | None:
+        """The newest valid checkpoint: ``(dir, trainer_state, pipeline_state, warnings)``.
+
+        ``None`` when no checkpoint was ever written. A checkpoint that fails verification is
+        skipped with a warning for the previous one; when checkpoints exist but none is valid, a
+        :class:`TaoInputError` lists why each failed (a run never silently restarts).
+        """
+        problems: list[str] = []
+        dirs = self.checkpoint_dirs()
+        pointer = self.checkpoints / "latest"
+        if dirs and pointer.exists() and not any(p.name == _safe_read(pointer) for p in dirs):
+            problems.append(f"{pointer} names {_safe_read(pointer)!r}, which is not a checkpoint here; ignored")
+        for d in dirs:
+            try:
+                trainer_state, pipeline_state = checkpoint.read(d)
+            except checkpoint.CheckpointError as e:
+                problems.append(str(e))
+                continue
+            for p in problems:
+                warnings.warn(f"{p}; resuming from {d.name}", stacklevel=2)
+            return d, trainer_state, pipeline_state, [f"{p}; resumed from {d.name}" for p in problems]
+        if dirs:
+            raise TaoInputError(f"{self.checkpoints}: no valid checkpoint to resume from: " + "; ".join(problems))
+        return None
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest checkpoint that verifies, or ``None``."""
+        found = self.load_checkpoint()
+        return found[0] if found else None
+
+    # -- best weights ----------------------------------------------------------------------------
+    def best_path(self, step: int) -> Path:
+        return self.best_dir / f"step-{step:05d}.safetensors"
+
+    def save_best(self, trainable: dict[str, torch.Tensor], info: dict[str, Any], keep_steps: set[int] = frozenset()) -> None:
+        """Store the best weights under their step; files of steps not in ``keep_steps`` | {this} are pruned."""
+        from safetensors.torch import save
 
         self.best_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.best_dir / ".trainable.tmp.safetensors"
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp))
-        os.replace(tmp, self.best_dir / "trainable.safetensors")
-        atomic_write_text(self.best_dir / "pipeline.json", json.dumps(info, indent=2))
+        write_file(self.best_path(info["step"]), save({k: v.detach().cpu().contiguous() for k, v in trainable.items()}))
+        write_file(self.best_dir / "pipeline.json", json.dumps(info, indent=2))
+        keep = {self.best_path(s).name for s in {*keep_steps, info["step"]}}
+        for old in self.best_dir.glob("step-*.safetensors"):
+            if old.name not in keep:
+                old.unlink(missing_ok=True)
 
-    def load_best(self) -> dict[str, torch.Tensor]:
+    def load_best(self, step: int) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
-        return load_file(str(self.best_dir / "trainable.safetensors"))
+        path = self.best_path(step)
+        if not path.exists() and (self.best_dir / "trainable.safetensors").exists():
+            path = self.best_dir / "trainable.safetensors"  # a run directory from before per-step files
+        if not path.exists():
+            raise TaoInputError(f"{path}: the best weights (step {step}) are missing from the run directory")
+        return load_file(str(path))
+
+
+def _safe_read(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace").strip()
+    except OSError:
+        return ""

@@ -41,7 +41,7 @@ from tao_core.models import LoadedModel, load_model
 from tao_core.objectives import LossConfig, LossOutput, Objective
 from tao_core.pipeline import _versions, step_prompts
 from tao_core.plugins import get_component
-from tao_core.rundir import RunDir, atomic_write_text
+from tao_core.rundir import RunDir, atomic_write_text, replace_dir
 from tao_core.tasks import Task, evaluate
 from tao_core.train import Trainer
 from tao_core.types import Candidate, Prompt, Score
@@ -158,12 +158,6 @@ def sft(cfg: RunConfig, *, examples: int | None = None, epochs: int = 1, eval_ea
         raise TaoInputError(f"examples must be an integer >= 1, got {examples!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise TaoInputError(f"epochs must be an integer >= 1, got {epochs!r}")
-    rd = RunDir(cfg.output_dir)
-    if rd.root.exists() and any(rd.root.iterdir()):
-        raise TaoInputError(f"{rd.root} is not empty; choose another output directory for the SFT run")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
     task: Task = get_component("tasks", cfg.task)(**cfg.task_options)
     if cfg.prompts_file:
         from tao_core.data import load_prompts
@@ -177,6 +171,18 @@ def sft(cfg: RunConfig, *, examples: int | None = None, epochs: int = 1, eval_ea
                             "most that many (or raise the task's n_train in task_options)")
     prompts = step_prompts(pool, cfg.seed, 0, n)
     references(task, prompts)  # a task without labels fails here, before the model loads
+    rd = RunDir(cfg.output_dir).claim(KIND)
+    try:
+        return _train(cfg, task, prompts, n, epochs, eval_each_epoch, rd, lm, progress)
+    finally:
+        rd.release()
+
+
+def _train(cfg: RunConfig, task: Task, prompts: list[Prompt], n: int, epochs: int, eval_each_epoch: bool, rd: RunDir,
+           lm: LoadedModel | None, progress: bool) -> SftResult:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
     lm = lm or load_model(cfg.model)
     data = labeled_examples(task, prompts, lm)
     # SFT has no reference model and one pass per batch, whatever the TAO config says
@@ -188,7 +194,6 @@ def sft(cfg: RunConfig, *, examples: int | None = None, epochs: int = 1, eval_ea
     batch = cfg.prompts_per_step
     steps_per_epoch = -(-n // batch)
 
-    rd.root.mkdir(parents=True, exist_ok=True)
     config = {"kind": KIND, **cfg.to_dict(),
               "sft": {"examples": n, "epochs": epochs, "batch_size": batch, "steps": steps_per_epoch * epochs,
                       "prompts": f"the first {n} prompts of the TAO run's order (seed {cfg.seed})"}}
@@ -225,7 +230,7 @@ def sft(cfg: RunConfig, *, examples: int | None = None, epochs: int = 1, eval_ea
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.save_pretrained(tmp)
     atomic_write_text(tmp / "tao_run.json", json.dumps({"kind": KIND, "before": before, "after": after}, indent=2))
-    os.replace(tmp, rd.root / "final")
+    replace_dir(tmp, rd.root / "final")
     rd.log({"type": "final", "kind": KIND, "step": step, "before": before["value"], "after": after["value"],
             "tuning_seconds": tuning_s, "examples": n, "epochs": epochs})
     return SftResult(str(rd.root), before, after, n, epochs, step, tuning_s, evals)

@@ -176,5 +176,5 @@ def test_run_refuses_to_overwrite(tmp_path, tiny_model_dir):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
     cfg = load_config(_config(tmp_path / "c.toml", tiny_model_dir, tmp_path / "run"), {"score.scorer": None})
-    with pytest.raises(TaoInputError, match="already holds a run"):
+    with pytest.raises(TaoInputError, match="not empty and is not a tao directory"):
         pipeline.run(cfg)

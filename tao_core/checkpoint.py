@@ -1,0 +1,200 @@
+"""The checkpoint format: safetensors for tensors, JSON for the rest, a manifest written last.
+
+A checkpoint is a directory::
+
+    step-00010/
+      trainable.safetensors   the trainable weights, by parameter name
+      optimizer.safetensors   optimizer tensors (``state/<param index>/<name>``) and RNG tensors
+      trainer.json            step, optimizer hyper-parameters, RNG states that are plain numbers
+      pipeline.json           the pipeline's own state (step, best, guard, ...)
+      manifest.json           written last: every other file's size and SHA-256
+
+Nothing in it is pickled, so loading a checkpoint cannot run code; a sharded checkpoint later
+adds per-shard safetensors files listed in the same manifest. A directory without a manifest, or
+whose files do not match it, is not a checkpoint: :func:`verify` says why, and the run directory
+falls back to the previous one (see :meth:`tao_core.rundir.RunDir.load_checkpoint`).
+
+Checkpoints written before this format (``trainer.pt`` + ``pipeline.json``, no manifest) still
+load, with ``torch.load(weights_only=True)``: tensors, containers, numbers and NumPy's RNG arrays
+only, never arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from tao_core.errors import TaoInputError
+from tao_core.fsio import fault_point, write_file
+
+FORMAT = "tao-checkpoint"
+VERSION = 1
+MANIFEST = "manifest.json"
+LEGACY_TRAINER = "trainer.pt"
+
+
+class CheckpointError(TaoInputError):
+    """A checkpoint directory that is incomplete, corrupt or of an unknown format."""
+
+
+# -- trainer state <-> (tensors, JSON) ------------------------------------------------------------
+def _rng_to_parts(rng: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    version, internal, gauss = rng["python"]
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    tensors = {"rng/torch": rng["torch"].clone()}
+    for i, s in enumerate(rng.get("cuda", [])):
+        tensors[f"rng/cuda/{i}"] = s.clone()
+    meta = {"python": [version, list(internal), gauss],
+            "numpy": {"name": name, "keys": [int(k) for k in keys], "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "cuda_devices": len(rng.get("cuda", []))}
+    return tensors, meta
+
+
+def _rng_from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    version, internal, gauss = meta["python"]
+    np_state = meta["numpy"]
+    rng: dict[str, Any] = {
+        "python": (version, tuple(internal), gauss),
+        "numpy": (np_state["name"], np.array(np_state["keys"], dtype=np.uint32), np_state["pos"],
+                  np_state["has_gauss"], np_state["cached_gaussian"]),
+        "torch": tensors["rng/torch"],
+    }
+    if meta.get("cuda_devices"):
+        rng["cuda"] = [tensors[f"rng/cuda/{i}"] for i in range(meta["cuda_devices"])]
+    return rng
+
+
+def trainer_state_to_parts(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                                           dict[str, Any]]:
+    """Split a :meth:`Trainer.state_dict` into (trainable tensors, other tensors, JSON metadata)."""
+    trainable = {n: t.detach().cpu().contiguous().clone() for n, t in state["trainable"].items()}
+    opt = state["optimizer"]
+    others: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, per_param in opt["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                others[f"state/{idx}/{key}"] = value.detach().cpu().contiguous().clone()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    rng_tensors, rng_meta = _rng_to_parts(state["rng"])
+    others.update(rng_tensors)
+    meta = {"step": int(state["step"]), "param_groups": opt["param_groups"], "state_scalars": scalars,
+            "state_params": [int(i) for i in opt["state"]], "rng": rng_meta}
+    return trainable, others, meta
+
+
+def trainer_state_from_parts(trainable: dict[str, torch.Tensor], others: dict[str, torch.Tensor],
+                             meta: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`trainer_state_to_parts`."""
+    opt_state: dict[int, dict[str, Any]] = {int(i): {} for i in meta["state_params"]}
+    for key, value in others.items():
+        if key.startswith("state/"):
+            _, idx, name = key.split("/", 2)
+            opt_state.setdefault(int(idx), {})[name] = value
+    for idx, values in meta["state_scalars"].items():
+        opt_state.setdefault(int(idx), {}).update(values)
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    return {"step": meta["step"], "trainable": trainable, "optimizer": {"state": opt_state, "param_groups": groups},
+            "rng": _rng_from_parts(others, meta["rng"])}
+
+
+# -- files ----------------------------------------------------------------------------------------
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write(directory: Path, trainer_state: dict[str, Any], pipeline_state: dict[str, Any]) -> None:
+    """Write a complete checkpoint into the (new, empty) ``directory``; the manifest comes last."""
+    trainable, others, meta = trainer_state_to_parts(trainer_state)
+    files = {
+        "trainable.safetensors": st_save(trainable),
+        "optimizer.safetensors": st_save(others),
+        "trainer.json": json.dumps(meta).encode(),
+        "pipeline.json": json.dumps(pipeline_state, indent=2).encode(),
+    }
+    for name, data in files.items():
+        write_file(directory / name, data)
+    fault_point("checkpoint.before-manifest")
+    manifest = {"format": FORMAT, "version": VERSION, "step": meta["step"],
+                "files": {name: {"bytes": len(data), "sha256": _sha256(data)} for name, data in files.items()}}
+    write_file(directory / MANIFEST, json.dumps(manifest, indent=2))
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: no {MANIFEST} (the checkpoint was not finished)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{path}: not a {FORMAT} manifest")
+    if manifest.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {manifest.get('version')!r}; this tao reads "
+                              f"version {VERSION}")
+    return manifest
+
+
+def _verified_bytes(directory: Path, manifest: dict[str, Any], name: str) -> bytes:
+    entry = manifest["files"].get(name)
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{directory}: {MANIFEST} does not list {name}")
+    try:
+        data = (directory / name).read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{directory / name}: cannot read ({e.strerror or e})") from None
+    if len(data) != entry.get("bytes"):
+        raise CheckpointError(f"{directory / name}: {len(data)} bytes, the manifest says {entry.get('bytes')} "
+                              "(truncated or replaced)")
+    if _sha256(data) != entry.get("sha256"):
+        raise CheckpointError(f"{directory / name}: SHA-256 differs from the manifest (corrupt)")
+    return data
+
+
+def read(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Verify and load a checkpoint: ``(trainer_state, pipeline_state)``; :class:`CheckpointError` if invalid."""
+    if not (directory / MANIFEST).exists() and (directory / LEGACY_TRAINER).exists():
+        return _read_legacy(directory)
+    manifest = _read_manifest(directory)
+    try:
+        trainable = st_load(_verified_bytes(directory, manifest, "trainable.safetensors"))
+        others = st_load(_verified_bytes(directory, manifest, "optimizer.safetensors"))
+        meta = json.loads(_verified_bytes(directory, manifest, "trainer.json"))
+        pipeline_state = json.loads(_verified_bytes(directory, manifest, "pipeline.json"))
+        return trainer_state_from_parts(trainable, others, meta), pipeline_state
+    except CheckpointError:
+        raise
+    except Exception as e:  # files that match their hashes but do not parse: written by something else
+        raise CheckpointError(f"{directory}: files match the manifest but do not load ({type(e).__name__}: {e})") from None
+
+
+def _read_legacy(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A checkpoint from before the manifest: ``trainer.pt`` read with ``weights_only=True``."""
+    multiarray = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+    safe = [np.ndarray, np.dtype, np.dtypes.UInt32DType, multiarray.multiarray._reconstruct]
+    try:
+        pipeline_state = json.loads((directory / "pipeline.json").read_bytes())
+        with torch.serialization.safe_globals(safe):
+            trainer_state = torch.load(directory / LEGACY_TRAINER, weights_only=True, map_location="cpu")
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{directory}: {Path(e.filename).name} is missing") from None
+    except Exception as e:  # truncated zip, a pickle that asks for anything but plain data, bad JSON
+        raise CheckpointError(f"{directory}: cannot load the (pre-manifest) checkpoint: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(trainer_state, dict) or not {"step", "trainable", "optimizer", "rng"} <= set(trainer_state):
+        raise CheckpointError(f"{directory / LEGACY_TRAINER}: not a tao trainer state")
+    return trainer_state, pipeline_state
+
+
+def is_checkpoint_name(name: str) -> bool:
+    return name.startswith("step-") and name[5:].isdigit()
