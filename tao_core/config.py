@@ -124,7 +124,7 @@ class TrainConfig:
     lora_dropout: float = 0.0  # LoRA dropout; 0 keeps the training log-probs equal to the sampler's
     lora_target_modules: str | list[str] = "all-linear"  # peft target modules (never the head)
     precision: str = "auto"  # "auto": bf16 autocast on a bf16-capable GPU, fp32 on the CPU; "fp32" | "bf16"
-    old_logprobs: str = "sampled"  # PPO's old policy: "sampled" (Candidate.logprobs) | "current" (see the docstring)
+    old_logprobs: str = "sampled"  # PPO's old policy: "sampled" (Candidate.logprobs) | "current" (see above)
     layout: str = "shared_prefix"  # "shared_prefix" (prompt once per group) | "padded" (reference)
     seed: int = 0  # seeds LoRA initialization
 
