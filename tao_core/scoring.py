@@ -19,16 +19,17 @@ call safe and cheap:
 - **Concurrency.** ``workers > 1`` scores that many groups at once on a thread pool, for scorers
   that wait on I/O.
 - **Cache.** :class:`ScoreCache` keeps ``ok`` and ``abstain`` scores on disk (SQLite) keyed by
-  scorer name, version, prompt and candidate text. A scorer whose score depends on the whole
-  group (consensus, listwise ranking) is keyed by the group too; one that sets the attribute
-  ``pointwise = True`` is keyed per candidate, and only the candidates missing from the cache are
-  sent to it. Errors are never cached.
+  scorer name, version, options (:func:`scorer_options`), prompt and candidate text. A scorer
+  whose score depends on the whole group (consensus, listwise ranking) is keyed by the group too;
+  one that sets the attribute ``pointwise = True`` is keyed per candidate, and only the candidates
+  missing from the cache are sent to it. Errors are never cached.
 - **Ensembles.** :class:`Ensemble` combines weighted scorers after normalizing each one within
   the group; it is ``ok`` where at least one weighted part is, and keeps every part in its details.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -55,6 +56,7 @@ class Scorer(Protocol):
 
     name: str
     version: str
+    # Optional ``options``: a JSON-able mapping of what changes the scores; part of the cache key.
 
     def score(self, prompt: Prompt, candidates: list[Candidate]) -> list[Score]: ...
 
@@ -101,9 +103,20 @@ def load_scorer(name: str, **options: Any) -> Any:
 
     entry = get_registry().entry("scorers", name)
     try:
-        return entry.obj(**options)
+        scorer = entry.obj(**options)
     except TypeError as e:
         raise TaoInputError(f"scorer {name!r} (plugin {entry.plugin!r}) rejected options {options}: {e}") from None
+    if options and getattr(scorer, "options", None) is None:
+        with contextlib.suppress(AttributeError):  # a scorer with __slots__ keeps options out of its key
+            scorer.options = dict(options)
+    return scorer
+
+
+def scorer_options(scorer: Any) -> str:
+    """The scorer's ``options`` attribute as canonical JSON, ``""`` when it has none: its part of the
+    cache key. A scorer may set ``options`` itself; :func:`load_scorer` sets the options it was given."""
+    options = getattr(scorer, "options", None)
+    return json.dumps(options, sort_keys=True, default=str) if options else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,8 +256,9 @@ def _prompt_key(prompt: Prompt) -> str:
 class ScoreCache:
     """``ok`` / ``abstain`` scores on disk, in ``<directory>/scores.sqlite``; thread-safe.
 
-    Keys hash (scorer name, version, prompt messages and metadata, group texts unless the scorer
-    is pointwise, candidate text). Bump a scorer's ``version`` whenever its scores change meaning.
+    Keys hash (scorer name, version, options (:func:`scorer_options`; left out when empty, so such
+    keys are unchanged), prompt messages and metadata, group texts unless the scorer is pointwise,
+    candidate text). Bump a scorer's ``version`` whenever its scores change meaning.
     """
 
     def __init__(self, directory: str | os.PathLike) -> None:
@@ -258,8 +272,9 @@ class ScoreCache:
         self.misses = 0
 
     @staticmethod
-    def keys(name: str, version: str, prompt: Prompt, candidates: Sequence[Candidate], pointwise: bool) -> list[str]:
-        head = [name, version, _prompt_key(prompt)]
+    def keys(name: str, version: str, prompt: Prompt, candidates: Sequence[Candidate], pointwise: bool,
+             options: str = "") -> list[str]:
+        head = [name, version, *([options] if options else []), _prompt_key(prompt)]
         if not pointwise:
             head.append([c.text for c in candidates])
         return [hashlib.sha256(json.dumps([*head, c.text], default=str).encode()).hexdigest() for c in candidates]
@@ -312,11 +327,12 @@ def _score_all(scorer: Any, prompts: Sequence[Prompt], groups: Sequence[Sequence
                cache: ScoreCache | None, limits: ScorerLimits) -> list[list[Score]]:
     name, version = scorer_id(scorer)
     pointwise = bool(getattr(scorer, "pointwise", False))
+    options = scorer_options(scorer)
     budget = _Budget(limits)
     results: list[list[Score | None]] = []
     jobs: list[tuple[int, list[int], list[str]]] = []  # (group, candidate positions to score, keys)
     for gi, (prompt, group) in enumerate(zip(prompts, groups, strict=True)):
-        keys = ScoreCache.keys(name, version, prompt, group, pointwise) if cache is not None else []
+        keys = ScoreCache.keys(name, version, prompt, group, pointwise, options) if cache is not None else []
         got = cache.get(keys) if cache is not None and group else [None] * len(group)
         results.append(got)
         missing = [i for i, s in enumerate(got) if s is None]

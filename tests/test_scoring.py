@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import threading
 
@@ -9,7 +10,16 @@ import pytest
 
 import tao_core
 from tao_core.errors import TaoInputError
-from tao_core.scoring import Ensemble, ScoreCache, ScorerLimits, normalize, score_group, score_groups
+from tao_core.scoring import (
+    Ensemble,
+    ScoreCache,
+    ScorerLimits,
+    load_scorer,
+    normalize,
+    score_group,
+    score_groups,
+    scorer_options,
+)
 from tao_core.types import Candidate, Prompt, Score
 
 
@@ -367,3 +377,38 @@ def test_builtin_loader_registers_present_modules_only():
     register_tables(lambda name, obj, aliases=(): seen.append((name, obj, aliases)), [fake, types.ModuleType("empty")],
                     "SCORERS")
     assert seen == [("plain", LengthScorer, ()), ("aliased", GroupScorer, ("alias-a",))]
+
+
+class Scaled(LengthScorer):
+    """Pointwise: the text length times ``factor``, an option that changes every score."""
+
+    name = "scaled"
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+        self.options = {"factor": factor}
+
+    def score(self, prompt, candidates):
+        self.calls += 1
+        return [Score.ok(len(c.text) * self.factor) for c in candidates]
+
+
+def test_cache_keys_include_the_scorer_options(tmp_path):
+    cache = ScoreCache(tmp_path)
+    prompts, groups = make(1)
+    one, two, two_again = Scaled(1.0), Scaled(2.0), Scaled(2.0)
+    assert [s.value for s in score_groups(one, prompts, groups, cache=cache)[0]] == [1.0, 2.0, 3.0]
+    assert [s.value for s in score_groups(two, prompts, groups, cache=cache)[0]] == [2.0, 4.0, 6.0]
+    assert two.calls == 1  # other options: not served the first scorer's entries
+    assert [s.value for s in score_groups(two_again, prompts, groups, cache=cache)[0]] == [2.0, 4.0, 6.0]
+    assert two_again.calls == 0  # the same options: served from the cache
+    p, g = prompts[0], groups[0]
+    assert ScoreCache.keys("n", "1", p, g, True) == ScoreCache.keys("n", "1", p, g, True, scorer_options(LengthScorer()))
+
+
+def test_load_scorer_records_the_options_it_was_given():
+    plain, lines = load_scorer("majority"), load_scorer("majority", extract="last-line")
+    assert scorer_options(plain) == "" and json.loads(scorer_options(lines)) == {"extract": "last-line"}
+    sql = load_scorer("sql-exec", timeout_s=2)  # a scorer that sets its own options keeps them
+    assert json.loads(scorer_options(sql))["timeout_s"] == 2 and "max_rows" in json.loads(scorer_options(sql))

@@ -1,4 +1,8 @@
-"""``sql-exec`` on real SQLite files: the sandbox, result normalization and execution consensus."""
+"""``sql-exec`` on real SQLite files: the sandbox, result normalization and execution consensus.
+
+The hostile-input tests (worker kills, memory, result budget, db_path allowlist) are in
+``test_sql_limits.py``; the Spider sample they share ships in ``tests/data/spider-sample``.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +14,22 @@ from pathlib import Path
 
 import pytest
 from tao_plugins.scorers.sql import SqlExecScorer, SqlLimits, SqlSandbox, extract_sql, is_ordered, result_key
+from tao_plugins.scorers.sql_pool import open_readonly
 
 from tao_core.scoring import score_groups
 from tao_core.types import Candidate, Prompt, Score
 
-SPIDER = Path(__file__).resolve().parents[2] / "shared" / "data" / "spider-sample"
+SPIDER = Path(__file__).resolve().parent / "data" / "spider-sample"
 
 
 @pytest.fixture(scope="module")
 def spider() -> Path:
-    if not (SPIDER / "questions.jsonl").is_file():
-        pytest.fail(f"the Spider sample is missing: expected {SPIDER} (../shared/data beside the repository)")
     return SPIDER
+
+
+def scorer(**options) -> SqlExecScorer:
+    """``sql-exec`` allowed to read the Spider sample."""
+    return SqlExecScorer(allowed_dirs=[SPIDER], **options)
 
 
 @pytest.fixture(scope="module")
@@ -79,26 +87,28 @@ MALICIOUS = [
 def test_malicious_sql_fails_and_never_changes_the_database(db, sql):
     before = digest(db)
     files = sorted(p.name for p in db.parent.iterdir())
-    box = SqlSandbox(SqlLimits(timeout_s=0.3, max_rows=1000))
-    result = box.execute(str(db), sql.format(dir=db.parent))
-    box.close()
+    result = SqlSandbox(SqlLimits(timeout_s=0.3, max_rows=1000)).execute(str(db), sql.format(dir=db.parent))
     assert result.rows is None and result.error
     assert digest(db) == before
     assert sorted(p.name for p in db.parent.iterdir()) == files  # no journal, WAL, copy or attached file
     if "RECURSIVE" in sql and "count" not in sql:
         assert "row cap" in result.error
     elif "RECURSIVE" in sql:
-        assert "time limit of 0.3 s exceeded" in result.error
+        assert "time limit of 0.3 s exceeded" in result.error and result.stopped
         assert result.seconds < 5.0  # stopped by the progress handler, not left running
 
 
 @pytest.mark.parametrize("sql", MALICIOUS)
-def test_malicious_sql_through_the_scorer_scores_zero(db, sql):
+def test_malicious_sql_through_the_scorer_scores_zero_or_error(db, sql):
+    """A query that fails on its own scores 0; one the sandbox stopped (the time limit) is an error."""
     before = digest(db)
-    scorer = SqlExecScorer(timeout_s=0.3, mode="executes")
     prompt = Prompt(id="evil", text="q", metadata={"db_path": str(db)})
-    [score] = score_groups(scorer, [prompt], [cands([f"```sql\n{sql.format(dir=db.parent)}\n```"], "evil")])[0:1][0]
-    assert score.status == "ok" and score.value == 0.0 and score.reason
+    scorer = SqlExecScorer(timeout_s=0.3, mode="executes", allowed_dirs=[db.parent])
+    [score] = score_groups(scorer, [prompt], [cands([f"```sql\n{sql.format(dir=db.parent)}\n```"], "evil")])[0]
+    if "RECURSIVE" in sql and "count" in sql:
+        assert score.status == "error" and "time limit" in score.reason
+    else:
+        assert score.status == "ok" and score.value == 0.0 and score.reason
     assert digest(db) == before
 
 
@@ -107,7 +117,7 @@ def test_malicious_sql_through_the_scorer_scores_zero(db, sql):
                                  "PRAGMA user_version = 3", "PRAGMA query_only = 0", "SAVEPOINT s"])
 def test_the_authorizer_alone_denies_state_changes(db, sql):
     """Without the statement-word check: the read-only connection's authorizer denies each of these."""
-    conn = SqlSandbox()._open(str(db))
+    conn = open_readonly(str(db), SqlLimits())
     with pytest.raises(sqlite3.DatabaseError, match="not authorized|authorization denied"):
         conn.execute(sql.format(dir=db.parent))
     conn.close()
@@ -169,7 +179,7 @@ def test_consensus_on_spider_gold_queries(spider, questions):
                  "```sql\nSELECT 12345\n```", "```sql\nSELECT * FROM no_such_table\n```", "no idea"]
         prompts.append(prompt_for(spider, q, i))
         groups.append(cands(texts, f"q{i}"))
-    out = score_groups(SqlExecScorer(), prompts, groups)
+    out = score_groups(scorer(), prompts, groups)
     for q, scores in zip(questions, out, strict=True):
         if q["row_count"] == 0:  # an empty result never wins: the lone non-empty one is below min_share
             assert {s.status for s in scores} == {"abstain"}, q["gold_sql"]
@@ -184,7 +194,7 @@ def test_equivalent_queries_agree(spider, questions):
     q = next(q for q in questions if q["gold_sql"] == "SELECT count(*) FROM singer")
     texts = ["SELECT count(*) FROM singer", "SELECT COUNT(Singer_ID) FROM singer AS s",
              "SELECT count(*) + 0.0 FROM singer", "SELECT count(*) FROM singer WHERE Age > 30"]
-    scores = SqlExecScorer().score(prompt_for(spider, q), cands(texts))
+    scores = scorer().score(prompt_for(spider, q), cands(texts))
     assert [s.value for s in scores] == [1.0, 1.0, 1.0, 0.0]
 
 
@@ -192,12 +202,12 @@ def test_empty_results_never_win_and_small_or_tied_clusters_abstain(spider, ques
     q = questions[0]
     empty = "SELECT Name FROM singer WHERE Age > 1000"
     texts = [empty, empty, empty, "SELECT count(*) FROM singer", "SELECT nope"]
-    scores = SqlExecScorer(min_share=0.2).score(prompt_for(spider, q), cands(texts))
+    scores = scorer(min_share=0.2).score(prompt_for(spider, q), cands(texts))
     assert [s.value for s in scores] == [0.0, 0.0, 0.0, 1.0, 0.0]
     assert scores[0].reason == "empty result"
-    small = SqlExecScorer(min_share=0.5).score(prompt_for(spider, q), cands(texts))
+    small = scorer(min_share=0.5).score(prompt_for(spider, q), cands(texts))
     assert {s.status for s in small} == {"abstain"} and "1/5 < min_share 0.5" in small[0].reason
-    tie = SqlExecScorer().score(prompt_for(spider, q), cands(["SELECT 1", "SELECT 1", "SELECT 2", "SELECT 2"]))
+    tie = scorer().score(prompt_for(spider, q), cands(["SELECT 1", "SELECT 1", "SELECT 2", "SELECT 2"]))
     assert {s.status for s in tie} == {"abstain"} and "tie" in tie[0].reason
 
 
@@ -206,11 +216,11 @@ def test_gold_mode_and_executes_mode(spider, questions):
     gold = q["gold_sql"]
     unordered = gold.split("ORDER BY")[0]
     p = prompt_for(spider, q, gold_sql=gold)
-    got = SqlExecScorer(mode="gold").score(p, cands([gold, unordered, "SELECT nope", "hello"]))
+    got = scorer(mode="gold").score(p, cands([gold, unordered, "SELECT nope", "hello"]))
     assert [s.value for s in got] == [1.0, 0.0, 0.0, 0.0]
-    missing = SqlExecScorer(mode="gold").score(prompt_for(spider, q), cands([gold]))
+    missing = scorer(mode="gold").score(prompt_for(spider, q), cands([gold]))
     assert missing[0].status == "error" and "gold_sql" in missing[0].reason
-    runs = SqlExecScorer(mode="executes").score(p, cands([gold, "SELECT nope", "SELECT 1 WHERE 0"]))
+    runs = scorer(mode="executes").score(p, cands([gold, "SELECT nope", "SELECT 1 WHERE 0"]))
     assert [s.value for s in runs] == [1.0, 0.0, 0.0]
     assert SqlExecScorer(mode="executes").pointwise and not SqlExecScorer().pointwise
 
@@ -227,11 +237,11 @@ def test_missing_db_path_and_bad_options():
 def test_cache_hit_on_spider(spider, questions, tmp_path):
     prompts = [prompt_for(spider, q, i) for i, q in enumerate(questions[:5])]
     groups = [cands([q["gold_sql"]] * 2 + ["SELECT 1"], f"q{i}") for i, q in enumerate(questions[:5])]
-    first = score_groups(SqlExecScorer(), prompts, groups, cache=tmp_path)
+    first = score_groups(scorer(), prompts, groups, cache=tmp_path)
     from tao_core.scoring import ScoreCache
 
     cache = ScoreCache(tmp_path)
-    second = score_groups(SqlExecScorer(), prompts, groups, cache=cache)
+    second = score_groups(scorer(), prompts, groups, cache=cache)
     assert cache.hits == 15 and cache.misses == 0
     assert [[s.to_dict() for s in g] for g in first] == [[s.to_dict() for s in g] for g in second]
 
@@ -241,6 +251,6 @@ def test_concurrent_scoring_matches_sequential(spider, questions):
     groups = [cands([q["gold_sql"], "SELECT 1", q["gold_sql"] + " /* again */"], f"q{i}") for i, q in enumerate(questions)]
     from tao_core.scoring import ScorerLimits
 
-    seq = score_groups(SqlExecScorer(), prompts, groups)
-    par = score_groups(SqlExecScorer(), prompts, groups, limits=ScorerLimits(workers=4))
+    seq = score_groups(scorer(), prompts, groups)
+    par = score_groups(scorer(), prompts, groups, limits=ScorerLimits(workers=4))
     assert [[s.to_dict() for s in g] for g in seq] == [[s.to_dict() for s in g] for g in par]

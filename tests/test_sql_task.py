@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import runpy
+import shutil
 import sqlite3
 
 import pytest
@@ -15,7 +16,7 @@ import tao_core
 from tao_core.errors import TaoInputError
 from tao_core.scoring import score_groups
 from tao_core.tasks import Task
-from tao_core.types import Candidate
+from tao_core.types import Candidate, Prompt
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +120,20 @@ def test_embedded_model_answers_are_scored(task):
     assert len(scores) == 3 and all(s.prompt_id == ex.prompt.id and s.scorer == "sql-exec" for s in scores)
     assert all(s.status in ("ok", "abstain") and (s.status != "ok" or s.value in (0.0, 1.0)) for s in scores)
     assert all(task.check(ex, c.text) in (0.0, 1.0) for c in group)
+
+
+def test_a_data_dir_given_to_the_task_is_allowed_for_sql_exec(tmp_path):
+    """The scorer reads a database under the task's data_dir, and nothing else outside its allowed dirs."""
+    data = tmp_path / "my-sql"
+    shutil.copytree(DATA_DIR, data, ignore=shutil.ignore_patterns("build.py", "__pycache__"))
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(data, elsewhere)
+    scorer = SqlExecScorer(mode="executes")
+    outside = Prompt(id="x", text="q", metadata={"db_path": str(elsewhere / "retail.sqlite")})
+    [[denied]] = score_groups(scorer, [outside], [[Candidate("x", 0, "SELECT 1", [], [], [])]])
+    assert denied.status == "error" and "outside the allowed directories" in denied.reason
+    task = SqlTask(data_dir=data)
+    prompt = task.train_prompts(1)[0]
+    assert prompt.metadata["db_path"].startswith(str(data.resolve()))
+    [[ok]] = score_groups(scorer, [prompt], [[Candidate(prompt.id, 0, "SELECT 1", [], [], [])]])
+    assert ok.status == "ok" and ok.value == 1.0

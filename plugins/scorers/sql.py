@@ -1,16 +1,30 @@
 """``sql-exec``: run candidate SQL read-only against the prompt's SQLite database and vote.
 
-The database is ``prompt.metadata["db_path"]``. Every query runs in a sandbox of four layers:
+The database is ``prompt.metadata["db_path"]``. It must resolve (symlinks followed) to a file under
+an allowed directory: the packaged ``sql`` task data (``tao_plugins/data/sql``), a ``data_dir``
+given to the ``sql`` task (the task allows it when constructed), and the scorer option
+``allowed_dirs``. Nothing else is allowed by default, not even the prompts file's own directory: a
+prompts file is data (often fed back from serving) and may sit beside run files such as the score
+cache. A path outside is an error score naming the path and the option that allows it.
 
-1. the file is opened with ``mode=ro`` (a URI), so SQLite itself refuses to write it;
-2. an authorizer allows only ``SELECT``, reading columns, calling functions, recursive CTEs and
+Every query runs in a sandbox of four layers:
+
+1. a worker process (``tao_plugins.scorers.sql_pool``, started by forkserver, reused across calls)
+   with its own memory and CPU limits, killed by the caller when a query outruns its time limit;
+2. the file is opened with ``mode=ro`` (a URI), so SQLite itself refuses to write it;
+3. an authorizer allows only ``SELECT``, reading columns, calling functions, recursive CTEs and
    the pragmas that only read the schema (``PRAGMA table_info(t)`` and friends); all else is denied
    at prepare time: writes, ``CREATE TEMP TABLE`` (which a read-only connection alone allows),
    ``ATTACH`` (and with it ``VACUUM INTO``), transactions, state-changing pragmas;
-3. ``setlimit`` bounds strings and blobs (``zeroblob(1e8)`` fails), SQL text length and attached
-   databases; the statement must start with ``SELECT``, ``WITH``, ``VALUES`` or ``PRAGMA``;
-4. a progress handler interrupts a query past its time limit (an endless recursive CTE), and at
-   most ``max_rows`` rows are fetched.
+4. SQLite's limits bound strings and blobs (``zeroblob(1e8)`` fails), result columns, SQL text
+   length and attached databases; the statement must start with ``SELECT``, ``WITH``, ``VALUES`` or
+   ``PRAGMA``; rows per query and bytes of one group's results are capped.
+
+The default limits (:class:`SqlLimits`, each also a scorer option): 1 s per query (killed at
+1.5 s), 10,000 rows, 1,000,000 bytes per value, 100 columns, 100,000 bytes of SQL, 32 MiB of
+results per group, 512 MiB of memory per worker, 2 worker processes. A query the sandbox stopped
+(time, memory, result budget, a dead worker) scores ``error``: its result is unknown. A query
+that fails on its own (bad SQL, a denied statement, the row or length cap) is a wrong answer.
 
 Modes: ``consensus`` (default, label-free): candidates vote with their result sets, normalized as
 a multiset of rows (a list when the query has a top-level ``ORDER BY``), floats to 6 significant
@@ -23,27 +37,50 @@ equals that of ``prompt.metadata["gold_sql"]``.
 
 from __future__ import annotations
 
+import dataclasses
 import re
-import sqlite3
 import threading
-import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from tao_plugins.scorers.sql_pool import ExecResult, SqlLimits, pool_for
+
 from tao_core.types import Candidate, Prompt, Score
 
-_ALLOWED_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, 33}  # 33: RECURSIVE
-# Pragmas that only read the schema, as statements (``PRAGMA table_info(t)``). Their table-valued
-# forms (``pragma_table_info('t')``) are denied: their first use asks to update sqlite_master.
-_READ_PRAGMAS = {"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list"}
-_DENIED_FUNCTIONS = {"load_extension"}
+__all__ = ["ExecResult", "SqlExecScorer", "SqlLimits", "SqlSandbox", "allow_dir", "execution_match",
+           "extract_sql", "is_ordered", "resolve_db_path", "result_key"]
+
+PACKAGED_DATA = Path(__file__).resolve().parents[1] / "data" / "sql"
+_ALLOWED_DIRS = {PACKAGED_DATA}
+_ALLOWED_LOCK = threading.Lock()
 _FENCE = re.compile(r"```[ \t]*(?:sql|sqlite)?[ \t]*\n?(.*?)(?:```|\Z)", re.IGNORECASE | re.DOTALL)
 _BARE = re.compile(r"\b(?:SELECT\b|WITH\s+(?:RECURSIVE\s+)?\w+\s*(?:\([^)]*\)\s*)?AS\s*\().*?(?=;|\n\s*\n|```|\Z)",
                    re.IGNORECASE | re.DOTALL)
 _STRINGS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*.*?\*/", re.DOTALL)
 _FIRST_WORD = re.compile(r"\s*(\w+)")
+
+
+def allow_dir(path: str | Path) -> None:
+    """Allow databases under ``path`` for every ``sql-exec`` scorer of this process (the task calls it)."""
+    with _ALLOWED_LOCK:
+        _ALLOWED_DIRS.add(Path(path).resolve())
+
+
+def resolve_db_path(db_path: str, allowed: Sequence[Path]) -> Path:
+    """The database file ``db_path`` resolves to, symlinks followed; ValueError when not under ``allowed``."""
+    try:
+        path = Path(db_path).resolve(strict=True)
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"sql-exec: db_path {db_path!r} not found ({e})") from None
+    if not path.is_file():
+        raise ValueError(f"sql-exec: db_path {db_path!r} is not a file")
+    if not any(path.is_relative_to(d) for d in allowed):
+        raise ValueError(f"sql-exec: db_path {db_path!r} resolves to {str(path)!r}, outside the allowed "
+                         f"directories {sorted(map(str, allowed))}; to allow it, add its directory to the scorer "
+                         f"option allowed_dirs (config: [score.options] allowed_dirs = [\"{path.parent}\"])")
+    return path
 
 
 def extract_sql(text: str) -> str | None:
@@ -85,98 +122,28 @@ def result_key(rows: list[tuple], ordered: bool) -> tuple:
     return ("bag", frozenset(Counter(normed).items()))
 
 
-@dataclass
-class ExecResult:
-    """One query's outcome: ``rows`` when it ran, else ``error``."""
-
-    rows: list[tuple] | None
-    error: str | None = None
-    seconds: float = 0.0
-
-
-@dataclass
-class SqlLimits:
-    """The sandbox limits of one query."""
-
-    timeout_s: float = 1.0  # wall time per query, enforced by the progress handler
-    max_rows: int = 10_000  # more rows than this is an error ("row cap")
-    max_length: int = 1_000_000  # bytes in any string or blob (SQLITE_LIMIT_LENGTH)
-    max_sql_length: int = 100_000  # bytes of SQL text (SQLITE_LIMIT_SQL_LENGTH)
-    progress_every: int = 10_000  # VM instructions between deadline checks
-
-
-def _authorizer(action: int, arg1: str | None, arg2: str | None, db: str | None, trigger: str | None) -> int:
-    if action == sqlite3.SQLITE_FUNCTION:
-        return sqlite3.SQLITE_DENY if (arg2 or "").lower() in _DENIED_FUNCTIONS else sqlite3.SQLITE_OK
-    if action in _ALLOWED_ACTIONS:
-        return sqlite3.SQLITE_OK
-    if action == sqlite3.SQLITE_PRAGMA and (arg1 or "").lower() in _READ_PRAGMAS:
-        return sqlite3.SQLITE_OK
-    return sqlite3.SQLITE_DENY
+_STATEMENT_ERROR = "only SELECT, WITH, VALUES and schema-reading PRAGMA statements are run"
 
 
 class SqlSandbox:
-    """Read-only connections to SQLite files, pooled per path (thread-safe), and a guarded execute."""
+    """Runs queries in the shared worker pool under ``limits`` (thread-safe; see the module docstring)."""
 
     def __init__(self, limits: SqlLimits | None = None) -> None:
         self.limits = limits or SqlLimits()
-        self._idle: dict[str, list[sqlite3.Connection]] = {}
-        self._lock = threading.Lock()
-
-    def _open(self, path: str) -> sqlite3.Connection:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"database {path!r} not found")
-        conn = sqlite3.connect(p.resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False)
-        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, self.limits.max_length)
-        conn.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, self.limits.max_sql_length)
-        conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
-        conn.set_authorizer(_authorizer)
-        return conn
 
     def execute(self, db_path: str, sql: str) -> ExecResult:
         """Run one query; never raises for a bad query (the error is in the result)."""
-        start = time.monotonic()
-        word = _FIRST_WORD.match(_STRINGS.sub(" ", sql))
-        if not word or word.group(1).upper() not in ("SELECT", "WITH", "VALUES", "PRAGMA"):
-            return ExecResult(None, "only SELECT, WITH, VALUES and schema-reading PRAGMA statements are run")
-        key = str(db_path)
-        with self._lock:
-            idle = self._idle.setdefault(key, [])
-            conn = idle.pop() if idle else None
-        try:
-            conn = conn or self._open(key)
-        except (OSError, sqlite3.Error) as e:
-            return ExecResult(None, f"cannot open database: {e}")
-        deadline = start + self.limits.timeout_s
-        conn.set_progress_handler(lambda: time.monotonic() > deadline, self.limits.progress_every)
-        try:
-            cur = conn.execute(sql)
-            rows = cur.fetchmany(self.limits.max_rows + 1)
-            cur.close()
-            if len(rows) > self.limits.max_rows:
-                return ExecResult(None, f"more than {self.limits.max_rows} rows (row cap)", time.monotonic() - start)
-            return ExecResult(rows, None, time.monotonic() - start)
-        except sqlite3.Error as e:
-            msg = str(e)
-            if msg == "interrupted" and time.monotonic() > deadline:
-                msg = f"time limit of {self.limits.timeout_s:g} s exceeded"
-            return ExecResult(None, f"{type(e).__name__}: {msg}", time.monotonic() - start)
-        except (MemoryError, OverflowError, ValueError) as e:
-            return ExecResult(None, f"{type(e).__name__}: {e}", time.monotonic() - start)
-        finally:
-            conn.set_progress_handler(None, 0)
-            if conn.in_transaction:
-                conn.rollback()
-            with self._lock:
-                self._idle.setdefault(key, []).append(conn)
+        return self.execute_group(db_path, [sql])[0]
 
-    def close(self) -> None:
-        with self._lock:
-            for conns in self._idle.values():
-                for c in conns:
-                    c.close()
-            self._idle.clear()
+    def execute_group(self, db_path: str, sqls: Sequence[str]) -> list[ExecResult]:
+        """Run a group's queries in order on one worker, sharing one result budget; one result each."""
+        def runnable(sql: str) -> bool:
+            word = _FIRST_WORD.match(_STRINGS.sub(" ", sql))
+            return bool(word) and word.group(1).upper() in ("SELECT", "WITH", "VALUES", "PRAGMA")
+
+        todo = [s for s in sqls if runnable(s)]
+        ran = iter(pool_for(self.limits).run(str(db_path), todo, self.limits) if todo else [])
+        return [next(ran) if runnable(s) else ExecResult(None, _STATEMENT_ERROR) for s in sqls]
 
 
 _DEFAULT_SANDBOX = SqlSandbox()
@@ -184,11 +151,9 @@ _DEFAULT_SANDBOX = SqlSandbox()
 
 def execution_match(db_path: str, predicted_sql: str, gold_sql: str, sandbox: SqlSandbox | None = None) -> bool:
     """Whether a predicted query returns the gold query's result (ordered when gold orders)."""
-    box = sandbox or _DEFAULT_SANDBOX
-    gold = box.execute(db_path, gold_sql)
+    gold, pred = (sandbox or _DEFAULT_SANDBOX).execute_group(db_path, [gold_sql, predicted_sql])
     if gold.rows is None:
         raise ValueError(f"gold query failed on {db_path}: {gold.error}\n{gold_sql}")
-    pred = box.execute(db_path, predicted_sql)
     if pred.rows is None:
         return False
     ordered = is_ordered(gold_sql)
@@ -196,15 +161,18 @@ def execution_match(db_path: str, predicted_sql: str, gold_sql: str, sandbox: Sq
 
 
 Mode = Literal["consensus", "executes", "gold"]
+Run = tuple[str | None, ExecResult]  # a candidate's query (None: none found) and its result
 
 
 class SqlExecScorer:
-    """``sql-exec``: see the module docstring. Options: ``mode``, ``min_share``, and SqlLimits fields."""
+    """``sql-exec``: see the module docstring. Options: ``mode``, ``min_share``, ``allowed_dirs`` and
+    the :class:`SqlLimits` fields; ``options`` holds them all, defaults filled in (the cache key)."""
 
     name = "sql-exec"
-    version = "1"
+    version = "2"
 
-    def __init__(self, mode: Mode = "consensus", min_share: float = 0.3, **limits: Any) -> None:
+    def __init__(self, mode: Mode = "consensus", min_share: float = 0.3,
+                 allowed_dirs: Sequence[str | Path] | str | Path = (), **limits: Any) -> None:
         if mode not in ("consensus", "executes", "gold"):
             raise ValueError(f"sql-exec: mode must be 'consensus', 'executes' or 'gold', got {mode!r}")
         if not 0 < min_share <= 1:
@@ -212,52 +180,63 @@ class SqlExecScorer:
         try:
             self.sandbox = SqlSandbox(SqlLimits(**limits))
         except TypeError:
-            raise TypeError(f"sql-exec: unknown option(s) {sorted(limits)}; accepted: mode, min_share, "
+            raise TypeError(f"sql-exec: unknown option(s) {sorted(limits)}; accepted: mode, min_share, allowed_dirs, "
                             f"{', '.join(SqlLimits.__dataclass_fields__)}") from None
+        dirs = [allowed_dirs] if isinstance(allowed_dirs, str | Path) else list(allowed_dirs)
+        missing = [str(d) for d in dirs if not Path(d).is_dir()]
+        if missing:
+            raise ValueError(f"sql-exec: allowed_dirs {missing} are not directories")
+        self.allowed_dirs = sorted({Path(d).resolve() for d in dirs})
         self.mode = mode
         self.min_share = min_share
         self.pointwise = mode != "consensus"  # a consensus score depends on the whole group
+        self.options = {"mode": mode, "min_share": min_share, "allowed_dirs": [str(d) for d in self.allowed_dirs],
+                        **dataclasses.asdict(self.sandbox.limits)}
 
-    def _run(self, db_path: str, candidates: list[Candidate]) -> list[tuple[str | None, ExecResult]]:
-        seen: dict[str, ExecResult] = {}
-        out = []
-        for c in candidates:
-            sql = extract_sql(c.text)
-            if sql is None:
-                out.append((None, ExecResult(None, "no SQL query found in the answer")))
-                continue
-            if sql not in seen:
-                seen[sql] = self.sandbox.execute(db_path, sql)
-            out.append((sql, seen[sql]))
-        return out
+    def _run(self, db_path: Path, candidates: list[Candidate], first: Sequence[str] = ()
+             ) -> tuple[list[Run], dict[str, ExecResult]]:
+        """Each candidate's query and result, and the results of all queries run (``first`` first), in one group."""
+        sqls = [extract_sql(c.text) for c in candidates]
+        distinct = list(dict.fromkeys([*first, *(s for s in sqls if s is not None)]))
+        results = dict(zip(distinct, self.sandbox.execute_group(str(db_path), distinct), strict=True))
+        none = ExecResult(None, "no SQL query found in the answer")
+        return [(s, none if s is None else results[s]) for s in sqls], results
 
     def score(self, prompt: Prompt, candidates: list[Candidate]) -> list[Score]:
         db_path = prompt.metadata.get("db_path")
         if not db_path:
             return [Score.error(f"sql-exec: prompt {prompt.id!r} has no metadata['db_path']")] * len(candidates)
-        runs = self._run(str(db_path), candidates)
-        if self.mode == "executes":
-            return [Score.ok(1.0 if r.rows else 0.0, r.error or ("" if r.rows else "empty result"),
-                             details={"rows": None if r.rows is None else len(r.rows)}) for _, r in runs]
+        with _ALLOWED_LOCK:
+            allowed = sorted(_ALLOWED_DIRS | set(self.allowed_dirs))
+        try:
+            path = resolve_db_path(str(db_path), allowed)
+        except ValueError as e:
+            return [Score.error(str(e))] * len(candidates)
         if self.mode == "gold":
-            return self._gold(prompt, runs)
+            return self._gold(prompt, path, candidates)
+        runs = self._run(path, candidates)[0]
+        if self.mode == "executes":
+            return [_stopped(r) or Score.ok(1.0 if r.rows else 0.0, r.error or ("" if r.rows else "empty result"),
+                                            details={"rows": None if r.rows is None else len(r.rows)}) for _, r in runs]
         return self._consensus(runs)
 
-    def _gold(self, prompt: Prompt, runs: list[tuple[str | None, ExecResult]]) -> list[Score]:
+    def _gold(self, prompt: Prompt, path: Path, candidates: list[Candidate]) -> list[Score]:
         gold_sql = prompt.metadata.get("gold_sql")
         if not gold_sql:
-            return [Score.error(f"sql-exec gold mode: prompt {prompt.id!r} has no metadata['gold_sql']")] * len(runs)
-        gold = self.sandbox.execute(str(prompt.metadata["db_path"]), gold_sql)
+            return [Score.error(f"sql-exec gold mode: prompt {prompt.id!r} has no metadata['gold_sql']")] * len(candidates)
+        runs, results = self._run(path, candidates, [gold_sql])
+        gold = results[gold_sql]
         if gold.rows is None:
             return [Score.error(f"sql-exec gold mode: gold query failed: {gold.error}")] * len(runs)
         ordered = is_ordered(gold_sql)
         want = result_key(gold.rows, ordered)
-        return [Score.ok(0.0, r.error) if r.rows is None
-                else Score.ok(float(result_key(r.rows, ordered) == want), "matches gold" if
-                              result_key(r.rows, ordered) == want else "differs from gold")
-                for _, r in runs]
+        out = []
+        for _, r in runs:
+            same = r.rows is not None and result_key(r.rows, ordered) == want
+            out.append(_stopped(r) or Score.ok(float(same), r.error or ("matches gold" if same else "differs from gold")))
+        return out
 
-    def _consensus(self, runs: list[tuple[str | None, ExecResult]]) -> list[Score]:
+    def _consensus(self, runs: list[Run]) -> list[Score]:
         keys = [result_key(r.rows, is_ordered(sql or "")) if r.rows else None for sql, r in runs]
         votes = Counter(k for k in keys if k is not None)
         cluster_ids = {k: i for i, (k, _) in enumerate(votes.most_common())}
@@ -273,8 +252,8 @@ class SqlExecScorer:
         else:
             reason = ""
         if reason:
-            return [Score.abstain(f"sql-exec consensus: {reason}",
-                                  details={"cluster": cluster_ids.get(k), "error": r.error})
+            return [_stopped(r) or Score.abstain(f"sql-exec consensus: {reason}",
+                                                 details={"cluster": cluster_ids.get(k), "error": r.error})
                     for k, (_, r) in zip(keys, runs, strict=True)]
         winner = ranked[0][0]
         out = []
@@ -285,8 +264,13 @@ class SqlExecScorer:
                 out.append(Score.ok(1.0, f"agrees with the largest result cluster ({top}/{n})", details=details))
             else:
                 why = r.error or ("empty result" if r.rows is not None and not r.rows else "different result")
-                out.append(Score.ok(0.0, why, details=details))
+                out.append(_stopped(r) or Score.ok(0.0, why, details=details))
         return out
+
+
+def _stopped(r: ExecResult) -> Score | None:
+    """An error score for a query the sandbox stopped (its result is unknown), else None."""
+    return Score.error(f"sql-exec: {r.error}") if r.stopped else None
 
 
 SCORERS = {"sql-exec": SqlExecScorer}

@@ -15,7 +15,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from tao_plugins.scorers.sql import execution_match, extract_sql
+from tao_plugins.scorers.sql import allow_dir, execution_match, extract_sql
 
 from tao_core.errors import TaoInputError
 from tao_core.records import read_records
@@ -43,7 +43,8 @@ def read_schema(db_path: Path) -> str:
 
 
 class SqlTask:
-    """The ``sql`` task. Options: ``data_dir`` (a folder with ``questions.jsonl`` and its databases)."""
+    """The ``sql`` task. Options: ``data_dir`` (a folder with ``questions.jsonl`` and its databases;
+    constructing the task allows ``sql-exec`` to read databases under it)."""
 
     name = "sql"
     metric = "execution_accuracy"
@@ -76,6 +77,7 @@ class SqlTask:
         self.seed = seed
         self._schemas: dict[str, str] = {}
         self._train_gold: dict[str, str] | None = None  # training prompt text -> gold query, built on demand
+        allow_dir(self.data_dir)
 
     def db_path(self, db: str) -> Path:
         return (self.data_dir / f"{db}.sqlite").resolve()
