@@ -57,7 +57,6 @@ _CSV_NO_LIMIT = 2**31 - 1  # the largest field limit every platform's C long hol
 MAX_DEPTH = 100  # JSON nesting levels; real prompt rows and run records use fewer than 10
 
 _UTF16_32_BOMS = (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
-_BRACKET_OR_STRING = re.compile(r'[\[\]{}]|"(?:[^"\\]|\\.)*"')
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]", re.ASCII)
 
 
@@ -179,12 +178,13 @@ class Records:
 
     def _parquet_rows(self) -> Iterator[tuple[int, dict[str, Any]]]:
         try:
+            import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
             raise TaoInputError(f"{self.path}: reading Parquet needs pyarrow: pip install 'tao-core[parquet]'") from None
         try:
             rows = pq.read_table(self.path).to_pylist()
-        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+        except (OSError, pa.ArrowException) as e:
             raise TaoInputError(f"{self.path}: not a readable Parquet file ({e})") from None
         for number, row in enumerate(rows, 1):
             unstorable = [k for k, v in row.items() if not _json_storable(v)]
@@ -197,18 +197,16 @@ class Records:
 
 def loads(text: str) -> Any:
     """``json.loads`` within the reader's limits; a :class:`TaoInputError` says what is wrong."""
-    if text.count("[") + text.count("{") > MAX_DEPTH:
-        depth = 0
-        for m in _BRACKET_OR_STRING.finditer(text):
-            depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(m.group(), 0)
-            if depth > MAX_DEPTH:
-                raise TaoInputError(f"JSON nested deeper than {MAX_DEPTH} levels")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise TaoInputError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise TaoInputError(f"JSON nested deeper than {MAX_DEPTH} levels") from None
     except ValueError:  # the one other failure: an integer longer than Python converts
         raise TaoInputError(f"invalid JSON: an integer has more than {sys.get_int_max_str_digits()} digits") from None
+    if text.count("[") + text.count("{") > MAX_DEPTH and _too_deep(value):
+        raise TaoInputError(f"JSON nested deeper than {MAX_DEPTH} levels")
     if _SURROGATE_ESCAPE.search(text):
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
@@ -216,6 +214,18 @@ def loads(text: str) -> Any:
             raise TaoInputError("a string holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff), "
                                 "which is not text") from None
     return value
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether lists and objects nest more than :data:`MAX_DEPTH` levels (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if depth > MAX_DEPTH:
+            return True
+        stack += [(c, depth + 1) for c in children if isinstance(c, dict | list)]
+    return False
 
 
 def _parse_line(text: str) -> dict[str, Any]:
