@@ -6,9 +6,6 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -98,10 +95,3 @@ def tao_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("TAO_HOME", str(home))
     return home
 
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """../shared/data beside the checkout; CI provides it, so its absence is a failure."""
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"shared test data not found at {SHARED_DATA}; it must sit beside the repository")
-    return SHARED_DATA

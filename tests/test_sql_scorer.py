@@ -1,20 +1,27 @@
 """``sql-exec`` on real SQLite files: the sandbox, result normalization and execution consensus.
 
-The hostile-input tests (worker kills, memory, result budget, db_path allowlist) are in
-``test_sql_limits.py``; the Spider sample they share ships in ``tests/data/spider-sample``.
+The Spider sample ships in ``tests/data/spider-sample``. The last tests are hostile input: a long
+C-level call, a dying worker, wide blob rows, the group result budget, db_path outside the allowed
+directories, and workers that end with their caller.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
 import sqlite3
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from tao_plugins.scorers.sql import SqlExecScorer, SqlLimits, SqlSandbox, extract_sql, is_ordered, result_key
-from tao_plugins.scorers.sql_pool import open_readonly
+from tao_plugins.scorers.sql_pool import close_pools, open_readonly, pool_for
 
 from tao_core.scoring import score_groups
 from tao_core.types import Candidate, Prompt, Score
@@ -254,3 +261,126 @@ def test_concurrent_scoring_matches_sequential(spider, questions):
     seq = score_groups(scorer(), prompts, groups)
     par = score_groups(scorer(), prompts, groups, limits=ScorerLimits(workers=4))
     assert [[s.to_dict() for s in g] for g in seq] == [[s.to_dict() for s in g] for g in par]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile input
+
+# One call of SQLite's instr(): 800 KB of '0' searched for 400 KB of '0' then '1', many seconds in C
+# with no VM opcode boundary, so the progress handler never runs.
+INSTR = "SELECT instr(hex(zeroblob(400000)) || '1', hex(zeroblob(200000)) || '1')"
+CONCERT = SPIDER / "concert_singer.sqlite"
+
+
+def rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def gone(pid: int) -> bool:
+    """The process has exited and been reaped: it burns no CPU and is no zombie."""
+    return not Path(f"/proc/{pid}").exists()
+
+
+def test_one_long_c_call_is_killed_at_the_wall_limit_and_scores_error():
+    s = scorer(mode="executes", timeout_s=0.3, processes=1, memory_mb=384)
+    prompt = Prompt(id="p", text="q", metadata={"db_path": str(CONCERT)})
+    assert s.score(prompt, cands(["SELECT 1"]))[0].value == 1.0  # the pool's worker is up
+    pool = pool_for(s.sandbox.limits)
+    [pid] = pool.pids()
+    start = time.monotonic()
+    scores = s.score(prompt, cands([INSTR, "SELECT count(*) FROM singer"]))
+    assert time.monotonic() - start < 3.0
+    assert scores[0].status == "error" and "time limit of 0.3 s exceeded: the worker was killed" in scores[0].reason
+    assert scores[1].status == "ok" and scores[1].value == 1.0  # the rest of the group ran on a fresh worker
+    assert gone(pid) and pool.pids() and pid not in pool.pids()
+
+
+def test_a_worker_that_dies_gives_an_error_with_its_reason_and_the_group_goes_on():
+    s = scorer(mode="executes", timeout_s=20, processes=1, memory_mb=320)
+    prompt = Prompt(id="p", text="q", metadata={"db_path": str(CONCERT)})
+    s.score(prompt, cands(["SELECT 1"]))
+    [pid] = pool_for(s.sandbox.limits).pids()
+    threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()  # as the OOM killer would
+    scores = s.score(prompt, cands(["SELECT 1", INSTR, "SELECT 2"]))
+    assert [x.status for x in scores] == ["ok", "error", "ok"]
+    assert "worker process died running this query (killed by SIGKILL" in scores[1].reason
+    assert gone(pid)
+
+
+def test_wide_blob_rows_and_big_sorts_stay_out_of_the_callers_memory():
+    wide = "SELECT " + ", ".join(["zeroblob(999999)"] * 300)  # one 300 MB row
+    before = rss_mb()
+    assert "too many columns in result set" in SqlSandbox().execute(str(CONCERT), wide).error
+    big = SqlSandbox(SqlLimits(max_columns=300, timeout_s=10)).execute(str(CONCERT), wide)
+    assert big.stopped and big.rows is None and ("MemoryError" in big.error or "result budget" in big.error)
+    budget = SqlSandbox(SqlLimits(timeout_s=10)).execute(str(CONCERT), "SELECT " + ", ".join(["zeroblob(999999)"] * 90))
+    assert budget.stopped and "result budget" in budget.error
+    sort = ("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 200) "
+            "SELECT length(x) FROM (SELECT randomblob(900000) AS x FROM r ORDER BY x)")  # 180 MB to sort
+    small = SqlSandbox(SqlLimits(memory_mb=64, timeout_s=10)).execute(str(CONCERT), sort)
+    assert small.stopped and "memory_mb=64" in small.error
+    assert rss_mb() - before < 50
+
+
+def test_a_groups_results_share_one_byte_budget():
+    box = SqlSandbox(SqlLimits(max_result_bytes=1_000_000))
+    got = box.execute_group(str(CONCERT), [f"SELECT zeroblob(400000), {i}" for i in range(3)])
+    assert [r.rows is not None for r in got] == [True, True, False]
+    assert got[2].stopped and "max_result_bytes=1000000 (result budget)" in got[2].error
+    s = scorer(mode="executes", max_result_bytes=1_000_000)
+    prompt = Prompt(id="p", text="q", metadata={"db_path": str(CONCERT)})
+    scores = s.score(prompt, cands([f"SELECT zeroblob(400000), {i}" for i in range(3)]))
+    assert [x.status for x in scores] == ["ok", "ok", "error"]
+
+
+def test_db_path_must_resolve_under_an_allowed_dir(tmp_path):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    shutil.copy(CONCERT, allowed / "db.sqlite")
+    shutil.copy(CONCERT, tmp_path / "outside.sqlite")
+    (allowed / "link.sqlite").symlink_to(tmp_path / "outside.sqlite")
+    (allowed / "up").symlink_to(tmp_path)
+    s = SqlExecScorer(mode="executes", allowed_dirs=[allowed])
+
+    def score(path: Path | str) -> Score:
+        prompt = Prompt(id="p", text="q", metadata={"db_path": str(path)})
+        return s.score(prompt, cands(["SELECT count(*) FROM singer"]))[0]
+
+    assert score(allowed / "db.sqlite").value == 1.0
+    for bad in [tmp_path / "outside.sqlite", allowed / "link.sqlite", allowed / "up" / "outside.sqlite",
+                allowed / ".." / "outside.sqlite", "/etc/passwd"]:
+        got = score(bad)
+        assert got.status == "error" and "outside the allowed directories" in got.reason, bad
+        assert "allowed_dirs" in got.reason and str(bad) in got.reason
+    assert "not found" in score(allowed / "missing.sqlite").reason
+    assert "outside the allowed directories" in SqlExecScorer().score(
+        Prompt(id="p", text="q", metadata={"db_path": str(CONCERT)}), cands(["SELECT 1"]))[0].reason
+    with pytest.raises(ValueError, match="not directories"):
+        SqlExecScorer(allowed_dirs=[tmp_path / "nope"])
+
+
+def test_close_pools_stops_every_worker():
+    s = scorer(timeout_s=0.5, processes=2, memory_mb=448)
+    prompt = Prompt(id="p", text="q", metadata={"db_path": str(CONCERT)})
+    threads = [threading.Thread(target=s.score, args=(prompt, cands(["SELECT 1", INSTR]))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    pids = pool_for(s.sandbox.limits).pids()
+    assert len(pids) == 2
+    close_pools()
+    assert all(gone(p) for p in pids)
+
+
+def test_workers_end_with_a_caller_script_that_has_no_main_guard(tmp_path):
+    script = tmp_path / "score.py"  # re-run by a spawn or forkserver worker, it would score again
+    script.write_text(
+        "from tao_plugins.scorers.sql import SqlSandbox\n"
+        "from tao_plugins.scorers.sql_pool import SqlLimits, pool_for\n"
+        f"print(SqlSandbox().execute({str(CONCERT)!r}, 'SELECT count(*) FROM singer').rows)\n"
+        "print(pool_for(SqlLimits()).pids())\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows, pids = out.stdout.splitlines()
+    assert rows == "[(6,)]" and all(gone(int(p)) for p in json.loads(pids))
