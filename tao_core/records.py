@@ -173,8 +173,10 @@ class Records:
                 if len(row) == len(header):
                     yield start, dict(zip(header, row, strict=True))
                 else:
-                    self.reject(start, f"{len(row)} fields, but the header (line {header_line}) names "
-                                       f"{len(header)}; quote a field that contains {delimiter!r}")
+                    fix = (f"quote a field that contains {delimiter!r}" if len(row) > len(header)
+                           else "give every column a value, empty if need be")
+                    self.reject(start, f"{len(row)} field(s), but the header (line {header_line}) names "
+                                       f"{len(header)}; {fix}")
 
     def _parquet_rows(self) -> Iterator[tuple[int, dict[str, Any]]]:
         try:
