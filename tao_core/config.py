@@ -128,7 +128,6 @@ class TrainConfig:
     layout: str = "shared_prefix"  # "shared_prefix" (prompt once per group) | "padded" (reference)
     seed: int = 0  # seeds LoRA initialization
 
-
     def validate(self) -> None:
         """The value checks of :func:`validate` for this section alone (no plugin look-ups): the
         trainer runs them, since it is also used without a :class:`RunConfig`."""
@@ -398,7 +397,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     path = Path(path)
     kind = _probe(str(path))
     if kind != "a file":
-        raise TaoInputError(f"{path}: config file not found" if kind == "nothing" else f"{path}: is {kind}, not a config file")
+        raise TaoInputError(f"{path}: " + ("config file not found" if kind == "nothing" else f"is {kind}, not a config file"))
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
@@ -476,7 +475,8 @@ def _plugin_problems(cfg: RunConfig, bad: dict[str, str]) -> list[str]:
         try:
             factories[key] = reg.entry(kind, name).obj
         except PluginError:
-            problems.append(f"{key} = {_show(name)} is not a registered {kind[:-1]}; available: {', '.join(reg.names(kind))}")
+            problems.append(f"{key} = {_show(name)} is not a registered {kind[:-1]}; "
+                            f"available: {', '.join(reg.names(kind))}")
     for key, (name_key, task_default, positional) in OPTIONS.items():
         name = _get(cfg, name_key)
         if name is None and task_default is not None:
