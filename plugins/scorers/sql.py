@@ -38,6 +38,7 @@ equals that of ``prompt.metadata["gold_sql"]``.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import threading
 from collections import Counter
@@ -53,7 +54,7 @@ __all__ = ["ExecResult", "SqlExecScorer", "SqlLimits", "SqlSandbox", "allow_dir"
            "extract_sql", "is_ordered", "resolve_db_path", "result_key"]
 
 PACKAGED_DATA = Path(__file__).resolve().parents[1] / "data" / "sql"
-_ALLOWED_DIRS = {PACKAGED_DATA}
+_ALLOWED_DIRS = {str(PACKAGED_DATA)}  # resolved, as strings: resolve_db_path runs once per group
 _ALLOWED_LOCK = threading.Lock()
 _FENCE = re.compile(r"```[ \t]*(?:sql|sqlite)?[ \t]*\n?(.*?)(?:```|\Z)", re.IGNORECASE | re.DOTALL)
 _BARE = re.compile(r"\b(?:SELECT\b|WITH\s+(?:RECURSIVE\s+)?\w+\s*(?:\([^)]*\)\s*)?AS\s*\().*?(?=;|\n\s*\n|```|\Z)",
@@ -65,21 +66,22 @@ _FIRST_WORD = re.compile(r"\s*(\w+)")
 def allow_dir(path: str | Path) -> None:
     """Allow databases under ``path`` for every ``sql-exec`` scorer of this process (the task calls it)."""
     with _ALLOWED_LOCK:
-        _ALLOWED_DIRS.add(Path(path).resolve())
+        _ALLOWED_DIRS.add(str(Path(path).resolve()))
 
 
-def resolve_db_path(db_path: str, allowed: Sequence[Path]) -> Path:
-    """The database file ``db_path`` resolves to, symlinks followed; ValueError when not under ``allowed``."""
+def resolve_db_path(db_path: str, allowed: Sequence[str]) -> str:
+    """The database file ``db_path`` resolves to, symlinks followed; ValueError when not under ``allowed``
+    (resolved directories, as strings)."""
     try:
-        path = Path(db_path).resolve(strict=True)
-    except (OSError, RuntimeError) as e:
+        path = os.path.realpath(db_path, strict=True)
+    except (OSError, ValueError) as e:
         raise ValueError(f"sql-exec: db_path {db_path!r} not found ({e})") from None
-    if not path.is_file():
+    if not os.path.isfile(path):
         raise ValueError(f"sql-exec: db_path {db_path!r} is not a file")
-    if not any(path.is_relative_to(d) for d in allowed):
-        raise ValueError(f"sql-exec: db_path {db_path!r} resolves to {str(path)!r}, outside the allowed "
-                         f"directories {sorted(map(str, allowed))}; to allow it, add its directory to the scorer "
-                         f"option allowed_dirs (config: [score.options] allowed_dirs = [\"{path.parent}\"])")
+    if not any(path.startswith(d.rstrip(os.sep) + os.sep) for d in allowed):
+        raise ValueError(f"sql-exec: db_path {db_path!r} resolves to {path!r}, outside the allowed directories "
+                         f"{sorted(allowed)}; to allow it, add its directory to the scorer option allowed_dirs "
+                         f"(config: [score.options] allowed_dirs = [\"{os.path.dirname(path)}\"])")
     return path
 
 
@@ -137,13 +139,11 @@ class SqlSandbox:
 
     def execute_group(self, db_path: str, sqls: Sequence[str]) -> list[ExecResult]:
         """Run a group's queries in order on one worker, sharing one result budget; one result each."""
-        def runnable(sql: str) -> bool:
-            word = _FIRST_WORD.match(_STRINGS.sub(" ", sql))
-            return bool(word) and word.group(1).upper() in ("SELECT", "WITH", "VALUES", "PRAGMA")
-
-        todo = [s for s in sqls if runnable(s)]
+        words = [_FIRST_WORD.match(_STRINGS.sub(" ", sql)) for sql in sqls]
+        runnable = [bool(w) and w.group(1).upper() in ("SELECT", "WITH", "VALUES", "PRAGMA") for w in words]
+        todo = [sql for sql, ok in zip(sqls, runnable, strict=True) if ok]
         ran = iter(pool_for(self.limits).run(str(db_path), todo, self.limits) if todo else [])
-        return [next(ran) if runnable(s) else ExecResult(None, _STATEMENT_ERROR) for s in sqls]
+        return [next(ran) if ok else ExecResult(None, _STATEMENT_ERROR) for ok in runnable]
 
 
 _DEFAULT_SANDBOX = SqlSandbox()
@@ -186,19 +186,19 @@ class SqlExecScorer:
         missing = [str(d) for d in dirs if not Path(d).is_dir()]
         if missing:
             raise ValueError(f"sql-exec: allowed_dirs {missing} are not directories")
-        self.allowed_dirs = sorted({Path(d).resolve() for d in dirs})
+        self.allowed_dirs = sorted({str(Path(d).resolve()) for d in dirs})
         self.mode = mode
         self.min_share = min_share
         self.pointwise = mode != "consensus"  # a consensus score depends on the whole group
-        self.options = {"mode": mode, "min_share": min_share, "allowed_dirs": [str(d) for d in self.allowed_dirs],
+        self.options = {"mode": mode, "min_share": min_share, "allowed_dirs": self.allowed_dirs,
                         **dataclasses.asdict(self.sandbox.limits)}
 
-    def _run(self, db_path: Path, candidates: list[Candidate], first: Sequence[str] = ()
+    def _run(self, db_path: str, candidates: list[Candidate], first: Sequence[str] = ()
              ) -> tuple[list[Run], dict[str, ExecResult]]:
         """Each candidate's query and result, and the results of all queries run (``first`` first), in one group."""
         sqls = [extract_sql(c.text) for c in candidates]
         distinct = list(dict.fromkeys([*first, *(s for s in sqls if s is not None)]))
-        results = dict(zip(distinct, self.sandbox.execute_group(str(db_path), distinct), strict=True))
+        results = dict(zip(distinct, self.sandbox.execute_group(db_path, distinct), strict=True))
         none = ExecResult(None, "no SQL query found in the answer")
         return [(s, none if s is None else results[s]) for s in sqls], results
 
@@ -220,7 +220,7 @@ class SqlExecScorer:
                                             details={"rows": None if r.rows is None else len(r.rows)}) for _, r in runs]
         return self._consensus(runs)
 
-    def _gold(self, prompt: Prompt, path: Path, candidates: list[Candidate]) -> list[Score]:
+    def _gold(self, prompt: Prompt, path: str, candidates: list[Candidate]) -> list[Score]:
         gold_sql = prompt.metadata.get("gold_sql")
         if not gold_sql:
             return [Score.error(f"sql-exec gold mode: prompt {prompt.id!r} has no metadata['gold_sql']")] * len(candidates)
