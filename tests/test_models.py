@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from tao_core import models
-from tao_core.errors import ModelLoadError
+from tao_core.errors import ModelLoadError, TaoInputError
 from tao_core.models import check_gguf, import_gguf, list_models, load_model, resolve_model_path
 from tao_core.types import Prompt
 
@@ -53,7 +54,7 @@ def test_directory_without_config_or_weights(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
         resolve_model_path(str(tmp_path / "empty"))
-    (tmp_path / "empty" / "config.json").write_text("{}")
+    (tmp_path / "empty" / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ModelLoadError, match="no weights"):
         resolve_model_path(str(tmp_path / "empty"))
 
@@ -94,17 +95,20 @@ def test_invalid_import_name(tmp_path, tao_home):
         import_gguf(_write_gguf(tmp_path / "m.gguf"), "../escape")
 
 
-def _fake_writer(gguf_path: Path, out: Path) -> None:
+def _fake_writer(gguf_path: Path, out: Path, sha256: str) -> None:
+    """What ``_write_hf_dir`` leaves, without the conversion: config, weights, tokenizer, marker last."""
     out.mkdir(parents=True)
     (out / "config.json").write_text('{"model_type": "llama"}')
     (out / "model.safetensors").write_bytes(b"x" * 10)
+    (out / "tokenizer.json").write_text("{}")
+    (out / "tao_import.json").write_text(json.dumps({"source": str(gguf_path), "sha256": sha256}))
 
 
 def test_interrupted_import_leaves_no_cache(monkeypatch, tmp_path, tao_home):
     src = _write_gguf(tmp_path / "m.gguf")
 
-    def crash(gguf_path, out):
-        _fake_writer(gguf_path, out)
+    def crash(gguf_path, out, sha256):
+        _fake_writer(gguf_path, out, sha256)
         raise KeyboardInterrupt  # e.g. Ctrl-C halfway through writing the weights
 
     monkeypatch.setattr(models, "_write_hf_dir", crash)
@@ -112,7 +116,7 @@ def test_interrupted_import_leaves_no_cache(monkeypatch, tmp_path, tao_home):
         import_gguf(src, "m")
     root = tao_home / "models"
     assert not (root / "m").exists()
-    assert list(root.iterdir()) == []  # the temporary directory is gone too
+    assert list(root.glob(".tmp-*")) == []  # the temporary directory is gone too
     assert "m" not in {r["name"] for r in list_models()}
 
     monkeypatch.setattr(models, "_write_hf_dir", _fake_writer)
@@ -126,7 +130,7 @@ def test_killed_import_is_invisible_and_cleaned_up(tmp_path, tao_home):
         import time
         from pathlib import Path
         from tao_core import models
-        def slow(gguf_path, out):
+        def slow(gguf_path, out, sha256):
             out.mkdir(parents=True)
             (out / "config.json").write_text("{{}}")
             print("writing", flush=True)
@@ -158,6 +162,188 @@ def test_models_cli_list_and_import_errors(tao_home, tmp_path):
     bad.write_bytes(b"nope")
     res = CliRunner().invoke(cli, ["models", "import", str(bad), "--name", "bad"])
     assert res.exit_code == 2 and "not a GGUF file" in res.output
+
+
+def _fake_entry(root: Path, name: str, *, marker: dict | str | None = None) -> Path:
+    """A cache entry as an import leaves it; ``marker=None`` leaves the marker out (not complete)."""
+    d = root / "models" / name
+    d.mkdir(parents=True)
+    (d / "config.json").write_text('{"model_type": "llama"}')
+    (d / "model.safetensors").write_bytes(b"x")
+    if marker is not None:
+        (d / "tao_import.json").write_text(marker if isinstance(marker, str) else json.dumps(marker))
+    return d
+
+
+def test_missing_gguf_path_never_loads_a_cached_model_of_that_name(tao_home, tmp_path):
+    _fake_entry(tao_home, "smollm2-135m", marker={"source": "embedded"})
+    missing = tmp_path / "elsewhere" / "smollm2-135m.gguf"
+    with pytest.raises(ModelLoadError, match=f"{missing}: file not found"):
+        load_model(str(missing))
+    (tmp_path / "dir.gguf").mkdir()
+    with pytest.raises(ModelLoadError, match="dir.gguf: not a file"):
+        resolve_model_path(str(tmp_path / "dir.gguf"))
+
+
+def test_gguf_identified_by_content_not_name(monkeypatch, tmp_path, tao_home):
+    monkeypatch.setattr(models, "_write_hf_dir", _fake_writer)
+    a = _write_gguf((tmp_path / "a").mkdir() or tmp_path / "a" / "model.gguf")
+    b = (tmp_path / "b").mkdir() or tmp_path / "b" / "model.gguf"
+    b.write_bytes(a.read_bytes()[:-4] + b"\x01\x02\x03\x04")  # same name, same size, other content
+    first, second = resolve_model_path(a), resolve_model_path(b)
+    assert first == tao_home / "models" / "model" and second != first
+    assert second.name.startswith("model-") and len(second.name) == len("model-") + 12
+    copy = tmp_path / "copy-of-a.gguf"
+    copy.write_bytes(a.read_bytes())
+    assert resolve_model_path(copy) == first  # same content, any name or place: the same entry
+    a.write_bytes(b.read_bytes())  # edited in place: identified again by its new content
+    assert resolve_model_path(a) == second
+
+
+def test_gguf_second_load_reads_only_the_stat(monkeypatch, tmp_path, tao_home):
+    monkeypatch.setattr(models, "_write_hf_dir", _fake_writer)
+    src = _write_gguf(tmp_path / "m.gguf")
+    entry = resolve_model_path(src)
+
+    def no_hashing(*args):
+        raise AssertionError("the file was hashed again")
+
+    with monkeypatch.context() as m:
+        m.setattr(models.hashlib, "sha256", no_hashing)
+        m.setattr(models, "check_gguf", no_hashing)
+        assert resolve_model_path(src) == entry
+    (tao_home / "models" / ".sha256.json").write_text("{not json")  # a corrupt index is only a cache miss
+    assert resolve_model_path(src) == entry
+
+
+def test_gguf_without_suffix_is_recognized_by_its_magic_alone(monkeypatch, tmp_path, tao_home):
+    monkeypatch.setattr(models, "_write_hf_dir", _fake_writer)
+    src = _write_gguf(tmp_path / "weights.bin")
+
+    def read_bytes(self):
+        raise AssertionError(f"{self} read whole")
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    assert resolve_model_path(src) == tao_home / "models" / "weights"
+
+
+def test_user_gguf_never_takes_the_embedded_alias(monkeypatch, tmp_path, tao_home):
+    monkeypatch.setattr(models, "_write_hf_dir", _fake_writer)
+    entry = resolve_model_path(_write_gguf(tmp_path / "smollm2-135m.gguf"))
+    assert entry.name.startswith("smollm2-135m-") and not (tao_home / "models" / "smollm2-135m").exists()
+    with pytest.raises(ModelLoadError, match="'smollm2-135m' is the embedded model's alias; choose another --name"):
+        import_gguf(tmp_path / "smollm2-135m.gguf", "smollm2-135m")
+
+
+def test_gguf_with_no_tensors(tmp_path):
+    import gguf
+
+    path = tmp_path / "empty.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelLoadError, match="has no tensors"):
+        check_gguf(path)
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ('{"model_type": "llama", ', "config.json: not valid JSON"),
+        (b"\xff\xfe\x00", "config.json: not valid JSON"),
+        ("[1, 2]", "config.json: expected a JSON object, got list"),
+        ('{"architectures": ["LlamaForCausalLM"]}', 'config.json: no "model_type" string'),
+        ('{"model_type": "llama", "architectures": "LlamaForCausalLM"}', '"architectures" must be a list'),
+    ],
+)
+def test_bad_config_json_is_an_input_error_naming_the_file(tiny_model_dir, tmp_path, config, match):
+    import shutil
+
+    d = Path(shutil.copytree(tiny_model_dir, tmp_path / "m"))
+    (d / "config.json").write_bytes(config if isinstance(config, bytes) else config.encode())
+    with pytest.raises(TaoInputError, match=match) as e:
+        load_model(str(d))
+    assert str(d / "config.json") in str(e.value)
+
+
+def test_directory_without_tokenizer(tiny_model_dir, tmp_path):
+    import shutil
+
+    d = Path(shutil.copytree(tiny_model_dir, tmp_path / "m"))
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(ModelLoadError, match="no tokenizer files"):
+        load_model(str(d))
+
+
+def test_remote_code_runs_only_when_asked(tiny_model_dir, tmp_path):
+    import shutil
+
+    d = Path(shutil.copytree(tiny_model_dir, tmp_path / "m"))
+    sentinel = tmp_path / "remote-code-ran"
+    (d / "evil.py").write_text(f"open({str(sentinel)!r}, 'w').write('ran')\n")
+    config = json.loads((d / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil.EvilModel", "AutoConfig": "evil.EvilConfig"}
+    (d / "config.json").write_text(json.dumps(config))
+    assert load_model(str(d)).model.__class__.__name__ == "LlamaForCausalLM"  # a known type: its own class
+    config["model_type"] = "evilformer"
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="trust_remote_code") as e:
+        load_model(str(d))
+    assert str(d) in str(e.value)
+    assert not sentinel.exists()
+
+
+def test_unknown_dtype(tiny_model_dir):
+    with pytest.raises(TaoInputError, match="unknown dtype 'nn'; use one of float32"):
+        load_model(str(tiny_model_dir), dtype="nn")
+
+
+def test_incomplete_cache_entry_is_never_loaded_listed_or_replaced(monkeypatch, tmp_path, tao_home):
+    monkeypatch.setattr(models, "_write_hf_dir", _fake_writer)
+    partial = _fake_entry(tao_home, "partial")  # no marker: e.g. copied by hand, or an old interrupted import
+    corrupt = _fake_entry(tao_home, "corrupt", marker="{oops")
+    for d in (partial, corrupt):
+        with pytest.raises(ModelLoadError, match="not a complete tao import.*remove it and import again"):
+            load_model(d.name)
+        with pytest.raises(ModelLoadError, match="not a complete tao import.*tao neither loads nor replaces it"):
+            import_gguf(_write_gguf(tmp_path / "m.gguf"), d.name, overwrite=True)
+        assert (d / "model.safetensors").is_file()  # untouched
+    assert {"partial", "corrupt"}.isdisjoint(r["name"] for r in list_models())
+
+
+def test_import_name_clash_and_overwrite(monkeypatch, tmp_path, tao_home):
+    monkeypatch.setattr(models, "_write_hf_dir", _fake_writer)
+    a = _write_gguf(tmp_path / "a.gguf")
+    b = _write_gguf(tmp_path / "b.gguf", arch="qwen2")
+    dest = import_gguf(a, "mine")
+    assert import_gguf(a, "mine") == dest  # same content: reused
+    with pytest.raises(ModelLoadError, match="'mine' is already imported from .*a.gguf.*--overwrite"):
+        import_gguf(b, "mine")
+    assert import_gguf(b, "mine", overwrite=True) == dest
+    assert str(b) in (dest / "tao_import.json").read_text()
+    assert list((tao_home / "models").glob(".tmp-*")) == []
+
+
+def test_overwrite_of_a_symlinked_entry_removes_only_the_link(monkeypatch, tmp_path, tao_home):
+    monkeypatch.setattr(models, "_write_hf_dir", _fake_writer)
+    outside = _fake_entry(tmp_path / "elsewhere", "kept", marker={"source": "x", "sha256": "0"})
+    (tao_home / "models").mkdir(parents=True)
+    (tao_home / "models" / "linked").symlink_to(outside)
+    dest = import_gguf(_write_gguf(tmp_path / "m.gguf"), "linked", overwrite=True)
+    assert not dest.is_symlink() and (outside / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["../../x", "..", ".hidden", "a/b", "x\n", "", "-x", "a" * 101])
+def test_invalid_import_names_via_cli(tao_home, tmp_path, name):
+    from click.testing import CliRunner
+
+    from tao_core.cli import cli
+
+    res = CliRunner().invoke(cli, ["models", "import", str(_write_gguf(tmp_path / "m.gguf")), "--name", name])
+    assert res.exit_code == 2 and "invalid model name" in res.output
+    assert not (tao_home / "models").exists() or list((tao_home / "models").iterdir()) == []
 
 
 @pytest.mark.real_model
