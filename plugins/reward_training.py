@@ -36,8 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tao_core.config import Rule, between, check_values
 from tao_core.errors import ModelLoadError, TaoInputError
+from tao_core.fsio import append_line, write_file
 from tao_core.records import read_records
+from tao_core.rundir import LOCK, MARKER, RunDir
 
 T = TypeVar("T")
 
@@ -71,19 +74,18 @@ class RMTrainConfig:
     log_every: int = 10  # optimizer steps between lines in metrics.jsonl
 
     def validate(self) -> None:
-        problems = []
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            problems.append(f"epochs must be an integer >= 1, got {self.epochs!r}")
-        if not self.lr > 0:
-            problems.append(f"lr must be > 0, got {self.lr!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            problems.append(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
-        if not isinstance(self.max_length, int) or self.max_length < 8:
-            problems.append(f"max_length must be an integer >= 8, got {self.max_length!r}")
-        if not 0 <= self.eval_fraction < 1:
-            problems.append(f"eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
+        """Every field's type, range and finiteness (the same checks as the run config's)."""
+        problems = check_values(self, rules=RM_RULES)
         if problems:
-            raise TaoInputError("invalid reward-model training settings: " + "; ".join(problems))
+            raise TaoInputError("invalid reward-model training settings: " + "; ".join(problems.values()))
+
+
+RM_RULES: dict[str, Rule] = {
+    "epochs": between(1, 10_000), "lr": between(0, 1, lo_open=True), "batch_size": between(1, 65_536),
+    "max_length": between(8, 1 << 20), "seed": between(0, 2**32 - 1), "eval_fraction": between(0, 1, hi_open=True),
+    "weight_decay": between(0, 10), "max_grad_norm": between(0), "device": Rule("a non-empty string", bool),
+    "log_every": between(1),
+}
 
 
 @dataclass
@@ -318,20 +320,32 @@ def train_reward_model(
     The model is written to a temporary sibling directory and renamed into ``output`` at the end, so
     an interrupted run never leaves a half-written reward model.
     """
-    import torch
-    from tqdm.auto import tqdm
 
     cfg = config or RMTrainConfig()
     cfg.validate()
     start = time.time()
     out = Path(output).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise TaoInputError(f"{out}: output exists and is not empty; choose another path or pass overwrite / --overwrite")
     if isinstance(pairs, list):
         rows, skipped = pairs, []
     else:
         rows, skipped = load_pairs(pairs, skip_bad_rows=skip_bad_rows)
+    # The output is a run directory of kind "rm" (marker + lock, tao_core.rundir): a folder tao did
+    # not make is refused, and only --overwrite empties an earlier reward model's directory.
+    if out.exists() and out.is_dir() and any(p.name not in (LOCK, MARKER) for p in out.iterdir()) and not overwrite:
+        raise TaoInputError(f"{out}: output exists and is not empty; choose another path or pass overwrite / --overwrite")
+    rd = RunDir(out).claim("rm", replace=overwrite)
+    try:
+        return _train(rd, rows, skipped, base, cfg, start, progress)
+    finally:
+        rd.release()
 
+
+def _train(rd: RunDir, rows: list[PreferencePair], skipped: list[tuple[int, str]], base: str | os.PathLike,
+           cfg: RMTrainConfig, start: float, progress: bool) -> RMTrainResult:
+    import torch
+    from tqdm.auto import tqdm
+
+    out = rd.root
     torch.manual_seed(cfg.seed)
     model, tok, base_path = load_rm_backbone(base, cfg.device)
     pad_id = int(tok.pad_token_id)
@@ -347,55 +361,52 @@ def train_reward_model(
         raise TaoInputError(f"no pair fits in max_length={cfg.max_length} tokens; raise --max-length")
     train_set, eval_set = _split(encoded, cfg.eval_fraction, cfg.seed)
 
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    tmp = out / f".model.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    metrics_path = tmp / "metrics.jsonl"
+    metrics_path = out / "metrics.jsonl"
     try:
-        with open(metrics_path, "w", encoding="utf-8") as log:
+        def record(**row: Any) -> None:
+            append_line(metrics_path, json.dumps(row))
 
-            def record(**row: Any) -> None:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-
-            acc_before = pairwise_accuracy(model, eval_set, pad_id, cfg.batch_size) if eval_set else None
-            record(event="eval", epoch=0, accuracy=acc_before, n_eval=len(eval_set))
-            steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-            total = steps_per_epoch * cfg.epochs
-            warmup = max(1, total // 10)
-            opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-            rng = random.Random(cfg.seed + 1)
-            step, acc, epoch_loss = 0, acc_before, float("nan")
-            model.train()
-            bar = tqdm(total=total, desc="rm train", disable=not progress)
-            for epoch in range(1, cfg.epochs + 1):
-                order = list(range(len(train_set)))
-                rng.shuffle(order)
-                losses = []
-                for s in range(0, len(order), cfg.batch_size):
-                    chunk = [train_set[i] for i in order[s : s + cfg.batch_size]]
-                    r = reward_forward(model, [c for c, _ in chunk] + [rj for _, rj in chunk], pad_id)
-                    margin = r[: len(chunk)] - r[len(chunk):]
-                    loss = -torch.nn.functional.logsigmoid(margin).mean()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.max_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    opt.step()
-                    sched.step()
-                    step += 1
-                    losses.append(loss.item())
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                    if step % cfg.log_every == 0:
-                        record(event="train", epoch=epoch, step=step, loss=losses[-1],
-                               margin=margin.mean().item(), lr=sched.get_last_lr()[0])
-                epoch_loss = sum(losses) / len(losses)
-                acc = pairwise_accuracy(model, eval_set, pad_id, cfg.batch_size) if eval_set else None
-                record(event="eval", epoch=epoch, step=step, accuracy=acc, train_loss=epoch_loss)
-            bar.close()
+        acc_before = pairwise_accuracy(model, eval_set, pad_id, cfg.batch_size) if eval_set else None
+        record(event="eval", epoch=0, accuracy=acc_before, n_eval=len(eval_set))
+        steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+        total = steps_per_epoch * cfg.epochs
+        warmup = max(1, total // 10)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+        rng = random.Random(cfg.seed + 1)
+        step, acc, epoch_loss = 0, acc_before, float("nan")
+        model.train()
+        bar = tqdm(total=total, desc="rm train", disable=not progress)
+        for epoch in range(1, cfg.epochs + 1):
+            order = list(range(len(train_set)))
+            rng.shuffle(order)
+            losses = []
+            for s in range(0, len(order), cfg.batch_size):
+                chunk = [train_set[i] for i in order[s : s + cfg.batch_size]]
+                r = reward_forward(model, [c for c, _ in chunk] + [rj for _, rj in chunk], pad_id)
+                margin = r[: len(chunk)] - r[len(chunk):]
+                loss = -torch.nn.functional.logsigmoid(margin).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                step += 1
+                losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if step % cfg.log_every == 0:
+                    record(event="train", epoch=epoch, step=step, loss=losses[-1],
+                           margin=margin.mean().item(), lr=sched.get_last_lr()[0])
+            epoch_loss = sum(losses) / len(losses)
+            acc = pairwise_accuracy(model, eval_set, pad_id, cfg.batch_size) if eval_set else None
+            record(event="eval", epoch=epoch, step=step, accuracy=acc, train_loss=epoch_loss)
+        bar.close()
         model.eval()
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
@@ -404,13 +415,9 @@ def train_reward_model(
             accuracy=acc, final_loss=epoch_loss, seconds=round(time.time() - start, 2), skipped=skipped,
         )
         info = {"base": str(base), "base_path": str(base_path), "config": dataclasses.asdict(cfg), **result.to_dict()}
-        (tmp / RM_INFO_FILE).write_text(json.dumps(info, indent=2))
-        if out.is_dir():
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(tmp, out)
+        for f in tmp.iterdir():  # the model files move in; the info file, written last, marks it complete
+            os.replace(f, out / f.name)
+        write_file(out / RM_INFO_FILE, json.dumps(info, indent=2))
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -9,7 +9,7 @@ import time
 import click
 
 from tao_core.errors import TaoError
-from tao_core.plugins import KINDS, get_plugin_manager
+from tao_core.plugins import KINDS, PluginManager, get_plugin_manager
 
 # The README demo: sized to finish within 15 minutes on a 2-core CPU.
 DEMO_STEPS = 40
@@ -50,17 +50,35 @@ LABEL_FREE_STEPS = 20  # measured: the best held-out accuracy comes at step 10; 
 
 
 class TaoGroup(click.Group):
-    """Root group: built-in commands plus whatever plugins register, loaded on first lookup."""
+    """Root group: built-in commands plus whatever plugins register, loaded on first lookup.
 
-    def _plugin_commands(self) -> dict[str, click.Command]:
-        reg = get_plugin_manager().registry
-        return {e.name: e.obj for e in reg.entries("commands")}
+    A built-in command always wins: a plugin command of the same name is an error of that plugin,
+    shown by ``tao plugins`` and at the end of ``tao --help`` with every other plugin problem.
+    """
+
+    def plugin_manager(self) -> PluginManager:
+        """The process-wide plugin manager, with this group's built-in command names reserved."""
+        pm = get_plugin_manager()
+        pm.reserve("commands", self.commands, owner="a built-in tao command")
+        return pm
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *self._plugin_commands()})
+        return sorted({*super().list_commands(ctx), *self.plugin_manager().registry.names("commands")})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        return super().get_command(ctx, name) or self._plugin_commands().get(name)
+        builtin = super().get_command(ctx, name)
+        if builtin is not None:
+            return builtin
+        entry = self.plugin_manager().registry.lookup("commands", name)  # a duplicate name raises
+        return entry.obj if entry is not None else None
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)
+        infos = self.plugin_manager().plugin_infos()
+        problems = [(i.name, line) for i in infos for line in (i.error or "").splitlines()]
+        if problems:
+            with formatter.section("Plugin errors (details: tao plugins)"):
+                formatter.write_dl(problems)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -77,17 +95,17 @@ def cli() -> None:
 
 
 @cli.command("plugins")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {name, version, hooks, registers}.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {name, version, hooks, registers[, error]}.")
 def plugins_cmd(as_json: bool) -> None:
     """List installed plugins, their versions and what they register."""
-    infos = get_plugin_manager().plugin_infos()
+    infos = cli.plugin_manager().plugin_infos()
     if as_json:
         click.echo(json.dumps([i.to_dict() for i in infos], indent=2))
         return
     for info in infos:
         click.echo(f"{info.name} {info.version or ''}".rstrip())
-        if info.error:
-            click.echo(f"  FAILED: {info.error}")
+        for problem in (info.error or "").splitlines():
+            click.echo(f"  FAILED: {problem}")
         for kind in KINDS:
             if info.registers.get(kind):
                 click.echo(f"  {kind}: {', '.join(info.registers[kind])}")
@@ -274,7 +292,8 @@ def report_cmd(run_dir, sft_dirs) -> None:
 
 @cli.command("demo")
 @click.option("--output-dir", default=None,
-              help="Run directory, replaced if it exists [default: runs/demo, runs/demo-label-free].")
+              help="Run directory; one an earlier `tao demo` made is replaced, any other non-empty one "
+                   "refused [default: runs/demo, runs/demo-label-free].")
 @click.option("--steps", type=int, default=None,
               help=f"Optimizer steps, 2 rounds [default: {DEMO_STEPS}; {LABEL_FREE_STEPS} with --label-free].")
 @click.option("--scorer", default="arithmetic-check", show_default=True,
@@ -283,11 +302,9 @@ def report_cmd(run_dir, sft_dirs) -> None:
               help="No verifier: on-policy samples are scored by the model's own structured-prompt consensus.")
 def demo_cmd(output_dir: str | None, steps: int | None, scorer: str, label_free: bool) -> None:
     """TAO on the embedded SmolLM2-135M: two-digit addition, held-out accuracy before and after."""
-    import shutil
-    from pathlib import Path
-
     from tao_core import pipeline
     from tao_core.config import RunConfig, from_dict, validate
+    from tao_core.rundir import RunDir
 
     if label_free and scorer != "arithmetic-check":
         raise click.UsageError("--label-free sets its own scorer; leave out --scorer")
@@ -296,10 +313,11 @@ def demo_cmd(output_dir: str | None, steps: int | None, scorer: str, label_free:
         steps = LABEL_FREE_STEPS if label_free else DEMO_STEPS
     if output_dir is None:
         output_dir = "runs/demo-label-free" if label_free else "runs/demo"
-    if Path(output_dir).exists() and (Path(output_dir) / "metrics.jsonl").exists():
-        shutil.rmtree(output_dir)
     cfg = from_dict(RunConfig, {**base, "output_dir": output_dir, "steps_per_round": max(1, steps // 2)})
     validate(cfg)
+    # Only now, with the config valid: empty the directory if an earlier `tao demo` made it (its
+    # marker says so); any other non-empty directory is refused, never deleted.
+    RunDir(output_dir).claim("run", replace=True, info={"recipe": "demo"}).release()
     click.echo(f"tao demo: {cfg.task} on {cfg.model}, {cfg.rounds} rounds x {cfg.steps_per_round} steps of "
                f"{cfg.prompts_per_step} prompts x {cfg.generate.n} candidates, scorer {cfg.score.scorer}, "
                f"objective {cfg.train.objective}")

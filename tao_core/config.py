@@ -307,16 +307,18 @@ def _finite(value: Any) -> bool:
     return not isinstance(value, list | tuple) or all(map(_finite, value))
 
 
-def check_values(cfg: Any, prefix: str = "") -> dict[str, str]:
-    """Every field of config dataclass ``cfg`` (and of its sections) against its type and ``RULES``:
-    ``{key: message}`` for each bad one. Plugin names and options are :func:`validate`'s."""
+def check_values(cfg: Any, prefix: str = "", rules: dict[str, Rule] | None = None) -> dict[str, str]:
+    """Every field of config dataclass ``cfg`` (and of its sections) against its type and ``rules``
+    (default :data:`RULES`): ``{key: message}`` for each bad one. Plugins' own settings dataclasses
+    (the reward-model trainer's) pass their rules. Plugin names and options are :func:`validate`'s."""
+    rules = RULES if rules is None else rules
     problems: dict[str, str] = {}
     for name, hint in _field_hints(type(cfg)).items():
         key, value = prefix + name, getattr(cfg, name)
-        rule = RULES.get(key)
+        rule = rules.get(key)
         if dataclasses.is_dataclass(hint):
             if isinstance(value, hint):
-                problems |= check_values(value, key + ".")
+                problems |= check_values(value, key + ".", rules)
             else:
                 problems[key] = f"{key} must be a {hint.__name__} (a table), got {_show(value)}"
         elif not _type_ok(value, hint):

@@ -130,7 +130,7 @@ class Pipeline:
         g = self.cfg.generate
         return SamplingParams(
             n=g.n, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, min_p=g.min_p,
-            max_new_tokens=g.max_new_tokens or self.task.max_new_tokens, stop=list(g.stop),
+            max_new_tokens=self.task.max_new_tokens if g.max_new_tokens is None else g.max_new_tokens, stop=list(g.stop),
             seed=self.cfg.seed * 1_000_003 + step,
         )
 
@@ -317,6 +317,10 @@ def resume(run_dir: str, *, progress: bool = True) -> RunResult:
         saved = json.loads(path.read_bytes())
     except (OSError, ValueError) as e:
         raise TaoInputError(f"{path}: unreadable saved config ({e})") from None
-    cfg = from_dict(RunConfig, saved)
-    cfg.output_dir = run_dir
+    try:
+        cfg = from_dict(RunConfig, saved)
+        cfg.output_dir = run_dir
+        validate(cfg, where=str(path))
+    except TaoInputError as e:
+        raise TaoInputError(e if str(e).startswith(str(path)) else f"{path}: {e}") from None
     return run(cfg, resume=True, progress=progress)

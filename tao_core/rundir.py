@@ -95,7 +95,7 @@ def _legacy_kind(root: Path) -> str | None:
         except (OSError, ValueError):
             return None
         return "sft" if isinstance(config, dict) and config.get("kind") == "sft" else "run"
-    if (root / "tao_reward_model.json").is_file():
+    if (root / "tao_rm.json").is_file():
         return "rm"
     return None
 
@@ -123,7 +123,7 @@ class RunDir:
         entries = {p.name for p in root.iterdir()} - {LOCK} if root.is_dir() else set()
         if marker is None and entries:
             legacy = _legacy_kind(root)
-            if legacy == kind and resume:
+            if legacy == kind and (resume or (replace and kind == "rm")):
                 marker = {"kind": kind, "format": 1, "adopted": True}
             elif legacy is not None:
                 raise TaoInputError(f"{root} holds a tao {legacy} made before run directories were marked; "

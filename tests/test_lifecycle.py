@@ -335,3 +335,25 @@ def test_write_error_stops_the_run_and_keeps_the_last_checkpoint(reference_run, 
         RunDir(out).load_checkpoint()  # the previous checkpoint verifies (raises otherwise)
     pipeline.resume(str(out), progress=False)
     assert _same(_final(out), _final(reference_run))
+
+
+def test_rm_train_output_is_a_marked_directory(tmp_path, tiny_model_dir):
+    from tao_plugins.reward_training import PreferencePair, train_reward_model
+
+    pairs = [PreferencePair(messages=[{"role": "user", "content": f"q{i}"}], chosen="good answer",
+                            rejected="bad", line=i) for i in range(8)]
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("keep me")
+    with pytest.raises(TaoInputError, match="not a tao directory"):
+        train_reward_model(pairs, str(tiny_model_dir), foreign, overwrite=True, progress=False)
+    assert (foreign / "todo.txt").read_text() == "keep me"
+    out = tmp_path / "rm"
+    train_reward_model(pairs, str(tiny_model_dir), out, progress=False)
+    assert json.loads((out / MARKER).read_text())["kind"] == "rm" and (out / "tao_rm.json").is_file()
+    with pytest.raises(TaoInputError, match="not empty"):
+        train_reward_model(pairs, str(tiny_model_dir), out, progress=False)
+    train_reward_model(pairs, str(tiny_model_dir), out, overwrite=True, progress=False)
+    assert not list(out.glob(".model.tmp-*"))
+    with pytest.raises(TaoInputError, match="holds a tao rm directory, not a run"):
+        RunDir(out).claim("run")
