@@ -384,3 +384,17 @@ def test_workers_end_with_a_caller_script_that_has_no_main_guard(tmp_path):
     assert out.returncode == 0, out.stderr
     rows, pids = out.stdout.splitlines()
     assert rows == "[(6,)]" and all(gone(int(p)) for p in json.loads(pids))
+
+
+def test_process_isolation_gives_the_forked_child_its_own_workers(spider, questions):
+    """A forked group call must not talk to its parent's workers: a killed child would leave a reply behind."""
+    from tao_core.scoring import ScorerLimits
+
+    prompts = [prompt_for(spider, q, i) for i, q in enumerate(questions[:3])]
+    groups = [cands([q["gold_sql"], "SELECT 1", "SELECT nope"], f"q{i}") for i, q in enumerate(questions[:3])]
+    s = scorer(mode="executes")
+    threaded = score_groups(s, prompts, groups)
+    forked = score_groups(s, prompts, groups, limits=ScorerLimits(isolation="process", timeout_s=30))
+    again = score_groups(s, prompts, groups)
+    assert [[x.to_dict() for x in g] for g in threaded] == [[x.to_dict() for x in g] for g in forked]
+    assert [[x.to_dict() for x in g] for g in threaded] == [[x.to_dict() for x in g] for g in again]

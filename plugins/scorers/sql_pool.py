@@ -31,7 +31,7 @@ dead worker, memory, result budget) gives an :class:`ExecResult` with ``stopped=
 is unknown, which ``sql-exec`` reports as an error score, never as a 0. After a kill or a death
 the group's other queries run again on a fresh worker. A group's wall time is at most its
 number of queries x (``timeout_s`` + 0.5 s) plus worker start-ups (about 0.1 s each). Pools are
-shared per (``processes``, ``memory_mb``), are thread-safe, and stop their workers at exit.
+shared per process and (``processes``, ``memory_mb``), are thread-safe, and stop their workers at exit.
 """
 
 from __future__ import annotations
@@ -417,16 +417,17 @@ class SqlPool:
                 w.proc.kill()  # the thread that holds it sees the pipe close and reaps it
 
 
-_POOLS: dict[tuple[int, int], SqlPool] = {}
+_POOLS: dict[tuple[int, int, int], SqlPool] = {}
 _POOLS_LOCK = threading.Lock()
 
 
 def pool_for(limits: SqlLimits) -> SqlPool:
-    """The process-wide pool for these limits' ``processes`` and ``memory_mb``."""
-    key = (limits.processes, limits.memory_mb)
+    """This process's pool for these limits' ``processes`` and ``memory_mb``. Keyed by process id too:
+    a forked child (``isolation="process"``) starts its own workers instead of sharing its parent's pipes."""
+    key = (os.getpid(), limits.processes, limits.memory_mb)
     with _POOLS_LOCK:
         if key not in _POOLS:
-            _POOLS[key] = SqlPool(*key)
+            _POOLS[key] = SqlPool(*key[1:])
         return _POOLS[key]
 
 
