@@ -9,7 +9,7 @@ cache. A path outside is an error score naming the path and the option that allo
 
 Every query runs in a sandbox of four layers:
 
-1. a worker process (``tao_plugins.scorers.sql_pool``, started by forkserver, reused across calls)
+1. a worker process (``tao_plugins.scorers.sql_pool``: a fresh interpreter, reused across calls)
    with its own memory and CPU limits, killed by the caller when a query outruns its time limit;
 2. the file is opened with ``mode=ro`` (a URI), so SQLite itself refuses to write it;
 3. an authorizer allows only ``SELECT``, reading columns, calling functions, recursive CTEs and
