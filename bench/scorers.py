@@ -84,7 +84,7 @@ def main() -> None:
         for path in ("direct", "score_groups"):
             scorer = SqlExecScorer(mode=mode, allowed_dirs=[SPIDER])
             times = []
-            for _ in range(args.repeats + 1):  # the first pass warms the connection pool
+            for _ in range(args.repeats + 1):  # the first pass starts the workers and opens the connections
                 t0 = time.perf_counter()
                 if path == "direct":
                     for p, g in zip(prompts, groups, strict=True):
