@@ -141,8 +141,7 @@ class RunDir:
             hint = f"resume it with `tao run --resume {root}` or " if kind == "run" else ""
             raise TaoInputError(f"{root} already holds a {kind}: {hint}choose another output directory")
         if replace and marker is not None and started:
-            want = {k: v for k, v in (info or {}).items()}
-            if any(marker.get(k) != v for k, v in want.items()):
+            if any(marker.get(k) != v for k, v in (info or {}).items()):
                 raise TaoInputError(f"{root} holds a {kind} that this command did not make "
                                     f"({MARKER}: {json.dumps(marker)}); choose another output directory")
         root.mkdir(parents=True, exist_ok=True)

@@ -357,3 +357,20 @@ def test_rm_train_output_is_a_marked_directory(tmp_path, tiny_model_dir):
     assert not list(out.glob(".model.tmp-*"))
     with pytest.raises(TaoInputError, match="holds a tao rm directory, not a run"):
         RunDir(out).claim("run")
+
+
+def test_bad_prompts_or_config_fail_before_the_model_or_directory(tmp_path, tiny_model_dir, monkeypatch):
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(pipeline, "load_model", no_model)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_bytes(b'{"prompt": "fine"}\n{"messages": [{"role": "user", "content": null}]}\n')
+    out = tmp_path / "run"
+    with pytest.raises(TaoInputError, match=r"p\.jsonl:2: .*'content' must be a string"):
+        pipeline.run(_cfg(tiny_model_dir, out, prompts_file=str(prompts)), progress=False)
+    cfg = _cfg(tiny_model_dir, out)
+    cfg.generate.temperature = -1.0
+    with pytest.raises(TaoInputError, match="generate.temperature must be >= 0"):
+        pipeline.run(cfg, progress=False)
+    assert not out.exists()
