@@ -19,7 +19,7 @@ from typing import Any
 from tao_core import report_plots as plots
 from tao_core.errors import TaoInputError
 from tao_core.records import read_json_object
-from tao_core.rundir import RunDir
+from tao_core.rundir import MARKER, RunDir, run_kind
 
 
 @dataclass
@@ -93,6 +93,9 @@ class RunData:
 def load_run(run_dir: str | Path) -> RunData:
     """Read a run directory (TAO or SFT); an error when it has no metrics."""
     rd = RunDir(run_dir)
+    if run_kind(rd.root) not in ("run", "sft"):
+        raise TaoInputError(f"{run_dir}: not a tao run or SFT directory (no {MARKER}); tao report writes only "
+                            "into directories tao made")
     metrics = rd.read_metrics()
     if not metrics:
         raise TaoInputError(f"{run_dir}: no metrics.jsonl to report on (is this a tao run directory?)")

@@ -73,12 +73,26 @@ def replace_dir(tmp: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+MAX_SMALL_FILE = 64 * 1024  # markers and pointers are a few bytes; anything larger is not ours
+
+
+def read_small(path: Path) -> bytes:
+    """The bytes of a small regular file (a marker, a pointer); an error for a FIFO, a device or a huge file."""
+    if not path.is_file():
+        raise OSError(f"{path} is not a regular file")
+    with open(path, "rb") as f:
+        data = f.read(MAX_SMALL_FILE + 1)
+    if len(data) > MAX_SMALL_FILE:
+        raise OSError(f"{path} is larger than {MAX_SMALL_FILE} bytes")
+    return data
+
+
 def _read_marker(root: Path) -> dict[str, Any] | None:
     path = root / MARKER
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return None
     try:
-        marker = json.loads(path.read_bytes())
+        marker = json.loads(read_small(path))
     except (OSError, ValueError) as e:
         raise TaoInputError(f"{path}: unreadable tao directory marker ({e}); this directory was not "
                             "made by this tao, or its marker was damaged: choose another directory") from None
@@ -87,17 +101,48 @@ def _read_marker(root: Path) -> dict[str, Any] | None:
     return marker
 
 
+# What each kind wrote before markers existed: a directory holding anything else is not one of ours.
+_LEGACY_ENTRIES = {
+    "run": {"config.json", "versions.json", "metrics.jsonl", "steps", "checkpoints", "best", "rounds", "final",
+            "score-cache", "report.md", "report.html", "plots"},
+    "rm": {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+           "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt",
+           "added_tokens.json", "tao_rm.json", "metrics.jsonl"},
+}
+_LEGACY_ENTRIES["sft"] = _LEGACY_ENTRIES["run"]
+
+
+def _json_object(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(read_small(path))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def _legacy_kind(root: Path) -> str | None:
-    """The kind of a directory written before markers existed, judged by its files."""
-    if (root / "config.json").is_file() and (root / "metrics.jsonl").exists():
-        try:
-            config = json.loads((root / "config.json").read_bytes())
-        except (OSError, ValueError):
-            return None
-        return "sft" if isinstance(config, dict) and config.get("kind") == "sft" else "run"
-    if (root / "tao_rm.json").is_file():
-        return "rm"
-    return None
+    """The kind of a directory written before markers existed, judged by its files (all of them)."""
+    kind = None
+    if (config := _json_object(root / "config.json")) is not None and (root / "metrics.jsonl").is_file():
+        if config.get("kind") == "sft":
+            kind = "sft"
+        elif "task" in config and "train" in config:
+            kind = "run"
+    info = _json_object(root / "tao_rm.json")
+    if kind is None and info is not None and {"base", "config", "n_train"} <= set(info):
+        kind = "rm"
+    if kind is None or any(p.name not in _LEGACY_ENTRIES[kind] for p in root.iterdir()):
+        return None
+    return kind
+
+
+def run_kind(root: Path) -> str | None:
+    """The kind of tao directory ``root`` is (by its marker, else by a pre-marker layout), or ``None``."""
+    try:
+        marker = _read_marker(root) if root.is_dir() else None
+    except TaoInputError:
+        return None
+    return marker["kind"] if marker else (_legacy_kind(root) if root.is_dir() else None)
 
 
 class RunDir:
@@ -283,7 +328,7 @@ class RunDir:
         named = None
         if pointer.exists():
             try:
-                named = pointer.read_bytes().decode("utf-8").strip()
+                named = read_small(pointer).decode("utf-8").strip()
             except (OSError, UnicodeDecodeError):
                 named = None
         if named and checkpoint.is_checkpoint_name(named) and (self.checkpoints / named).is_dir():
@@ -349,6 +394,6 @@ class RunDir:
 
 def _safe_read(path: Path) -> str:
     try:
-        return path.read_bytes().decode("utf-8", errors="replace").strip()
+        return read_small(path).decode("utf-8", errors="replace").strip()[:40]
     except OSError:
         return ""

@@ -258,7 +258,7 @@ def _metrics(tmp_path: Path, tail: bytes) -> Path:
     rows = [{"type": "step", "step": 1, "generate_s": 1.0, "score_s": 0.5, "train_s": 2.0},
             {"type": "warning", "step": 1, "kind": "kl", "message": "KL grew — ünïcödé"}]
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
-    (tmp_path / "run").mkdir()
+    RunDir(tmp_path / "run").claim("run").release()
     return _write(tmp_path / "run" / "metrics.jsonl", data + tail)
 
 

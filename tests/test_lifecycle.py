@@ -155,12 +155,57 @@ def test_two_processes_never_share_a_directory(tmp_path):
 def test_legacy_run_directory_is_adopted_on_resume(tmp_path):
     legacy = tmp_path / "old"
     legacy.mkdir()
-    (legacy / "config.json").write_text("{}")
+    (legacy / "config.json").write_text('{"task": "arithmetic", "train": {}}')
     (legacy / "metrics.jsonl").write_text("")
     with pytest.raises(TaoInputError, match="made before run directories were marked; resume it"):
         RunDir(legacy).claim("run")
     RunDir(legacy).claim("run", resume=True).release()
     assert json.loads((legacy / MARKER).read_text())["adopted"] is True
+    foreign = tmp_path / "hf"  # a folder of another tool that happens to hold these names
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"task": "x", "train": {}}')
+    (foreign / "metrics.jsonl").write_text("")
+    (foreign / "model.safetensors").write_bytes(b"")
+    with pytest.raises(TaoInputError, match="not a tao directory"):
+        RunDir(foreign).claim("run", resume=True)
+
+
+def test_rm_overwrite_never_adopts_a_folder_with_a_stray_tao_rm_json(tmp_path, tiny_model_dir):
+    from tao_plugins.reward_training import PreferencePair, train_reward_model
+
+    proj = tmp_path / "proj"
+    (proj / "data").mkdir(parents=True)
+    (proj / "tao_rm.json").write_text("{}")
+    (proj / "thesis.tex").write_text("thesis")
+    (proj / "data" / "important.csv").write_text("x")
+    pairs = [PreferencePair(messages=[{"role": "user", "content": "q"}], chosen="a", rejected="b")] * 4
+    with pytest.raises(TaoInputError, match="not a tao directory"):
+        train_reward_model(pairs, str(tiny_model_dir), proj, overwrite=True, progress=False)
+    assert (proj / "thesis.tex").exists() and (proj / "data" / "important.csv").exists()
+
+
+def test_report_writes_only_into_tao_directories(tmp_path):
+    from tao_core.report import write_report
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text('{"epoch": 1, "loss": 0.5}\n')
+    (other / "report.md").write_text("IMPORTANT")
+    with pytest.raises(TaoInputError, match="not a tao run or SFT directory"):
+        write_report(other)
+    assert (other / "report.md").read_text() == "IMPORTANT" and not (other / "plots").exists()
+
+
+def test_markers_and_pointers_are_read_only_as_small_regular_files(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    os.mkfifo(run / MARKER)
+    with pytest.raises(TaoInputError, match="not a regular file"):
+        RunDir(run).claim("run")
+    (run / MARKER).unlink()
+    (run / MARKER).symlink_to("/dev/zero")
+    with pytest.raises(TaoInputError, match="not a regular file"):
+        RunDir(run).claim("run")
 
 
 # -- the checkpoint format ------------------------------------------------------------------------
