@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +189,10 @@ def _read_legacy(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             trainer_state = torch.load(directory / LEGACY_TRAINER, weights_only=True, map_location="cpu")
     except FileNotFoundError as e:
         raise CheckpointError(f"{directory}: {Path(e.filename).name} is missing") from None
-    except Exception as e:  # truncated zip, a pickle that asks for anything but plain data, bad JSON
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{directory}: cannot load the (pre-manifest) checkpoint: its pickle holds objects "
+                              "other than tensors and plain data, which tao never unpickles") from None
+    except Exception as e:  # a truncated zip, bad JSON
         raise CheckpointError(f"{directory}: cannot load the (pre-manifest) checkpoint: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}") from None
     if not isinstance(trainer_state, dict) or not {"step", "trainable", "optimizer", "rng"} <= set(trainer_state):

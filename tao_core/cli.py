@@ -241,7 +241,7 @@ def run_cmd(config, resume_dir, overrides, output_dir) -> None:
     if not config:
         raise click.UsageError("give a CONFIG file or --resume RUN_DIR")
     parsed = parse_overrides(overrides)
-    if output_dir:
+    if output_dir is not None:
         parsed["output_dir"] = output_dir
     cfg = load_config(config, parsed)
     _print_result(pipeline.run(cfg))
@@ -309,6 +309,8 @@ def demo_cmd(output_dir: str | None, steps: int | None, scorer: str, label_free:
     if label_free and scorer != "arithmetic-check":
         raise click.UsageError("--label-free sets its own scorer; leave out --scorer")
     base = LABEL_FREE_CONFIG if label_free else {**DEMO_CONFIG, "score": {"scorer": scorer}}
+    if steps is not None and steps < 1:
+        raise click.UsageError(f"--steps must be >= 1, got {steps}")
     if steps is None:
         steps = LABEL_FREE_STEPS if label_free else DEMO_STEPS
     if output_dir is None:

@@ -401,7 +401,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     if kind != "a file":
         raise TaoInputError(f"{path}: " + ("config file not found" if kind == "nothing" else f"is {kind}, not a config file"))
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8").removeprefix("\ufeff"))  # a BOM is not TOML
     except (OSError, UnicodeDecodeError) as e:
         raise TaoInputError(f"{path}: cannot read the config: {e}") from None
     except tomllib.TOMLDecodeError as e:

@@ -20,7 +20,6 @@ import platform
 import random
 import shutil
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tao_core.config import RunConfig, from_dict, validate
-from tao_core.errors import TaoInputError, TaoWriteError
+from tao_core.errors import PluginError, TaoInputError, TaoWriteError
 from tao_core.fsio import fault_point, write_file
 from tao_core.generation import sampler_for
 from tao_core.guards import Guard
@@ -39,6 +38,8 @@ from tao_core.scoring import ScorerLimits, load_scorer, score_groups
 from tao_core.tasks import EvalResult, Task, evaluate
 from tao_core.train import Trainer
 from tao_core.types import Prompt, SamplingParams
+
+MAX_UNSCORED_STEPS = 3  # consecutive steps in which the scorer scored nothing before the run stops
 
 
 @dataclass
@@ -101,11 +102,17 @@ class Pipeline:
         if not self.pool:
             raise TaoInputError(f"task {cfg.task!r} gave no training prompts")
         self.eval_examples = self.task.eval_examples(cfg.eval_limit)
-        self.dir = RunDir(cfg.output_dir).claim("run", resume=resume)
+        self.scorer_name = cfg.score.scorer or self.task.default_scorer
+        self.scorer = load_scorer(self.scorer_name, **cfg.score.options)
+        self.dir = RunDir(cfg.output_dir)
+        created = not self.dir.root.exists()
+        self.dir.claim("run", resume=resume)
         try:
             self._build(lm)
         except BaseException:
             self.dir.release()
+            if created:  # nothing of the run exists yet: leave no empty run directory behind
+                self.dir.remove_unstarted()
             raise
 
     def _build(self, lm: LoadedModel | None) -> None:
@@ -120,7 +127,6 @@ class Pipeline:
         self.trainer = Trainer(self.lm, train_cfg)
         gen_name = cfg.generate.generator or self.task.default_generator
         self.generator = get_component("generators", gen_name)(self.lm, **cfg.generate.options)
-        self.scorer = load_scorer(cfg.score.scorer or self.task.default_scorer, **cfg.score.options)
         self.limits = ScorerLimits(timeout_s=cfg.score.timeout_s)
         self.guard = Guard(cfg.guard)
         self._best_steps: list[int] = []  # best steps the kept checkpoints refer to (their weights stay)
@@ -176,9 +182,8 @@ class Pipeline:
                 tqdm.write(f"warning: {message}")
         else:
             if resume:
-                message = (f"{rd.root}: no checkpoint was written before the run stopped; starting again from "
-                           "step 0 (finished generation and scoring on disk are reused)")
-                warnings.warn(message, stacklevel=2)
+                tqdm.write(f"warning: {rd.root}: no checkpoint was written before the run stopped; starting again "
+                           "from step 0 (finished generation and scoring on disk are reused)")
                 rd.truncate_metrics_after(-1)
             write_file(rd.root / "config.json", json.dumps(cfg.to_dict(), indent=2))
             write_file(rd.root / "versions.json", json.dumps(_versions(), indent=2))
@@ -188,13 +193,27 @@ class Pipeline:
             rd.log({"type": "eval", "step": 0, "round": 0, **result.to_dict()})
             rd.save_best(self._trainable(), best)
             start, tuning_s = 0, 0.0
-        stopped, done = False, start
+        stopped, done, failed_steps = False, start, 0
         bar = tqdm(total=total_steps, initial=start, desc="tao run", disable=not self.progress, unit="step")
         for step in range(start, total_steps):
             round_index = step // cfg.steps_per_round + 1
             record, elapsed = self._one_step(step, round_index)
             tuning_s += elapsed
             rd.log(record)
+            if record["scores_ok"] == 0:
+                all_errors = record["scores_abstain"] == 0  # abstaining is a verdict; errors are not
+                failed_steps = failed_steps + 1 if all_errors else 0
+                message = (f"step {step + 1}: scorer {self.scorer_name!r} scored none of the step's candidates "
+                           f"({record['scores_error']} errors, {record['scores_abstain']} abstentions; first: "
+                           f"{record.get('first_score_problem')!r}); the step trained on nothing")
+                rd.log({"type": "warning", "step": step + 1, "kind": "no_scores", "message": message})
+                tqdm.write(f"warning: {message}")
+                if failed_steps >= MAX_UNSCORED_STEPS:
+                    raise PluginError(f"scorer {self.scorer_name!r} scored no candidate in {failed_steps} steps in a "
+                                      f"row (last: {record.get('first_score_problem')!r}); stopping. The checkpoints are "
+                                      f"kept and failed scores are not: fix the scorer, then `tao run --resume {rd.root}`")
+            else:
+                failed_steps = 0
             bar.update(1)
             bar.set_postfix(reward=f"{record.get('reward_mean', float('nan')):.3f}", loss=f"{record.get('loss', 0):.4f}")
             for w in self.guard.observe_step(record):
@@ -245,7 +264,8 @@ class Pipeline:
             cache = rd.root / "score-cache" if self.cfg.score.cache else None
             fault_point("score.before")
             scores = score_groups(self.scorer, prompts, groups, cache=cache, limits=self.limits)
-            rd.save_scores(step, scores)
+            if any(s.status != "error" for g in scores for s in g):  # a resume rescores a step that only failed
+                rd.save_scores(step, scores)
             fault_point("score.after")
         t2 = time.perf_counter()
         fault_point("train.before")
@@ -265,6 +285,9 @@ class Pipeline:
             "scores_abstain": sum(s.status == "abstain" for s in flat),
             "scores_error": sum(s.status == "error" for s in flat),
         }
+        problem = next((s.reason for s in flat if s.status != "ok" and s.reason), None)
+        if problem is not None:
+            record["first_score_problem"] = problem[:200]
         return record, t3 - t0
 
     def _evaluate_and_promote(self, done: int, round_index: int, best: dict[str, Any],

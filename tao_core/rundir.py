@@ -30,11 +30,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
 import shutil
 import time
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,17 @@ KEEP_CHECKPOINTS = 2
 
 def atomic_write_text(path: Path, text: str) -> None:
     write_file(path, text)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as ``None``: metrics stay strict JSON that any tool reads."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _jsonl(records: list[Any]) -> bytes:
@@ -218,6 +229,13 @@ class RunDir:
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
 
+    def remove_unstarted(self) -> None:
+        """Remove this directory when it holds nothing but its marker and lock (a run that never began)."""
+        if self.root.is_dir() and {p.name for p in self.root.iterdir()} <= {MARKER, LOCK}:
+            for name in (MARKER, LOCK):
+                (self.root / name).unlink(missing_ok=True)
+            self.root.rmdir()
+
     def release(self) -> None:
         """Give up the lock (also released when the process exits, however it exits)."""
         if self._lock_fd is not None:
@@ -247,7 +265,7 @@ class RunDir:
     def log(self, record: dict[str, Any]) -> None:
         """Append one metrics line (fsynced): steps, evaluations, rounds, warnings."""
         record = {"time": round(time.time(), 3), **record}
-        append_line(self.metrics_path, json.dumps(record, ensure_ascii=False))
+        append_line(self.metrics_path, json.dumps(_finite(record), ensure_ascii=False, allow_nan=False))
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every metrics line; a last line torn by a kill mid-write is dropped (its step is redone),
@@ -353,8 +371,6 @@ class RunDir:
             except checkpoint.CheckpointError as e:
                 problems.append(str(e))
                 continue
-            for p in problems:
-                warnings.warn(f"{p}; resuming from {d.name}", stacklevel=2)
             return d, trainer_state, pipeline_state, [f"{p}; resumed from {d.name}" for p in problems]
         if dirs:
             raise TaoInputError(f"{self.checkpoints}: no valid checkpoint to resume from: " + "; ".join(problems))

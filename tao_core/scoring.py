@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from tao_core.errors import TaoInputError
+from tao_core.errors import PluginError, TaoError, TaoInputError
 from tao_core.types import Candidate, Prompt, Score
 
 
@@ -104,8 +104,12 @@ def load_scorer(name: str, **options: Any) -> Any:
     entry = get_registry().entry("scorers", name)
     try:
         scorer = entry.obj(**options)
+    except TaoError:
+        raise
     except TypeError as e:
         raise TaoInputError(f"scorer {name!r} (plugin {entry.plugin!r}) rejected options {options}: {e}") from None
+    except Exception as e:  # a plugin's constructor that fails: name it, not a traceback from inside tao
+        raise PluginError(f"scorer {name!r} (plugin {entry.plugin!r}) failed to start: {type(e).__name__}: {e}") from e
     if options and getattr(scorer, "options", None) is None:
         with contextlib.suppress(AttributeError):  # a scorer with __slots__ keeps options out of its key
             scorer.options = dict(options)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import tao_core
 from tao_core import fsio, pipeline
 from tao_core.config import RunConfig, from_dict
-from tao_core.errors import TaoInputError, TaoWriteError
+from tao_core.errors import PluginError, TaoError, TaoInputError, TaoWriteError
 from tao_core.plugins import get_plugin_manager
 from tao_core.rundir import MARKER, RunDir
 from tao_core.types import Score
@@ -35,10 +35,29 @@ class _LetterScorer:
         return [Score.ok(c.text.count("e") / (1 + len(c.text))) for c in candidates]
 
 
+class _Broken:
+    name = "lifecycle-broken"
+
+    def score(self, prompt, candidates):
+        raise ZeroDivisionError("boom")
+
+
+class _WontStart:
+    name = "lifecycle-wont-start"
+
+    def __init__(self):
+        raise ValueError("ctor boom")
+
+    def score(self, prompt, candidates):
+        raise AssertionError("never reached")
+
+
 class _Plugin:
     @tao_core.hookimpl
     def tao_register_scorers(self, register):
         register("lifecycle-letter", _LetterScorer)
+        register("lifecycle-broken", _Broken)
+        register("lifecycle-wont-start", _WontStart)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -265,8 +284,7 @@ def test_keeps_two_checkpoints_and_falls_back_with_a_warning(tmp_path, tiny_lm):
     for hurt, reason in zip(damage, reasons, strict=True):
         rd.save_checkpoint(3, {**state, "step": 3}, {"step": 3})
         hurt()
-        with pytest.warns(UserWarning, match=reason):
-            d, _, pstate, warns = rd.load_checkpoint()
+        d, _, pstate, warns = rd.load_checkpoint()
         assert d.name == "step-00002" and pstate == {"step": 2} and reason in warns[0]
 
 
@@ -277,9 +295,8 @@ def test_bad_latest_pointer_and_no_valid_checkpoint(tmp_path, tiny_lm):
     rd.save_checkpoint(2, {**state, "step": 2}, {"step": 2})
     for pointer in (b"../../../etc", b"\xff\xfe\x00", b"step-00009"):
         (rd.checkpoints / "latest").write_bytes(pointer)
-        with pytest.warns(UserWarning, match="not a checkpoint here"):
-            d, _, _, _ = rd.load_checkpoint()
-        assert d.name == "step-00002"
+        d, _, _, warns = rd.load_checkpoint()
+        assert d.name == "step-00002" and "not a checkpoint here" in warns[0] and len(warns[0]) < 200
     for d in rd.checkpoint_dirs():
         (d / "manifest.json").unlink()
     with pytest.raises(TaoInputError, match="no valid checkpoint to resume from"):
@@ -419,3 +436,29 @@ def test_bad_prompts_or_config_fail_before_the_model_or_directory(tmp_path, tiny
     with pytest.raises(TaoInputError, match="generate.temperature must be >= 0"):
         pipeline.run(cfg, progress=False)
     assert not out.exists()
+
+
+def test_a_scorer_that_cannot_start_or_a_bad_model_leaves_no_directory(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    with pytest.raises(PluginError, match="scorer 'lifecycle-wont-start' .* failed to start: ValueError: ctor boom"):
+        pipeline.run(_cfg(tiny_model_dir, out, score={"scorer": "lifecycle-wont-start"}), progress=False)
+    assert not out.exists()
+    with pytest.raises(TaoError, match="nowhere"):
+        pipeline.run(_cfg(tmp_path / "nowhere" / "m.gguf", out), progress=False)
+    assert not out.exists()
+
+
+def test_a_scorer_that_always_fails_stops_the_run_and_metrics_stay_strict_json(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    cfg = _cfg(tiny_model_dir, out, score={"scorer": "lifecycle-broken"}, steps_per_round=3)
+    with pytest.raises(PluginError, match=r"scorer 'lifecycle-broken' scored no candidate in 3 steps in a row "
+                                          r"\(last: .*ZeroDivisionError: boom"):
+        pipeline.run(cfg, progress=False)
+
+    def strict(constant):
+        raise AssertionError(f"metrics.jsonl holds {constant}, which is not JSON")
+
+    rows = [json.loads(line, parse_constant=strict) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    warned = [r for r in rows if r["type"] == "warning" and r["kind"] == "no_scores"]
+    assert [r["step"] for r in warned] == [1, 2, 3] and "boom" in warned[0]["message"]
+    assert not list(out.glob("steps/*/scores.jsonl")), "failed scores were kept; a resume would not rescore"

@@ -62,7 +62,7 @@ _ALLOWED_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_F
 # Pragmas that only read the schema, as statements (``PRAGMA table_info(t)``). Their table-valued
 # forms (``pragma_table_info('t')``) are denied: their first use asks to update sqlite_master.
 _READ_PRAGMAS = {"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list"}
-_DENIED_FUNCTIONS = {"load_extension"}
+_DENIED_FUNCTIONS = {"load_extension", "fts3_tokenizer"}  # fts3_tokenizer returns (and sets) raw pointers
 
 
 @dataclass(frozen=True)
