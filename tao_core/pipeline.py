@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import platform
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +32,7 @@ from tao_core.generation import sampler_for
 from tao_core.guards import Guard
 from tao_core.models import LoadedModel, load_model
 from tao_core.plugins import get_component
-from tao_core.rundir import KEEP_CHECKPOINTS, RunDir, replace_dir
+from tao_core.rundir import KEEP_CHECKPOINTS, RunDir, write_dir
 from tao_core.scoring import ScorerLimits, load_scorer, score_groups
 from tao_core.tasks import EvalResult, Task, evaluate
 from tao_core.train import Trainer
@@ -237,11 +236,12 @@ class Pipeline:
         bar.close()
         self._restore_best(best["step"])
         fault_point("final.before")
-        tmp = rd.root / f".final.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.trainer.save_pretrained(tmp)
-        write_file(tmp / "tao_run.json", json.dumps({"best": best, "before": before}, indent=2))
-        replace_dir(tmp, rd.root / "final")
+
+        def final(tmp: Path) -> None:
+            self.trainer.save_pretrained(tmp)
+            write_file(tmp / "tao_run.json", json.dumps({"best": best, "before": before}, indent=2))
+
+        write_dir(rd.root / "final", final)
         fault_point("final.after")
         rd.log({"type": "final", "step": best["step"], "before": before["value"], "after": best["value"],
                 "tuning_seconds": tuning_s})
@@ -311,12 +311,7 @@ class Pipeline:
             rd.save_best(self._trainable(), best, keep_steps=set(self._best_steps))
             fault_point("best.after")
         if end_of_round:
-            dest = rd.round_model_dir(round_index)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".model.tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.trainer.save_pretrained(tmp)
-            replace_dir(tmp, dest)
+            write_dir(rd.round_model_dir(round_index), self.trainer.save_pretrained)
             fault_point("round.after-model")
             if not promoted and cfg.guard.rollback:
                 self._restore_best(best["step"])

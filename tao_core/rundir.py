@@ -35,6 +35,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +45,12 @@ from tao_core import checkpoint
 from tao_core.errors import TaoInputError
 from tao_core.fsio import append_line, fault_point, fsync_dir, write_file
 from tao_core.records import read_records
-from tao_core.types import Candidate, Prompt, Score, read_jsonl
+from tao_core.types import Candidate, Prompt, Score, read_jsonl, write_jsonl
 
 MARKER = "tao-dir.json"
 LOCK = ".lock"
 KINDS = ("run", "sft", "rm")
 KEEP_CHECKPOINTS = 2
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    write_file(path, text)
 
 
 def _finite(value: Any) -> Any:
@@ -67,9 +64,14 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _jsonl(records: list[Any]) -> bytes:
-    lines = (json.dumps(r.to_dict() if hasattr(r, "to_dict") else r, ensure_ascii=False) for r in records)
-    return "".join(line + "\n" for line in lines).encode("utf-8")
+def write_dir(dest: Path, fill: Callable[[Path], Any]) -> None:
+    """Build directory ``dest`` whole: ``fill`` writes into a temporary directory beside it, which
+    then replaces ``dest`` (see :func:`replace_dir`)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fill(tmp)
+    replace_dir(tmp, dest)
 
 
 def replace_dir(tmp: Path, dest: Path) -> None:
@@ -277,16 +279,14 @@ class RunDir:
     def truncate_metrics_after(self, step: int) -> None:
         """Drop metric lines of steps after ``step`` (they are redone after a resume)."""
         kept = [r for r in self.read_metrics() if r.get("step", 0) <= step]
-        write_file(self.metrics_path, _jsonl(kept))
+        write_jsonl(self.metrics_path, kept)
 
     # -- stage artifacts -----------------------------------------------------------------------
     def save_step_prompts(self, step: int, prompts: list[Prompt]) -> None:
-        self.step_dir(step).mkdir(parents=True, exist_ok=True)
-        write_file(self.step_dir(step) / "prompts.jsonl", _jsonl(prompts))
+        write_jsonl(self.step_dir(step) / "prompts.jsonl", prompts)
 
     def save_candidates(self, step: int, groups: list[list[Candidate]]) -> None:
-        self.step_dir(step).mkdir(parents=True, exist_ok=True)
-        write_file(self.step_dir(step) / "candidates.jsonl", _jsonl([c for g in groups for c in g]))
+        write_jsonl(self.step_dir(step) / "candidates.jsonl", [c for g in groups for c in g])
 
     def load_candidates(self, step: int, prompts: list[Prompt]) -> list[list[Candidate]] | None:
         path = self.step_dir(step) / "candidates.jsonl"
@@ -298,8 +298,7 @@ class RunDir:
         return [sorted(by_prompt[p.id], key=lambda c: c.index) for p in prompts]
 
     def save_scores(self, step: int, scores: list[list[Score]]) -> None:
-        self.step_dir(step).mkdir(parents=True, exist_ok=True)
-        write_file(self.step_dir(step) / "scores.jsonl", _jsonl([s for g in scores for s in g]))
+        write_jsonl(self.step_dir(step) / "scores.jsonl", [s for g in scores for s in g])
 
     def load_scores(self, step: int, groups: list[list[Candidate]]) -> list[list[Score]] | None:
         path = self.step_dir(step) / "scores.jsonl"

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import tao_kernels
@@ -36,12 +35,13 @@ from tqdm.auto import tqdm
 from tao_core.batching import Segment, TrainBatch, final_hidden, pack, plan_micro_batches
 from tao_core.config import RunConfig, validate
 from tao_core.errors import TaoInputError
+from tao_core.fsio import write_file
 from tao_core.generation import sampler_for
 from tao_core.models import LoadedModel, load_model
 from tao_core.objectives import LossConfig, LossOutput, Objective
 from tao_core.pipeline import _versions, step_prompts
 from tao_core.plugins import get_component
-from tao_core.rundir import RunDir, atomic_write_text, replace_dir
+from tao_core.rundir import RunDir, write_dir
 from tao_core.tasks import Task, evaluate
 from tao_core.train import Trainer
 from tao_core.types import Candidate, Prompt, Score
@@ -197,8 +197,8 @@ def _train(cfg: RunConfig, task: Task, prompts: list[Prompt], n: int, epochs: in
     config = {"kind": KIND, **cfg.to_dict(),
               "sft": {"examples": n, "epochs": epochs, "batch_size": batch, "steps": steps_per_epoch * epochs,
                       "prompts": f"the first {n} prompts of the TAO run's order (seed {cfg.seed})"}}
-    atomic_write_text(rd.root / "config.json", json.dumps(config, indent=2))
-    atomic_write_text(rd.root / "versions.json", json.dumps(_versions(), indent=2))
+    write_file(rd.root / "config.json", json.dumps(config, indent=2))
+    write_file(rd.root / "versions.json", json.dumps(_versions(), indent=2))
 
     def held_out(step: int, epoch: int, seen: int) -> dict[str, Any]:
         result = evaluate(task, sampler, eval_examples)
@@ -226,11 +226,12 @@ def _train(cfg: RunConfig, task: Task, prompts: list[Prompt], n: int, epochs: in
             evals.append(held_out(step, epoch, seen))
     bar.close()
     after = evals[-1]
-    tmp = rd.root / f".final.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.save_pretrained(tmp)
-    atomic_write_text(tmp / "tao_run.json", json.dumps({"kind": KIND, "before": before, "after": after}, indent=2))
-    replace_dir(tmp, rd.root / "final")
+
+    def final(tmp: Path) -> None:
+        trainer.save_pretrained(tmp)
+        write_file(tmp / "tao_run.json", json.dumps({"kind": KIND, "before": before, "after": after}, indent=2))
+
+    write_dir(rd.root / "final", final)
     rd.log({"type": "final", "kind": KIND, "step": step, "before": before["value"], "after": after["value"],
             "tuning_seconds": tuning_s, "examples": n, "epochs": epochs})
     return SftResult(str(rd.root), before, after, n, epochs, step, tuning_s, evals)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from tao_core.errors import TaoInputError
+from tao_core.fsio import append_line, write_file
 from tao_core.records import read_records
 
 T = TypeVar("T")
@@ -234,30 +235,19 @@ class Score(_Record):
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[Any], *, append: bool = False) -> int:
-    """Write dataclass records (or dicts) as JSON lines; atomically unless ``append``.
+    """Write dataclass records (or dicts) as JSON lines through :mod:`tao_core.fsio`: atomically (a
+    complete, fsynced file renamed into place), or appended and fsynced with ``append``.
 
     Returns the number of lines written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    if append:
-        with open(path, "a", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r.to_dict() if hasattr(r, "to_dict") else r, ensure_ascii=False) + "\n")
-                count += 1
-            f.flush()
-            os.fsync(f.fileno())
-        return count
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r.to_dict() if hasattr(r, "to_dict") else r, ensure_ascii=False) + "\n")
-            count += 1
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return count
+    lines = [json.dumps(r.to_dict() if hasattr(r, "to_dict") else r, ensure_ascii=False) for r in records]
+    if not append:
+        write_file(path, "".join(line + "\n" for line in lines))
+    elif lines:
+        append_line(path, "\n".join(lines))
+    return len(lines)
 
 
 def read_jsonl(path: str | os.PathLike, cls: type[T]) -> list[T]:
