@@ -18,7 +18,7 @@ call safe and cheap:
   out (they were never judged, and they never count as 0).
 - **Concurrency.** ``workers > 1`` scores that many groups at once on a thread pool, for scorers
   that wait on I/O.
-- **Cache.** :class:`ScoreCache` keeps ``ok`` and ``abstain`` scores on disk (SQLite) keyed by
+- **Cache.** :class:`~tao_core.score_cache.ScoreCache` keeps ``ok`` and ``abstain`` scores on disk (SQLite) keyed by
   scorer name, version, options (:func:`scorer_options`), prompt and candidate text. A scorer
   whose score depends on the whole group (consensus, listwise ranking) is keyed by the group too;
   one that sets the attribute ``pointwise = True`` is keyed per candidate, and only the candidates
@@ -31,22 +31,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import multiprocessing
 import os
-import sqlite3
 import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from tao_core.errors import PluginError, TaoError, TaoInputError
+from tao_core.score_cache import ScoreCache
 from tao_core.types import Candidate, Prompt, Score
 
 
@@ -247,62 +245,6 @@ def score_group(scorer: Any, prompt: Prompt, candidates: list[Candidate],
     for s in scores:
         s.prompt_id = prompt.id
     return scores
-
-
-# ---------------------------------------------------------------------------------------------
-# Cache
-
-
-def _prompt_key(prompt: Prompt) -> str:
-    return json.dumps([prompt.as_messages(), prompt.metadata], sort_keys=True, default=str)
-
-
-class ScoreCache:
-    """``ok`` / ``abstain`` scores on disk, in ``<directory>/scores.sqlite``; thread-safe.
-
-    Keys hash (scorer name, version, options (:func:`scorer_options`; left out when empty, so such
-    keys are unchanged), prompt messages and metadata, group texts unless the scorer is pointwise,
-    candidate text). Bump a scorer's ``version`` whenever its scores change meaning.
-    """
-
-    def __init__(self, directory: str | os.PathLike) -> None:
-        self.path = Path(directory) / "scores.sqlite"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
-        self._db.execute("CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, score TEXT NOT NULL)")
-        self._db.commit()
-        self.hits = 0
-        self.misses = 0
-
-    @staticmethod
-    def keys(name: str, version: str, prompt: Prompt, candidates: Sequence[Candidate], pointwise: bool,
-             options: str = "") -> list[str]:
-        head = [name, version, *([options] if options else []), _prompt_key(prompt)]
-        if not pointwise:
-            head.append([c.text for c in candidates])
-        return [hashlib.sha256(json.dumps([*head, c.text], default=str).encode()).hexdigest() for c in candidates]
-
-    def get(self, keys: Sequence[str]) -> list[Score | None]:
-        with self._lock:
-            rows = dict(self._db.execute(
-                f"SELECT key, score FROM scores WHERE key IN ({','.join('?' * len(keys))})", list(keys)).fetchall())
-        out = [Score.from_dict(json.loads(rows[k])) if k in rows else None for k in keys]
-        found = sum(s is not None for s in out)
-        self.hits += found
-        self.misses += len(keys) - found
-        return out
-
-    def put(self, keys: Sequence[str], scores: Sequence[Score]) -> None:
-        rows = [(k, json.dumps(s.to_dict(), default=str)) for k, s in zip(keys, scores, strict=True)
-                if s.status != "error"]
-        with self._lock:
-            self._db.executemany("INSERT OR REPLACE INTO scores (key, score) VALUES (?, ?)", rows)
-            self._db.commit()
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
 
 
 # ---------------------------------------------------------------------------------------------
