@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tao_core.config import Rule, between, check_values
 from tao_core.errors import ModelLoadError, TaoInputError
+from tao_core.fields import Rule, between, check_fields
 from tao_core.fsio import append_line, write_file
 from tao_core.records import read_records
 from tao_core.rundir import LOCK, MARKER, RunDir
@@ -75,7 +75,7 @@ class RMTrainConfig:
 
     def validate(self) -> None:
         """Every field's type, range and finiteness (the same checks as the run config's)."""
-        problems = check_values(self, rules=RM_RULES)
+        problems = check_fields(self, RM_RULES)
         if problems:
             raise TaoInputError("invalid reward-model training settings: " + "; ".join(problems.values()))
 

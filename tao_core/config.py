@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import os
 import stat
 import tomllib
-import types
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tao_core.errors import PluginError, TaoInputError
+from tao_core.fields import Rule, between, check_fields, field_hints, hint_name, one_of, show, type_ok
 
 PRECISIONS = ("auto", "fp32", "bf16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -43,7 +41,6 @@ MAX_MICRO_BATCH_TOKENS = 1 << 20  # train.micro_batch_tokens: ~2 MB of activatio
 MAX_LORA_R = 4096  # train.lora_r
 MAX_THREADS = 1024  # threads
 MAX_SEED = 2**32 - 1  # seed, train.seed: what every RNG (random, numpy, torch) accepts
-INT64 = 2**63  # every other integer fits in a signed 64-bit integer (torch tensors, RNG seeds)
 
 
 @dataclass
@@ -163,37 +160,6 @@ class RunConfig:
 # ---------------------------------------------------------------------------------------------
 # What each field accepts
 
-
-@dataclass(frozen=True)
-class Rule:
-    """What a field accepts beyond its type: ``text`` for messages and the reference, ``test`` checks it."""
-
-    text: str
-    test: Callable[[Any], bool]
-
-
-def between(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-            hi_open: bool = False) -> Rule:
-    """Numbers from ``lo`` to ``hi``, each end excluded where ``*_open``, either end optional."""
-
-    def test(v: float) -> bool:
-        above = lo is None or (v > lo if lo_open else v >= lo)
-        below = hi is None or (v < hi if hi_open else v <= hi)
-        return above and below
-
-    if lo is not None and hi is not None:
-        text = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-    elif lo is not None:
-        text = f"{'>' if lo_open else '>='} {lo}"
-    else:
-        text = f"{'<' if hi_open else '<='} {hi}"
-    return Rule(text, test)
-
-
-def one_of(*choices: str) -> Rule:
-    return Rule("one of " + ", ".join(repr(c) for c in choices), lambda v: v in choices)
-
-
 NON_EMPTY = Rule("a non-empty string", lambda v: bool(v.strip()))
 PATH = Rule("a non-empty path", lambda v: bool(v.strip()) and "\0" not in v)
 STRINGS = Rule("a list of non-empty strings", lambda v: all(v))
@@ -265,71 +231,10 @@ OPTIONS = {"task_options": ("task", None, 0),
            "score.options": ("score.scorer", "default_scorer", 0)}
 
 
-def _field_hints(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _type_ok(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if hint is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, h) for h in args)
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin is tuple and Ellipsis not in args:
-        return isinstance(value, list | tuple) and len(value) == len(args) and all(map(_type_ok, value, args))
-    if origin in (list, tuple):
-        return isinstance(value, list | tuple) and all(_type_ok(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(_type_ok(k, args[0]) for k in value)
-    return isinstance(value, hint)
-
-
-def _hint_name(hint: Any) -> str:
-    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
-
-
-def _show(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _finite(value: Any) -> bool:
-    if isinstance(value, float):
-        return math.isfinite(value)
-    return not isinstance(value, list | tuple) or all(map(_finite, value))
-
-
 def check_values(cfg: Any, prefix: str = "", rules: dict[str, Rule] | None = None) -> dict[str, str]:
-    """Every field of config dataclass ``cfg`` (and of its sections) against its type and ``rules``
-    (default :data:`RULES`): ``{key: message}`` for each bad one. Plugins' own settings dataclasses
-    (the reward-model trainer's) pass their rules. Plugin names and options are :func:`validate`'s."""
-    rules = RULES if rules is None else rules
-    problems: dict[str, str] = {}
-    for name, hint in _field_hints(type(cfg)).items():
-        key, value = prefix + name, getattr(cfg, name)
-        rule = rules.get(key)
-        if dataclasses.is_dataclass(hint):
-            if isinstance(value, hint):
-                problems |= check_values(value, key + ".", rules)
-            else:
-                problems[key] = f"{key} must be a {hint.__name__} (a table), got {_show(value)}"
-        elif not _type_ok(value, hint):
-            problems[key] = f"{key} must be {_hint_name(hint)}, got {_show(value)} ({type(value).__name__})"
-        elif not _finite(value):
-            problems[key] = f"{key} must be finite, got {_show(value)}"
-        elif isinstance(value, int) and not -INT64 <= value < INT64:
-            problems[key] = f"{key} must fit in a signed 64-bit integer, got {_show(value)}"
-        elif value is not None and rule is not None and not rule.test(value):
-            problems[key] = f"{key} must be {rule.text}, got {_show(value)}"
-    return problems
+    """:func:`~tao_core.fields.check_fields` with :data:`RULES` unless ``rules`` is given: ``{key:
+    message}`` for each bad field. Plugin names and options are :func:`validate`'s."""
+    return check_fields(cfg, RULES if rules is None else rules, prefix)
 
 
 def _raise(where: str, problems: list[str]) -> None:
@@ -349,8 +254,8 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     Types are checked here, ranges and plugins by :func:`validate`.
     """
     if not isinstance(data, dict):
-        raise TaoInputError(f"{path or 'config'}: expected a table, got {_show(data)} ({type(data).__name__})")
-    hints = _field_hints(cls)
+        raise TaoInputError(f"{path or 'config'}: expected a table, got {show(data)} ({type(data).__name__})")
+    hints = field_hints(cls)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         where = f"{path}.{key}" if path else str(key)
@@ -360,9 +265,9 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
         if dataclasses.is_dataclass(hint):
             kwargs[key] = from_dict(hint, value, where)
             continue
-        if not _type_ok(value, hint):
+        if not type_ok(value, hint):
             raise TaoInputError(
-                f"config key {where!r} must be {_hint_name(hint)}, got {_show(value)} ({type(value).__name__})"
+                f"config key {where!r} must be {hint_name(hint)}, got {show(value)} ({type(value).__name__})"
             )
         kwargs[key] = tuple(value) if typing.get_origin(hint) is tuple else value
     return cls(**kwargs)
@@ -378,17 +283,17 @@ def _override(data: dict[str, Any], dotted: str, value: Any) -> None:
     for depth, name in enumerate(parts[:-1], 1):
         where = ".".join(parts[:depth])
         if section is not None:
-            hints = _field_hints(section)
+            hints = field_hints(section)
             if name not in hints:
                 raise TaoInputError(f"override {dotted!r}: unknown config key {where!r}; accepted here: "
                                     f"{', '.join(hints)}")
             hint = hints[name]
             if not (dataclasses.is_dataclass(hint) or typing.get_origin(hint) is dict):
-                raise TaoInputError(f"override {dotted!r}: {where!r} is a {_hint_name(hint)}, not a table of keys")
+                raise TaoInputError(f"override {dotted!r}: {where!r} is a {hint_name(hint)}, not a table of keys")
             section = hint if dataclasses.is_dataclass(hint) else None
         child = node.setdefault(name, {})
         if not isinstance(child, dict):
-            raise TaoInputError(f"override {dotted!r}: {where!r} holds {_show(child)}, not a table of keys")
+            raise TaoInputError(f"override {dotted!r}: {where!r} holds {show(child)}, not a table of keys")
         node = child
     node[parts[-1]] = value
 
@@ -434,14 +339,14 @@ def _file_problems(cfg: RunConfig, bad: dict[str, str]) -> list[str]:
     """The files the config names, for the keys whose values passed :func:`check_values`."""
     problems = []
     if cfg.prompts_file is None and cfg.prompt_column is not None:
-        problems.append(f"prompt_column = {_show(cfg.prompt_column)} needs prompts_file, the file holding that column")
+        problems.append(f"prompt_column = {show(cfg.prompt_column)} needs prompts_file, the file holding that column")
     if "prompts_file" not in bad and cfg.prompts_file is not None:
         kind = _probe(cfg.prompts_file)
         if kind != "a file":
-            problems.append(f"prompts_file {_show(cfg.prompts_file)} " +
+            problems.append(f"prompts_file {show(cfg.prompts_file)} " +
                             ("not found" if kind == "nothing" else f"is {kind}; give a JSONL, CSV or Parquet file"))
     if "output_dir" not in bad and _probe(cfg.output_dir) not in ("nothing", "a directory"):
-        problems.append(f"output_dir {_show(cfg.output_dir)} is {_probe(cfg.output_dir)}; the run directory must be "
+        problems.append(f"output_dir {show(cfg.output_dir)} is {_probe(cfg.output_dir)}; the run directory must be "
                         "a directory or not exist yet")
     return problems
 
@@ -477,7 +382,7 @@ def _plugin_problems(cfg: RunConfig, bad: dict[str, str]) -> list[str]:
         try:
             factories[key] = reg.entry(kind, name).obj
         except PluginError:
-            problems.append(f"{key} = {_show(name)} is not a registered {kind[:-1]}; "
+            problems.append(f"{key} = {show(name)} is not a registered {kind[:-1]}; "
                             f"available: {', '.join(reg.names(kind))}")
     for key, (name_key, task_default, positional) in OPTIONS.items():
         name = _get(cfg, name_key)
