@@ -1,4 +1,4 @@
-"""Built-in objectives: the four advantage estimators and seven training recipes.
+"""Built-in objectives: seven training recipes (their advantage estimators: ``tao_plugins.advantages``).
 
 Every policy-gradient recipe is the same clipped surrogate computed by
 ``tao_kernels.linear_policy_loss`` with different defaults; ``online_dpo`` and ``best_of_n_sft`` are
@@ -17,7 +17,6 @@ import torch.nn.functional as F
 import tao_core
 from tao_core.batching import TrainBatch
 from tao_core.objectives import (
-    ADVANTAGE_ESTIMATORS,
     LossConfig,
     LossOutput,
     Objective,
@@ -165,12 +164,6 @@ RECIPES = [
         units=lambda batch, cfg: batch.n_tokens,
     ),
 ]
-
-
-@tao_core.hookimpl
-def tao_register_advantages(register) -> None:
-    for name, fn in ADVANTAGE_ESTIMATORS.items():
-        register(name, fn)
 
 
 @tao_core.hookimpl

@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from tao_plugins.advantages import baseline, group_mean, group_norm, leave_one_out
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import tao_core
 from tao_core.models import LoadedModel
-from tao_core.objectives import baseline, group_mean, group_norm, leave_one_out
 from tao_core.train import TrainConfig, Trainer
 from tao_core.types import Candidate, Prompt, Score
 from tests.conftest import completion_logprobs
