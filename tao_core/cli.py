@@ -11,43 +11,6 @@ import click
 from tao_core.errors import TaoError
 from tao_core.plugins import KINDS, PluginManager, get_plugin_manager
 
-# The README demo: sized to finish within 15 minutes on a 2-core CPU.
-DEMO_STEPS = 40
-DEMO_CONFIG = {
-    "task": "arithmetic",
-    "model": "smollm2-135m",
-    "rounds": 2,
-    "prompts_per_step": 8,
-    "eval_limit": 128,
-    "checkpoint_every": 10,
-    "generate": {"n": 8, "temperature": 1.0, "max_new_tokens": 32},
-    "train": {"objective": "grpo", "lr": 2e-5},
-}
-# `tao demo --label-free`: no answer is ever checked. Each prompt gets 4 on-policy samples under the
-# task's own prompt (temperature 1) and 8 "voters": the same model asked under two structured
-# prompts that spell out written addition (temperature 0.3). The voters' majority answer, when at
-# least half of them agree, scores the on-policy samples (majority-vote with `voters`); the voters
-# themselves are never trained on (off-policy).
-STRUCTURED_TEMPLATES = {
-    "tens": "{question} First add the tens, then add the ones, then add the two results. "
-            "Give the final answer on the last line as 'Answer: <number>'.",
-    "column": "{question} Add the numbers column by column, starting with the ones digits and carrying "
-              "when needed. Give the final answer on the last line as 'Answer: <number>'.",
-}
-LABEL_FREE_CONFIG = {
-    **DEMO_CONFIG,
-    "prompts_per_step": 16,
-    "generate": {
-        "generator": "diverse", "n": 12, "temperature": 1.0, "max_new_tokens": 32,
-        "options": {"templates": ["default", *STRUCTURED_TEMPLATES], "temperatures": [1.0],
-                    "template_temperatures": {name: 0.3 for name in STRUCTURED_TEMPLATES},
-                    "extra_templates": STRUCTURED_TEMPLATES},
-    },
-    "score": {"scorer": "majority-vote", "options": {"voters": list(STRUCTURED_TEMPLATES), "min_share": 0.5}},
-    "train": {"objective": "grpo", "lr": 1e-5},
-}
-LABEL_FREE_STEPS = 20  # measured: the best held-out accuracy comes at step 10; the policy drifts after
-
 
 class TaoGroup(click.Group):
     """Root group: built-in commands plus whatever plugins register, loaded on first lookup.
@@ -291,43 +254,62 @@ def report_cmd(run_dir, sft_dirs) -> None:
 
 
 @cli.command("demo")
+@click.argument("recipe", required=False, default="demo", metavar="[RECIPE]")
+@click.option("--label-free", is_flag=True, help="Alias of RECIPE = label-free (the arithmetic task's label-free recipe).")
+@click.option("--list", "list_only", is_flag=True, help="List the recipes of the installed tasks and exit.")
 @click.option("--output-dir", default=None,
-              help="Run directory; one an earlier `tao demo` made is replaced, any other non-empty one "
-                   "refused [default: runs/demo, runs/demo-label-free].")
+              help="Run directory [default: the recipe's output_dir]; one an earlier `tao demo` made is "
+                   "replaced, any other non-empty one refused.")
 @click.option("--steps", type=int, default=None,
-              help=f"Optimizer steps, 2 rounds [default: {DEMO_STEPS}; {LABEL_FREE_STEPS} with --label-free].")
-@click.option("--scorer", default="arithmetic-check", show_default=True,
-              help="arithmetic-check (verifier) or majority-vote (naive label-free: collapses, see README).")
-@click.option("--label-free", is_flag=True,
-              help="No verifier: on-policy samples are scored by the model's own structured-prompt consensus.")
-def demo_cmd(output_dir: str | None, steps: int | None, scorer: str, label_free: bool) -> None:
-    """TAO on the embedded SmolLM2-135M: two-digit addition, held-out accuracy before and after."""
+              help="Optimizer steps in all, spread over the recipe's rounds [default: the recipe's].")
+@click.option("--scorer", default=None, help="Alias of --set score.scorer=NAME.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key, e.g. --set train.lr=1e-5 (value parsed as TOML).")
+def demo_cmd(recipe: str, label_free: bool, list_only: bool, output_dir: str | None, steps: int | None,
+             scorer: str | None, overrides: tuple[str, ...]) -> None:
+    """Run a named recipe of a task plugin on the embedded model [default RECIPE: demo].
+
+    `tao demo` is TAO with a verifier on two-digit addition (held-out accuracy before and after);
+    `tao demo label-free` (or --label-free) the same without any answer checked. `tao demo --list`
+    shows every installed recipe; `tao run FILE` runs a recipe's file as any config.
+    """
     from tao_core import pipeline
-    from tao_core.config import RunConfig, from_dict, validate
+    from tao_core.config import load_config
+    from tao_core.recipes import find_recipe, list_recipes
+    from tao_core.report import write_report
     from tao_core.rundir import RunDir
 
-    if label_free and scorer != "arithmetic-check":
-        raise click.UsageError("--label-free sets its own scorer; leave out --scorer")
-    base = LABEL_FREE_CONFIG if label_free else {**DEMO_CONFIG, "score": {"scorer": scorer}}
-    if steps is not None and steps < 1:
-        raise click.UsageError(f"--steps must be >= 1, got {steps}")
-    if steps is None:
-        steps = LABEL_FREE_STEPS if label_free else DEMO_STEPS
-    if output_dir is None:
-        output_dir = "runs/demo-label-free" if label_free else "runs/demo"
-    cfg = from_dict(RunConfig, {**base, "output_dir": output_dir, "steps_per_round": max(1, steps // 2)})
-    validate(cfg)
+    if list_only:
+        for r in list_recipes():
+            click.echo(f"{r.qualified:<28} {r.summary()}\n{'':<28} {r.path}")
+        return
+    if label_free:
+        if recipe != "demo":
+            raise click.UsageError("--label-free names the recipe; give no RECIPE with it")
+        if scorer is not None:
+            raise click.UsageError("--label-free sets its own scorer; leave out --scorer")
+        recipe = "label-free"
+    found = find_recipe(recipe)
+    parsed = parse_overrides(overrides)
+    if scorer is not None:
+        parsed["score.scorer"] = scorer
+    if output_dir is not None:
+        parsed["output_dir"] = output_dir
+    if steps is not None:
+        if steps < 1:
+            raise click.UsageError(f"--steps must be >= 1, got {steps}")
+        rounds = int(parsed.get("rounds", load_config(found.path).rounds))
+        parsed["steps_per_round"] = max(1, steps // rounds)
+    cfg = load_config(found.path, parsed)  # validated whole before anything is written
     # Only now, with the config valid: empty the directory if an earlier `tao demo` made it (its
     # marker says so); any other non-empty directory is refused, never deleted.
-    RunDir(output_dir).claim("run", replace=True, info={"recipe": "demo"}).release()
-    click.echo(f"tao demo: {cfg.task} on {cfg.model}, {cfg.rounds} rounds x {cfg.steps_per_round} steps of "
-               f"{cfg.prompts_per_step} prompts x {cfg.generate.n} candidates, scorer {cfg.score.scorer}, "
-               f"objective {cfg.train.objective}")
+    RunDir(cfg.output_dir).claim("run", replace=True, info={"recipe": "demo"}).release()
+    click.echo(f"tao demo {found.qualified}: {cfg.task} on {cfg.model}, {cfg.rounds} rounds x {cfg.steps_per_round} "
+               f"steps of {cfg.prompts_per_step} prompts x {cfg.generate.n} candidates, scorer "
+               f"{cfg.score.scorer or 'the task default'}, objective {cfg.train.objective or 'the task default'}")
     result = pipeline.run(cfg)
     _print_result(result)
-    from tao_core.report import write_report
-
-    md, _ = write_report(output_dir)
+    md, _ = write_report(cfg.output_dir)
     click.echo(f"report: {md}")
 
 

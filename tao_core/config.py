@@ -94,7 +94,7 @@ class TrainConfig:
     the ratio is taken against the sampled log-probs.
     """
 
-    objective: str = "grpo"  # registered objective (recipe): grpo, dr_grpo, dapo, rloo, ppo_clip_kl, ...
+    objective: str | None = "grpo"  # registered objective: grpo, dr_grpo, dapo, rloo, ppo_clip_kl, ...; None: the task's default
     advantage: str | None = None  # registered advantage estimator; None: the objective's default
     lr: float | None = None  # AdamW learning rate; None: 5e-6 for full fine-tuning, 1e-4 with LoRA
     lr_schedule: str = "constant"  # "constant" | "linear" (decay to 0) | "cosine" (decay to 0), after warm-up
@@ -135,7 +135,7 @@ class TrainConfig:
 class RunConfig:
     """A TAO run: rounds of generate -> score -> train -> evaluate."""
 
-    task: str = "arithmetic"  # registered task: training prompts, held-out split, defaults
+    task: str | None = None  # registered task (required): training prompts, held-out split, defaults
     task_options: dict[str, Any] = field(default_factory=dict)  # keyword options for the task factory
     model: str = "smollm2-135m"  # alias, cache name, GGUF file or Hugging Face directory
     prompts_file: str | None = None  # unlabeled user prompts (JSONL/CSV/Parquet) instead of the task's
@@ -375,6 +375,8 @@ def _plugin_problems(cfg: RunConfig, bad: dict[str, str]) -> list[str]:
 
     reg = get_registry()
     problems, factories = [], {}
+    if cfg.task is None and "task" not in bad:
+        problems.append(f"task is not set; name a registered task: {', '.join(reg.names('tasks'))}")
     for key, kind in PLUGINS.items():
         name = _get(cfg, key)
         if name is None or key in bad:
@@ -395,6 +397,12 @@ def _plugin_problems(cfg: RunConfig, bad: dict[str, str]) -> list[str]:
         except PluginError:
             continue  # reported above, or a task's missing default (reported when the task is built)
         problems += _option_problems(key, _get(cfg, key), f"{PLUGINS[name_key][:-1]} {name!r}", factory, positional)
+    task = factories.get("task")
+    if task is not None and cfg.train.objective is None and "train.objective" not in bad:
+        default = getattr(task, "default_objective", None)
+        if not isinstance(default, str) or default not in reg.names("objectives"):
+            problems.append(f"train.objective is not set and task {cfg.task!r} names no registered "
+                            f"default_objective ({default!r}); set train.objective")
     return problems
 
 

@@ -28,11 +28,11 @@ from tqdm.auto import tqdm
 from tao_core.config import RunConfig, from_dict, validate
 from tao_core.errors import PluginError, TaoInputError, TaoWriteError
 from tao_core.fsio import fault_point, write_file
-from tao_core.generation import sampler_for
 from tao_core.guards import Guard
 from tao_core.models import LoadedModel, load_model
 from tao_core.plugins import get_component
 from tao_core.rundir import KEEP_CHECKPOINTS, RunDir, write_dir
+from tao_core.sampler import sampler_for
 from tao_core.scoring import ScorerLimits, load_scorer, score_groups
 from tao_core.tasks import EvalResult, Task, evaluate
 from tao_core.train import Trainer
@@ -123,7 +123,9 @@ class Pipeline:
         train_cfg = cfg.train
         if train_cfg.total_steps is None:
             train_cfg = dataclasses.replace(train_cfg, total_steps=cfg.rounds * cfg.steps_per_round)
-        self.trainer = Trainer(self.lm, train_cfg)
+        # the objective the config names, else the task's default (the core names none)
+        objective = get_component("objectives", train_cfg.objective or self.task.default_objective)
+        self.trainer = Trainer(self.lm, train_cfg, objective=objective)
         gen_name = cfg.generate.generator or self.task.default_generator
         self.generator = get_component("generators", gen_name)(self.lm, **cfg.generate.options)
         self.limits = ScorerLimits(timeout_s=cfg.score.timeout_s)
@@ -162,9 +164,10 @@ class Pipeline:
         finally:
             self.dir.release()
 
-    def _run(self, resume: bool) -> RunResult:
+    def _start(self, resume: bool) -> tuple[int, dict, dict, float]:
+        """(first step, the evaluation before tuning, the best so far, tuning seconds so far):
+        from the newest valid checkpoint when resuming, else from a first evaluation at step 0."""
         cfg, rd = self.cfg, self.dir
-        total_steps = cfg.rounds * cfg.steps_per_round
         found = rd.load_checkpoint() if resume else None
         if found is not None:
             ckpt, trainer_state, state, fallbacks = found
@@ -179,19 +182,42 @@ class Pipeline:
             for message in fallbacks:
                 rd.log({"type": "warning", "step": start, "kind": "checkpoint_fallback", "message": message})
                 tqdm.write(f"warning: {message}")
-        else:
-            if resume:
-                tqdm.write(f"warning: {rd.root}: no checkpoint was written before the run stopped; starting again "
-                           "from step 0 (finished generation and scoring on disk are reused)")
-                rd.truncate_metrics_after(-1)
-            write_file(rd.root / "config.json", json.dumps(cfg.to_dict(), indent=2))
-            write_file(rd.root / "versions.json", json.dumps(_versions(), indent=2))
-            fault_point("eval.before")
-            result = self.evaluate()
-            before = best = {**result.to_dict(), "step": 0, "round": 0}
-            rd.log({"type": "eval", "step": 0, "round": 0, **result.to_dict()})
-            rd.save_best(self._trainable(), best)
-            start, tuning_s = 0, 0.0
+            return start, before, best, tuning_s
+        if resume:
+            tqdm.write(f"warning: {rd.root}: no checkpoint was written before the run stopped; starting again "
+                       "from step 0 (finished generation and scoring on disk are reused)")
+            rd.truncate_metrics_after(-1)
+        write_file(rd.root / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        write_file(rd.root / "versions.json", json.dumps(_versions(), indent=2))
+        fault_point("eval.before")
+        result = self.evaluate()
+        before = {**result.to_dict(), "step": 0, "round": 0}
+        rd.log({"type": "eval", "step": 0, "round": 0, **result.to_dict()})
+        rd.save_best(self._trainable(), before)
+        return 0, before, before, 0.0
+
+    def _check_scored(self, record: dict[str, Any], step: int, failed_steps: int) -> int:
+        """Warn about a step whose candidates were all unscored; stop the run after
+        ``MAX_UNSCORED_STEPS`` such steps in a row. Returns the new count of those steps."""
+        if record["scores_ok"] > 0:
+            return 0
+        all_errors = record["scores_abstain"] == 0  # abstaining is a verdict; errors are not
+        failed_steps = failed_steps + 1 if all_errors else 0
+        message = (f"step {step + 1}: scorer {self.scorer_name!r} scored none of the step's candidates "
+                   f"({record['scores_error']} errors, {record['scores_abstain']} abstentions; first: "
+                   f"{record.get('first_score_problem')!r}); the step trained on nothing")
+        self.dir.log({"type": "warning", "step": step + 1, "kind": "no_scores", "message": message})
+        tqdm.write(f"warning: {message}")
+        if failed_steps >= MAX_UNSCORED_STEPS:
+            raise PluginError(f"scorer {self.scorer_name!r} scored no candidate in {failed_steps} steps in a "
+                              f"row (last: {record.get('first_score_problem')!r}); stopping. The checkpoints are "
+                              f"kept and failed scores are not: fix the scorer, then `tao run --resume {self.dir.root}`")
+        return failed_steps
+
+    def _run(self, resume: bool) -> RunResult:
+        cfg, rd = self.cfg, self.dir
+        total_steps = cfg.rounds * cfg.steps_per_round
+        start, before, best, tuning_s = self._start(resume)
         stopped, done, failed_steps = False, start, 0
         bar = tqdm(total=total_steps, initial=start, desc="tao run", disable=not self.progress, unit="step")
         for step in range(start, total_steps):
@@ -199,20 +225,7 @@ class Pipeline:
             record, elapsed = self._one_step(step, round_index)
             tuning_s += elapsed
             rd.log(record)
-            if record["scores_ok"] == 0:
-                all_errors = record["scores_abstain"] == 0  # abstaining is a verdict; errors are not
-                failed_steps = failed_steps + 1 if all_errors else 0
-                message = (f"step {step + 1}: scorer {self.scorer_name!r} scored none of the step's candidates "
-                           f"({record['scores_error']} errors, {record['scores_abstain']} abstentions; first: "
-                           f"{record.get('first_score_problem')!r}); the step trained on nothing")
-                rd.log({"type": "warning", "step": step + 1, "kind": "no_scores", "message": message})
-                tqdm.write(f"warning: {message}")
-                if failed_steps >= MAX_UNSCORED_STEPS:
-                    raise PluginError(f"scorer {self.scorer_name!r} scored no candidate in {failed_steps} steps in a "
-                                      f"row (last: {record.get('first_score_problem')!r}); stopping. The checkpoints are "
-                                      f"kept and failed scores are not: fix the scorer, then `tao run --resume {rd.root}`")
-            else:
-                failed_steps = 0
+            failed_steps = self._check_scored(record, step, failed_steps)
             bar.update(1)
             bar.set_postfix(reward=f"{record.get('reward_mean', float('nan')):.3f}", loss=f"{record.get('loss', 0):.4f}")
             for w in self.guard.observe_step(record):

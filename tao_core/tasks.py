@@ -31,6 +31,7 @@ class Task(Protocol):
     metric: str  # name of the evaluation metric, e.g. "accuracy"
     default_generator: str  # registered generator name
     default_scorer: str  # registered scorer name (label-free or verifier)
+    default_objective: str  # registered objective used when the config sets no train.objective
     max_new_tokens: int  # completion budget used for evaluation and by default for sampling
 
     def train_prompts(self, limit: int | None = None) -> list[Prompt]:
@@ -85,14 +86,15 @@ class EvalResult:
         return d
 
 
-def evaluate(task: Task, generator: Any, examples: Sequence[EvalExample] | None = None,
+def evaluate(task: Task, sampler: Any, examples: Sequence[EvalExample] | None = None,
              limit: int | None = None) -> EvalResult:
-    """Greedy-decode every held-out example with ``generator`` and apply the task's check."""
+    """Greedy-decode every held-out example with ``sampler`` (a :class:`~tao_core.sampler.Sampler`)
+    and apply the task's check."""
     from tao_core.types import SamplingParams
 
     examples = list(examples if examples is not None else task.eval_examples(limit))
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=task.max_new_tokens)
-    groups = generator.generate([e.prompt for e in examples], params)
+    groups = sampler.sample([e.prompt for e in examples], params)
     rows, total = [], 0.0
     for ex, group in zip(examples, groups, strict=True):
         value = float(task.check(ex, group[0].text))

@@ -298,4 +298,12 @@ def test_any_text_as_toml_gives_a_config_or_a_named_error(tmp_path_factory, text
 
 def test_generate_defaults_are_valid():
     assert GenerateConfig().max_new_tokens is None  # None: the task's budget; 0 is rejected, never replaced
-    validate(RunConfig(output_dir="unused-run-dir"))
+    validate(RunConfig(task="arithmetic", output_dir="unused-run-dir"))
+
+
+def test_a_config_names_its_task_and_the_task_its_default_objective():
+    with pytest.raises(TaoInputError, match="task is not set; name a registered task: .*arithmetic"):
+        validate(RunConfig(output_dir="unused-run-dir"))
+    cfg = RunConfig(task="arithmetic", output_dir="unused-run-dir")
+    cfg.train.objective = None
+    validate(cfg)  # the arithmetic task names its default objective

@@ -1,53 +1,68 @@
-"""The `tao demo` configurations are valid and the label-free one never sees an answer."""
+"""Recipes: the task plugins' packaged configs, `tao demo [RECIPE]`, and the example configs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 from click.testing import CliRunner
 
-from tao_core.cli import DEMO_CONFIG, LABEL_FREE_CONFIG, STRUCTURED_TEMPLATES, cli
-from tao_core.config import RunConfig, from_dict, validate
+from tao_core.cli import cli
+from tao_core.config import load_config, validate
+from tao_core.errors import TaoInputError
+from tao_core.recipes import find_recipe, list_recipes
+
+EXAMPLES = Path(__file__).parents[1] / "examples" / "configs"
 
 
-def test_demo_configs_validate():
-    for base in (DEMO_CONFIG, LABEL_FREE_CONFIG):
-        validate(from_dict(RunConfig, {**base, "output_dir": "unused", "steps_per_round": 20}))
+def test_the_arithmetic_task_ships_its_recipes_as_package_data():
+    found = {r.qualified: r for r in list_recipes()}
+    assert {"arithmetic/demo", "arithmetic/label-free"} <= set(found)
+    for recipe in found.values():
+        cfg = load_config(recipe.path)  # validated whole
+        assert cfg.task == recipe.task, recipe
+        assert recipe.summary(), f"{recipe.path} starts with no comment saying what it does"
+        assert "tao_plugins" in recipe.path.parts or "plugins" in recipe.path.parts
 
 
-def test_label_free_demo_scores_by_consensus_of_structured_voters():
-    cfg = from_dict(RunConfig, {**LABEL_FREE_CONFIG, "output_dir": "unused"})
+def test_label_free_recipe_scores_by_consensus_of_structured_voters():
+    cfg = load_config(find_recipe("label-free").path)
     assert cfg.score.scorer == "majority-vote"  # no verifier, no calculator
-    assert cfg.score.options["voters"] == list(STRUCTURED_TEMPLATES)
+    voters = cfg.score.options["voters"]
+    templates = cfg.generate.options["extra_templates"]
+    assert voters == list(templates) and all("{question}" in templates[v] for v in voters)
     assert "default" in cfg.generate.options["templates"]  # the on-policy samples that are trained
-    assert all("{question}" in t for t in STRUCTURED_TEMPLATES.values())
 
 
-def test_label_free_rejects_a_scorer():
-    result = CliRunner().invoke(cli, ["demo", "--label-free", "--scorer", "majority-vote"])
+def test_find_recipe_errors_name_the_choices():
+    with pytest.raises(TaoInputError, match="no recipe named 'nope'; recipes: .*arithmetic/demo"):
+        find_recipe("nope")
+    with pytest.raises(TaoInputError, match="no recipe named 'sql/demo'"):
+        find_recipe("sql/demo")
+    assert find_recipe("arithmetic/demo") == find_recipe("demo")
+
+
+def test_demo_cli_options():
+    runner = CliRunner()
+    result = runner.invoke(cli, ["demo", "--label-free", "--scorer", "majority-vote"])
     assert result.exit_code == 2 and "--label-free sets its own scorer" in result.output
+    result = runner.invoke(cli, ["demo", "nope"])
+    assert result.exit_code == 2 and "no recipe named 'nope'" in result.output
+    result = runner.invoke(cli, ["demo", "--list"])
+    assert result.exit_code == 0 and "arithmetic/label-free" in result.output
+    result = runner.invoke(cli, ["demo", "--steps", "0"])
+    assert result.exit_code == 2 and "--steps must be >= 1" in result.output
+    result = runner.invoke(cli, ["demo", "--set", "train.lr=fast"])
+    assert result.exit_code == 2 and "train.lr" in result.output
 
 
 def test_example_configs_validate():
-    from pathlib import Path
-
-    from tao_core.config import load_config
-
-    configs = sorted((Path(__file__).parents[1] / "examples" / "configs").glob("*.toml"))
+    configs = sorted(EXAMPLES.glob("*.toml"))
     assert configs
     for path in configs:
         validate(load_config(path), where=str(path))
 
 
-def test_example_configs_match_the_demo_settings():
-    """examples/configs/{demo,label-free-arithmetic}.toml are the demos' settings, kept in step."""
-    import dataclasses
-    from pathlib import Path
-
-    from tao_core.config import load_config
-
-    here = Path(__file__).parents[1] / "examples" / "configs"
-    for name, base in (("demo.toml", DEMO_CONFIG), ("label-free-arithmetic.toml", LABEL_FREE_CONFIG)):
-        got = load_config(here / name)
-        want = from_dict(RunConfig, {**base, "output_dir": got.output_dir, "steps_per_round": 20})
-        for section in ("generate", "score", "train"):
-            assert dataclasses.asdict(getattr(got, section)) == dataclasses.asdict(getattr(want, section)), (name, section)
-        assert (got.task, got.model, got.rounds, got.prompts_per_step) == (want.task, want.model, 2, want.prompts_per_step)
+def test_the_demo_examples_are_the_recipes_themselves():
+    for name, recipe in (("demo.toml", "demo"), ("label-free-arithmetic.toml", "label-free")):
+        assert (EXAMPLES / name).resolve() == find_recipe(recipe).path

@@ -37,10 +37,11 @@ def _result(side: str, s_per_step: float, peak: float, after: float) -> dict:
 
 
 def test_defaults_follow_the_demo_and_quick_shrinks_the_run():
-    from tao_core.cli import DEMO_CONFIG
+    from tao_core.config import load_config
+    from tao_core.recipes import find_recipe
 
     args = compare.parse_args([])
-    assert args.lr == DEMO_CONFIG["train"]["lr"]
+    assert args.lr == load_config(find_recipe("demo").path).train.lr
     assert (args.steps, args.eval_limit, args.prompts, args.group, args.max_new_tokens) == (10, 128, 8, 8, 32)
     assert args.trl_batch == 64  # one optimizer step = 8 prompts x 8 completions
     quick = compare.parse_args(["--quick"])

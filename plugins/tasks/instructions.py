@@ -158,6 +158,7 @@ class InstructionsTask:
     name = "instructions"
     metric = "strict_accuracy"
     default_generator = "sample"
+    default_objective = "grpo"
     default_scorer = "rules"
     max_new_tokens = 96  # the longest request, "at least 20 words" or 4 bullets, fits in about 60
 

@@ -49,6 +49,7 @@ class SqlTask:
     name = "sql"
     metric = "execution_accuracy"
     default_generator = "sample"
+    default_objective = "grpo"
     default_scorer = "sql-exec"
     max_new_tokens = 128  # the gold queries are one line; a fenced answer fits easily
 
