@@ -8,6 +8,12 @@ that the sum equals one big batch, clips and takes one AdamW step. Full fine-tun
 the reference model exists only when the objective needs it (KL weight above zero, online DPO): the
 base with adapters disabled under LoRA, a frozen copy otherwise.
 
+``Trainer.optimize(parts, loss_fn, units)`` is the same update for a loss of the caller's own (the
+reward model's Bradley-Terry loss, SFT's next-token loss): the optimizer, the learning-rate schedule,
+the weighted gradient accumulation over micro-batches, clipping, the precision context
+(:meth:`Trainer.forward_context`) and the checkpoint state are the ones ``step`` uses. Build such a
+trainer with ``custom_loss=True``: it resolves no objective, advantage estimator or reference.
+
 ``state_dict`` / ``load_state_dict`` hold the trainable weights, the optimizer, the step count and
 every RNG state, so a resumed run continues bit for bit on the CPU.
 """
@@ -16,13 +22,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import random
 import time
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -31,9 +38,11 @@ from tao_core.batching import Segment, final_hidden, pack, plan_micro_batches
 from tao_core.config import TrainConfig
 from tao_core.errors import PluginError, TaoInputError
 from tao_core.models import LoadedModel
-from tao_core.objectives import LossConfig, Objective
+from tao_core.objectives import LossConfig, LossOutput, Objective
 from tao_core.onednn import onednn_linears
 from tao_core.types import Candidate, Prompt, Score
+
+P = TypeVar("P")
 
 
 def scheduled_lr(base: float, step: int, cfg: TrainConfig) -> float:
@@ -108,20 +117,22 @@ class Trainer:
     """Owns the optimizer and (when needed) the reference; ``step`` is one update of ``lm.model``.
 
     With ``cfg.lora`` the model is wrapped by peft in place: ``lm.model`` becomes the ``PeftModel``,
-    so a generator holding ``lm`` samples from the current policy.
+    so a generator holding ``lm`` samples from the current policy. With ``custom_loss=True`` the
+    trainer has no objective (``objective`` is None) and trains only through :meth:`optimize`.
     """
 
-    def __init__(self, lm: LoadedModel, cfg: TrainConfig | None = None, *, objective: Objective | None = None) -> None:
-        from tao_core.plugins import get_component
-
+    def __init__(self, lm: LoadedModel, cfg: TrainConfig | None = None, *, objective: Objective | None = None,
+                 custom_loss: bool = False) -> None:
         self.lm = lm
         self.cfg = cfg = cfg or TrainConfig()
         cfg.validate()
-        self.objective: Objective = objective or get_component("objectives", cfg.objective)
-        self.advantage_name = cfg.advantage or self.objective.advantage
-        self.advantage_fn = get_component("advantages", self.advantage_name)
-        kl_coef = resolve_loss_config(cfg, self.objective).kl_coef
-        self.needs_reference = self.objective.needs_reference or kl_coef > 0
+        self.objective: Objective | None = None
+        self.needs_reference = False
+        if custom_loss and objective is not None:
+            raise TaoInputError(f"Trainer: custom_loss=True trains a loss of the caller's own, so objective "
+                                f"{objective.name!r} would never be used; pass one or the other")
+        if not custom_loss:
+            self._set_objective(objective)
         self.reference = None
         if cfg.lora:
             self._wrap_lora()
@@ -134,6 +145,15 @@ class Trainer:
             self.params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
         )
         self.step_count = 0
+
+    def _set_objective(self, objective: Objective | None) -> None:
+        from tao_core.plugins import get_component
+
+        self.objective = objective or get_component("objectives", self.cfg.objective)
+        self.advantage_name = self.cfg.advantage or self.objective.advantage
+        self.advantage_fn = get_component("advantages", self.advantage_name)
+        kl_coef = resolve_loss_config(self.cfg, self.objective).kl_coef
+        self.needs_reference = self.objective.needs_reference or kl_coef > 0
 
     def _wrap_lora(self) -> None:
         from peft import LoraConfig, get_peft_model
@@ -229,6 +249,9 @@ class Trainer:
         when the objective reports them, grad_norm, tokens, skipped groups, seconds, tokens_per_s.
         """
         start = time.perf_counter()
+        if self.objective is None:
+            raise TaoInputError("Trainer.step needs an objective, but this trainer was built with custom_loss=True; "
+                                "train it with optimize(parts, loss_fn, units), or build it without custom_loss")
         if not len(prompts) == len(groups) == len(scores):
             raise TaoInputError(f"step got {len(prompts)} prompts, {len(groups)} groups, {len(scores)} score lists")
         segments, metrics = self._segments(groups, scores)
@@ -239,59 +262,81 @@ class Trainer:
         packed = [pack(mb, self.cfg.layout, pad) for mb in plan]
         units = [self.objective.batch_units(b, lcfg) for _, b in packed]
         total = sum(units)
-        self.step_count += 1
-        for group in self.optimizer.param_groups:
-            group["lr"] = scheduled_lr(self.base_lr, self.step_count, self.cfg)
         metrics.update(
-            step=float(self.step_count),
+            step=float(self.step_count + 1),
             tokens=float(sum(b.n_tokens for _, b in packed)),
             row_tokens=float(sum(i.input_ids.numel() for i, _ in packed)),
             micro_batches=float(len(packed)),
-            lr=float(self.optimizer.param_groups[0]["lr"]),
+            lr=self._advance(),
         )
         if total == 0:  # nothing to learn from: no update, the step still counts
             metrics.update(loss=0.0, grad_norm=0.0, updated=0.0)
         else:
-            model = self.lm.model
-            model.train()
-            try:
+            with self._training():
                 for epoch in range(self.cfg.ppo_epochs):
-                    metrics.update(self._update(packed, units, total, lcfg, current_old=epoch == 0))
-            finally:
-                model.eval()
+                    loss_fn = functools.partial(self._objective_loss, packed, lcfg, epoch == 0)
+                    metrics.update(self._update(range(len(packed)), units, total, loss_fn,
+                                                f"objective {self.objective.name!r}"))
             metrics["updated"] = 1.0
         metrics["seconds"] = time.perf_counter() - start
         metrics["tokens_per_s"] = metrics["tokens"] * self.cfg.ppo_epochs / metrics["seconds"]
         return metrics
 
-    def _update(self, packed, units: list[float], total: float, lcfg: LossConfig, current_old: bool) -> dict[str, float]:
-        model = self.lm.model
-        decoder = model.get_decoder()
-        weight = model.get_output_embeddings().weight
-        device = weight.device
+    def optimize(self, parts: Sequence[P], loss_fn: Callable[[P], LossOutput], units: Sequence[float] | None = None,
+                 *, name: str = "the loss") -> dict[str, float]:
+        """One optimizer update of a loss of the caller's own, the path every training loop shares.
+
+        ``loss_fn(part)`` returns the :class:`~tao_core.objectives.LossOutput` of one micro-batch
+        ``part``, a mean over its ``units[i]`` (pairs, tokens, ...; 1 each when ``units`` is None);
+        run its forward under :meth:`forward_context`. The gradients are accumulated weighted by
+        ``units[i] / sum(units)``, so the update equals one over the whole batch; then the step is
+        counted, the learning rate scheduled, the gradient clipped and AdamW steps, as in :meth:`step`.
+        ``name`` names the loss in the error a non-finite loss raises.
+
+        Returns ``step``, ``lr``, ``loss`` (the units-weighted mean), ``grad_norm`` and the
+        units-weighted mean of every metric the loss reports.
+        """
+        weights = [1.0] * len(parts) if units is None else [float(u) for u in units]
+        if len(weights) != len(parts):
+            raise TaoInputError(f"optimize got {len(parts)} micro-batches but {len(weights)} units")
+        total = sum(weights)
+        if not parts or not total > 0:
+            raise TaoInputError(f"optimize needs at least one micro-batch and units summing above 0, got "
+                                f"{len(parts)} micro-batches with units summing to {total}")
+        metrics = {"step": float(self.step_count + 1), "lr": self._advance()}
+        with self._training():
+            metrics.update(self._update(parts, weights, total, loss_fn, name))
+        return metrics
+
+    def forward_context(self) -> AbstractContextManager:
+        """The context a forward of ``lm.model`` runs in under ``cfg.precision`` (for an :meth:`optimize` loss)."""
+        return _compute(self.lm.model, self.lm.device, self.cfg.precision)
+
+    def _advance(self) -> float:
+        """Count one step and set its learning rate (:func:`scheduled_lr`); returns that rate."""
+        self.step_count += 1
+        for group in self.optimizer.param_groups:
+            group["lr"] = scheduled_lr(self.base_lr, self.step_count, self.cfg)
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    @contextmanager
+    def _training(self) -> Iterator[None]:
+        self.lm.model.train()
+        try:
+            yield
+        finally:
+            self.lm.model.eval()
+
+    def _update(self, parts: Iterable[P], units: Sequence[float], total: float, loss_fn: Callable[[P], LossOutput],
+                name: str) -> dict[str, float]:
+        """One AdamW step on ``sum_i loss_fn(parts[i]) * units[i] / total``, clipped."""
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         sums: dict[str, float] = {}
-        for i, u in enumerate(units):
-            inputs, batch = packed[i]
-            batch = self._with_reference(inputs, batch, lcfg, device)
-            batch = dataclasses.replace(
-                batch, **{k: getattr(batch, k).to(device) for k in ("targets", "old_logprobs", "advantages", "cu_seqlens")}
-            )
-            with _compute(model, device, self.cfg.precision):
-                hidden = final_hidden(decoder, inputs)
-            if current_old and self.cfg.old_logprobs == "current":
-                import tao_kernels
-
-                with torch.no_grad():
-                    old = tao_kernels.linear_logprob(
-                        hidden.detach().to(weight.dtype), weight, batch.targets, temperature=batch.temperature
-                    ).float()
-                batch = dataclasses.replace(batch, old_logprobs=old)
-                packed[i] = (inputs, dataclasses.replace(packed[i][1], old_logprobs=old.cpu()))
-            out = self.objective.loss(batch, hidden.to(weight.dtype), weight, lcfg)
+        for part, u in zip(parts, units, strict=True):
+            out = loss_fn(part)
             if not torch.isfinite(out.loss):
-                raise PluginError(f"objective {self.objective.name!r} returned a non-finite loss ({float(out.loss)})")
+                raise PluginError(f"{name} returned a non-finite loss ({float(out.loss)})")
             (out.loss * (u / total)).backward()
             loss_sum += float(out.loss.detach()) * u / total
             for k, v in out.metrics.items():
@@ -300,6 +345,30 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         self.optimizer.step()
         return {"loss": loss_sum, "grad_norm": float(grad_norm), **sums}
+
+    def _objective_loss(self, packed: list, lcfg: LossConfig, current_old: bool, i: int) -> LossOutput:
+        """The objective's loss on micro-batch ``packed[i]``; with ``old_logprobs = "current"`` the first
+        epoch also stores the policy's own log-probs in ``packed[i]`` for the later epochs."""
+        model = self.lm.model
+        weight = model.get_output_embeddings().weight
+        device = weight.device
+        inputs, batch = packed[i]
+        batch = self._with_reference(inputs, batch, lcfg, device)
+        batch = dataclasses.replace(
+            batch, **{k: getattr(batch, k).to(device) for k in ("targets", "old_logprobs", "advantages", "cu_seqlens")}
+        )
+        with _compute(model, device, self.cfg.precision):
+            hidden = final_hidden(model.get_decoder(), inputs)
+        if current_old and self.cfg.old_logprobs == "current":
+            import tao_kernels
+
+            with torch.no_grad():
+                old = tao_kernels.linear_logprob(
+                    hidden.detach().to(weight.dtype), weight, batch.targets, temperature=batch.temperature
+                ).float()
+            batch = dataclasses.replace(batch, old_logprobs=old)
+            packed[i] = (inputs, dataclasses.replace(packed[i][1], old_logprobs=old.cpu()))
+        return self.objective.loss(batch, hidden.to(weight.dtype), weight, lcfg)
 
     @torch.no_grad()
     def _with_reference(self, inputs, batch, lcfg: LossConfig, device: torch.device):
