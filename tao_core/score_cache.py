@@ -24,7 +24,7 @@ def _prompt_key(prompt: Prompt) -> str:
 class ScoreCache:
     """``ok`` / ``abstain`` scores on disk, in ``<directory>/scores.sqlite``; thread-safe.
 
-    Keys hash (scorer name, version, options (:func:`tao_core.scoring.scorer_options`; left out when empty, so such
+    Keys hash (scorer name, version, options (:func:`tao_core.scorer.scorer_options`; left out when empty, so such
     keys are unchanged), prompt messages and metadata, group texts unless the scorer is pointwise,
     candidate text). Bump a scorer's ``version`` whenever its scores change meaning.
     """

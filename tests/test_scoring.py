@@ -10,16 +10,11 @@ import pytest
 
 import tao_core
 from tao_core.errors import TaoInputError
-from tao_core.scoring import (
-    Ensemble,
-    ScoreCache,
-    ScorerLimits,
-    load_scorer,
-    normalize,
-    score_group,
-    score_groups,
-    scorer_options,
-)
+from tao_core.ensemble import Ensemble, normalize
+from tao_core.score_cache import ScoreCache
+from tao_core.score_guard import score_group
+from tao_core.scorer import ScorerLimits, load_scorer, scorer_options
+from tao_core.scoring import score_groups
 from tao_core.types import Candidate, Prompt, Score
 
 
