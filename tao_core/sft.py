@@ -5,9 +5,10 @@ response a labeled dataset would hold (:meth:`tao_core.tasks.Task.reference`). B
 as many prompts as the matching TAO config consumes (``rounds x steps_per_round x
 prompts_per_step``, at most the pool) and the very same ones, in TAO's order. The loss is the mean
 negative log-likelihood of the response's tokens plus the end-of-turn token, given the prompt under
-the chat template, on completion tokens only (``tao_kernels.linear_logprob``). The update is the
-TAO trainer's (:class:`tao_core.train.Trainer`: AdamW, gradient accumulation under
-``train.micro_batch_tokens``, clipping, ``train.precision``, ``train.lr``, ``train.lora``), with
+the chat template, on completion tokens only (``tao_kernels.linear_logprob``). Each update is
+:meth:`tao_core.train.Trainer.optimize` with that loss (AdamW, gradient accumulation under
+``train.micro_batch_tokens``, clipping, ``train.precision``, ``train.lr``, ``train.lora``, the LR
+schedule; the objective, KL and PPO settings of ``[train]`` do not apply), with
 ``prompts_per_step`` examples per optimizer step and each epoch in a fresh seeded order.
 
 Evaluation is the pipeline's protocol (:func:`tao_core.tasks.evaluate`: greedy decoding, the
@@ -20,10 +21,11 @@ the same thing) and ``final/``, a Hugging Face directory.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,39 +34,34 @@ import tao_kernels
 import torch
 from tqdm.auto import tqdm
 
-from tao_core.batching import Segment, TrainBatch, final_hidden, pack, plan_micro_batches
+from tao_core.batching import ModelInputs, Segment, TrainBatch, final_hidden, pack, plan_micro_batches
 from tao_core.config import RunConfig, validate
 from tao_core.errors import TaoInputError
 from tao_core.fsio import write_file
-from tao_core.generation import sampler_for
 from tao_core.models import LoadedModel, load_model
-from tao_core.objectives import LossConfig, LossOutput, Objective
+from tao_core.objectives import LossOutput
 from tao_core.pipeline import _versions, step_prompts
 from tao_core.plugins import get_component
 from tao_core.rundir import RunDir, write_dir
+from tao_core.sampler import sampler_for
 from tao_core.tasks import Task, evaluate
 from tao_core.train import Trainer
-from tao_core.types import Candidate, Prompt, Score
+from tao_core.types import Prompt
 
 KIND = "sft"  # config.json "kind" of an SFT run directory (a TAO run's config has no "kind")
 
 
-def nll_loss(batch: TrainBatch, hidden: torch.Tensor, weight: torch.Tensor, cfg: LossConfig) -> LossOutput:
+def nll_loss(trainer: Trainer, part: tuple[ModelInputs, TrainBatch]) -> LossOutput:
     """Supervised fine-tuning: ``L = -(1 / |T|) sum_{t in T} log pi(y_t | x, y_<t)`` over the tokens
-    ``T`` of the labeled responses (temperature 1), the standard next-token cross-entropy."""
-    lp = tao_kernels.linear_logprob(hidden, weight, batch.targets)
+    ``T`` of the labeled responses in micro-batch ``part`` (temperature 1), the standard next-token
+    cross-entropy; the policy's forward runs under the trainer's precision."""
+    inputs, batch = part
+    model = trainer.lm.model
+    weight = model.get_output_embeddings().weight
+    with trainer.forward_context():
+        hidden = final_hidden(model.get_decoder(), inputs)
+    lp = tao_kernels.linear_logprob(hidden.to(weight.dtype), weight, batch.targets.to(weight.device))
     return LossOutput(-lp.mean(), {"nll": float(-lp.detach().mean())})
-
-
-def select_labeled(rewards: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor) -> list[list[tuple[int, float]]]:
-    """Every labeled response is trained on, with weight 1 (a group holds one example)."""
-    return [[(i, 1.0) for i in mask[g].nonzero().flatten().tolist()] for g in range(mask.shape[0])]
-
-
-SFT_OBJECTIVE = Objective(
-    "sft", nll_loss, advantage="group_mean", select=select_labeled, logprob_temperature=1.0,
-    units=lambda batch, cfg: batch.n_tokens,
-)
 
 
 @dataclass
@@ -159,6 +156,17 @@ def sft(cfg: RunConfig, *, examples: int | None = None, epochs: int = 1, eval_ea
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise TaoInputError(f"epochs must be an integer >= 1, got {epochs!r}")
     task: Task = get_component("tasks", cfg.task)(**cfg.task_options)
+    prompts = training_prompts(cfg, task, examples)
+    references(task, prompts)  # a task without labels fails here, before the model loads
+    rd = RunDir(cfg.output_dir).claim(KIND)
+    try:
+        return _train(cfg, task, prompts, epochs, eval_each_epoch, rd, lm, progress)
+    finally:
+        rd.release()
+
+
+def training_prompts(cfg: RunConfig, task: Task, examples: int | None) -> list[Prompt]:
+    """The first ``examples`` prompts of the TAO run's order (all it consumes when None)."""
     if cfg.prompts_file:
         from tao_core.data import load_prompts
 
@@ -169,63 +177,36 @@ def sft(cfg: RunConfig, *, examples: int | None = None, epochs: int = 1, eval_ea
     if n > len(pool):
         raise TaoInputError(f"examples = {n}, but task {cfg.task!r} gives {len(pool)} training prompts; ask for at "
                             "most that many (or raise the task's n_train in task_options)")
-    prompts = step_prompts(pool, cfg.seed, 0, n)
-    references(task, prompts)  # a task without labels fails here, before the model loads
-    rd = RunDir(cfg.output_dir).claim(KIND)
-    try:
-        return _train(cfg, task, prompts, n, epochs, eval_each_epoch, rd, lm, progress)
-    finally:
-        rd.release()
+    return step_prompts(pool, cfg.seed, 0, n)
 
 
-def _train(cfg: RunConfig, task: Task, prompts: list[Prompt], n: int, epochs: int, eval_each_epoch: bool, rd: RunDir,
+def _train(cfg: RunConfig, task: Task, prompts: list[Prompt], epochs: int, eval_each_epoch: bool, rd: RunDir,
            lm: LoadedModel | None, progress: bool) -> SftResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     lm = lm or load_model(cfg.model)
     data = labeled_examples(task, prompts, lm)
-    # SFT has no reference model and one pass per batch, whatever the TAO config says
-    train_cfg = dataclasses.replace(cfg.train, objective=SFT_OBJECTIVE.name, kl_coef=0.0, ppo_epochs=1,
-                                    old_logprobs="sampled")
-    trainer = Trainer(lm, train_cfg, objective=SFT_OBJECTIVE)
-    sampler = sampler_for(lm)
-    eval_examples = task.eval_examples(cfg.eval_limit)
-    batch = cfg.prompts_per_step
-    steps_per_epoch = -(-n // batch)
+    trainer = Trainer(lm, cfg.train, custom_loss=True)  # the objective, KL and PPO settings do not apply
+    held_out = _HeldOut(rd, task, sampler_for(lm), task.eval_examples(cfg.eval_limit), lm, data,
+                        cfg.train.micro_batch_tokens)
+    n, batch = len(data), cfg.prompts_per_step
+    steps = -(-n // batch) * epochs
+    _write_config(rd, cfg, n, epochs, steps)
 
-    config = {"kind": KIND, **cfg.to_dict(),
-              "sft": {"examples": n, "epochs": epochs, "batch_size": batch, "steps": steps_per_epoch * epochs,
-                      "prompts": f"the first {n} prompts of the TAO run's order (seed {cfg.seed})"}}
-    write_file(rd.root / "config.json", json.dumps(config, indent=2))
-    write_file(rd.root / "versions.json", json.dumps(_versions(), indent=2))
-
-    def held_out(step: int, epoch: int, seen: int) -> dict[str, Any]:
-        result = evaluate(task, sampler, eval_examples)
-        rec = {**result.to_dict(), "step": step, "epoch": epoch, "examples_seen": seen,
-               "train_nll": mean_nll(lm, data, cfg.train.micro_batch_tokens)}
-        rd.log({"type": "eval", **rec})
-        tqdm.write(f"sft epoch {epoch}: held-out {result.metric} = {result.value:.3f} "
-                   f"[{result.ci_low:.3f}, {result.ci_high:.3f}], train NLL {rec['train_nll']:.4f}")
-        return rec
-
-    before = held_out(0, 0, 0)
-    evals, tuning_s, step, seen = [before], 0.0, 0, 0
-    bar = tqdm(total=steps_per_epoch * epochs, desc="tao sft", disable=not progress, unit="step")
+    evals, tuning_s, step, seen = [held_out(0, 0, 0)], 0.0, 0, 0
+    bar = tqdm(total=steps, desc="tao sft", disable=not progress, unit="step")
     for epoch in range(1, epochs + 1):
-        order = list(range(n))
-        random.Random(f"tao-sft:{cfg.seed}:{epoch}").shuffle(order)
-        for start in range(0, n, batch):
-            chunk = [data[i] for i in order[start : start + batch]]
-            record, elapsed = _one_step(trainer, chunk)
-            step, seen, tuning_s = step + 1, seen + len(chunk), tuning_s + elapsed
+        for chunk in epoch_batches(data, batch, cfg.seed, epoch):
+            record = sft_step(trainer, chunk)
+            step, seen, tuning_s = step + 1, seen + len(chunk), tuning_s + record["train_s"]
             rd.log({**record, "type": "step", "step": step, "epoch": epoch, "examples_seen": seen})
             bar.update(1)
             bar.set_postfix(nll=f"{record['nll']:.4f}")
         if epoch == epochs or eval_each_epoch:
             evals.append(held_out(step, epoch, seen))
     bar.close()
-    after = evals[-1]
+    before, after = evals[0], evals[-1]
 
     def final(tmp: Path) -> None:
         trainer.save_pretrained(tmp)
@@ -237,16 +218,57 @@ def _train(cfg: RunConfig, task: Task, prompts: list[Prompt], n: int, epochs: in
     return SftResult(str(rd.root), before, after, n, epochs, step, tuning_s, evals)
 
 
-def _one_step(trainer: Trainer, chunk: list[LabeledExample]) -> tuple[dict[str, Any], float]:
-    """One optimizer update on a batch of labeled examples; the step's metrics and its seconds."""
-    cands = [Candidate(prompt_id=e.prompt.id, index=0, text=e.response, prompt_token_ids=e.prompt_ids,
-                       token_ids=e.target_ids, logprobs=[0.0] * len(e.target_ids), finish_reason="stop",
-                       generator="label") for e in chunk]
+def _write_config(rd: RunDir, cfg: RunConfig, n: int, epochs: int, steps: int) -> None:
+    config = {"kind": KIND, **cfg.to_dict(),
+              "sft": {"examples": n, "epochs": epochs, "batch_size": cfg.prompts_per_step, "steps": steps,
+                      "prompts": f"the first {n} prompts of the TAO run's order (seed {cfg.seed})"}}
+    write_file(rd.root / "config.json", json.dumps(config, indent=2))
+    write_file(rd.root / "versions.json", json.dumps(_versions(), indent=2))
+
+
+@dataclass
+class _HeldOut:
+    """An evaluation (before training, after epochs): the held-out metric and the training NLL, logged and printed."""
+
+    rd: RunDir
+    task: Task
+    sampler: Any  # the model's sampler (tao_core.sampler.sampler_for)
+    examples: list  # the task's held-out examples
+    lm: LoadedModel
+    data: list[LabeledExample]  # the training examples, for the training NLL
+    micro_batch_tokens: int
+
+    def __call__(self, step: int, epoch: int, seen: int) -> dict[str, Any]:
+        result = evaluate(self.task, self.sampler, self.examples)
+        rec = {**result.to_dict(), "step": step, "epoch": epoch, "examples_seen": seen,
+               "train_nll": mean_nll(self.lm, self.data, self.micro_batch_tokens)}
+        self.rd.log({"type": "eval", **rec})
+        tqdm.write(f"sft epoch {epoch}: held-out {result.metric} = {result.value:.3f} "
+                   f"[{result.ci_low:.3f}, {result.ci_high:.3f}], train NLL {rec['train_nll']:.4f}")
+        return rec
+
+
+def epoch_batches(data: list[LabeledExample], batch: int, seed: int, epoch: int) -> Iterator[list[LabeledExample]]:
+    """The examples in epoch ``epoch``'s seeded order, ``batch`` at a time."""
+    order = list(range(len(data)))
+    random.Random(f"tao-sft:{seed}:{epoch}").shuffle(order)
+    for start in range(0, len(order), batch):
+        yield [data[i] for i in order[start : start + batch]]
+
+
+def sft_step(trainer: Trainer, chunk: list[LabeledExample]) -> dict[str, Any]:
+    """One optimizer update (:meth:`Trainer.optimize`) on a batch of labeled examples, packed into
+    micro-batches under ``train.micro_batch_tokens`` and weighted by their response tokens; returns
+    the step's metrics, ``train_s`` its seconds."""
     t0 = time.perf_counter()
-    metrics = trainer.step([e.prompt for e in chunk], [[c] for c in cands], [[Score.ok(1.0)] for _ in cands])
+    cfg = trainer.cfg
+    pad = trainer.lm.tokenizer.pad_token_id or 0
+    packed = [pack(mb, cfg.layout, pad) for mb in plan_micro_batches(_segments(chunk), cfg.micro_batch_tokens)]
+    metrics = trainer.optimize(packed, functools.partial(nll_loss, trainer), [b.n_tokens for _, b in packed],
+                               name="SFT's NLL loss")
     elapsed = time.perf_counter() - t0
-    keep = ("loss", "nll", "grad_norm", "tokens", "row_tokens", "micro_batches", "lr", "tokens_per_s", "sequences")
-    record = {k: metrics[k] for k in keep if k in metrics}
-    record["trainer_step"] = metrics["step"]
-    record["train_s"] = elapsed
-    return record, elapsed
+    tokens = float(sum(b.n_tokens for _, b in packed))
+    return {"loss": metrics["loss"], "nll": metrics["nll"], "grad_norm": metrics["grad_norm"], "tokens": tokens,
+            "row_tokens": float(sum(i.input_ids.numel() for i, _ in packed)), "micro_batches": float(len(packed)),
+            "lr": metrics["lr"], "tokens_per_s": tokens / elapsed, "sequences": float(len(chunk)),
+            "trainer_step": metrics["step"], "train_s": elapsed}
