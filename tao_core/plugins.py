@@ -10,6 +10,10 @@ A plugin cannot take tao down: a failed import, a hook that raises (``SystemExit
 another plugin or by a built-in command is recorded against the plugin, warned about, and shown by
 ``tao plugins`` and ``tao --help``. Each hook's registrations are staged and committed only when
 the hook returns normally, so a failing hook leaves nothing half-registered.
+
+The implementations of a hook are called one plugin at a time, so that each failure is the
+plugin's own, in pluggy's order (:func:`call_order`): ``tryfirst`` first, ``trylast`` last,
+otherwise the plugin registered last first.
 """
 
 from __future__ import annotations
@@ -218,6 +222,47 @@ class _Staging:
         self.items.append((name, obj, checked))
 
 
+def call_order(hook: pluggy.HookCaller) -> list[pluggy.HookImpl]:
+    """A hook's implementations in the order pluggy calls them: ``tryfirst`` ones first, ``trylast``
+    ones last, and otherwise the most recently registered plugin first (``get_hookimpls()`` lists
+    them the other way round, oldest and ``trylast`` first)."""
+    return list(reversed(hook.get_hookimpls()))
+
+
+def _register_from(impl: pluggy.HookImpl, kind: str, reg: Registry) -> tuple[str, BaseException | None] | None:
+    """Call one plugin's ``tao_register_<kind>`` and add what it registered to ``reg``, all or nothing.
+
+    Returns None when the hook returned normally, else ``(problem, the exception it raised or None)``.
+    """
+    hook = f"tao_register_{kind}"
+    if impl.hookwrapper or impl.wrapper:
+        return (f"{hook} is a hook wrapper; tao calls each plugin's register hook on its own, so a failing "
+                f"plugin is isolated, and takes no wrappers: drop wrapper=True/hookwrapper=True and order "
+                f"plugins with tryfirst=True/trylast=True; none of its {kind} are registered"), None
+    staged = _Staging(kind, impl.plugin_name)
+    arguments = {"register": staged.register}
+    try:
+        result = impl.function(*(arguments[a] for a in impl.argnames),
+                               **{k: arguments[k] for k in impl.kwargnames if k in arguments})
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # SystemExit included: a plugin must not end tao
+        result = e
+    finally:
+        staged.open = False
+    if staged.error is not None:
+        message = staged.error
+    elif isinstance(result, BaseException):
+        message = f"{hook} raised {type(result).__name__}: {result}"
+    elif result is not None:
+        message = f"{hook} returned {type(result).__name__} {result!r:.80} instead of calling register(name, obj)"
+    else:
+        for name, obj, aliases in staged.items:
+            reg.add(kind, name, obj, impl.plugin_name, aliases)
+        return None
+    return f"{message}; none of its {kind} are registered", result if isinstance(result, BaseException) else None
+
+
 def _allowed_names() -> set[str] | None:
     raw = os.environ.get("TAO_LOAD_PLUGINS")
     if raw is None:
@@ -337,33 +382,13 @@ class PluginManager:
         reg = Registry(self._reserved)
         tracebacks: dict[str, str] = {}  # problem -> the traceback of the hook that raised
         for kind in KINDS:
-            hook = f"tao_register_{kind}"
-            # get_hookimpls() lists registrations oldest first: stable names, first owner wins.
-            for impl in getattr(self.pm.hook, hook).get_hookimpls():
-                plugin = impl.plugin_name
-                staged = _Staging(kind, plugin)
-                try:
-                    result = impl.function(register=staged.register)
-                except KeyboardInterrupt:
-                    raise
-                except BaseException as e:  # SystemExit included: a plugin must not end tao
-                    result = e
-                finally:
-                    staged.open = False
-                if staged.error is not None:
-                    message = staged.error
-                elif isinstance(result, BaseException):
-                    message = f"{hook} raised {type(result).__name__}: {result}"
-                elif result is not None:
-                    message = f"{hook} returned {type(result).__name__} {result!r:.80} instead of calling register(name, obj)"
-                else:
-                    for name, obj, aliases in staged.items:
-                        reg.add(kind, name, obj, plugin, aliases)
-                    continue
-                message = f"{message}; none of its {kind} are registered"
-                reg.record_error(plugin, message)
-                if isinstance(result, BaseException):
-                    tracebacks[message] = "".join(traceback.format_exception(result))
+            for impl in call_order(getattr(self.pm.hook, f"tao_register_{kind}")):
+                problem = _register_from(impl, kind, reg)
+                if problem is not None:
+                    message, exc = problem
+                    reg.record_error(impl.plugin_name, message)
+                    if exc is not None:
+                        tracebacks[message] = "".join(traceback.format_exception(exc))
         warned: set[str] = set()
         for plugin, problems in reg.errors.items():
             for p in problems:

@@ -170,8 +170,9 @@ def test_help_and_plugins_work_and_show_duplicates(dup_cmd):
     assert "dupcmd-ok" in res.output
     res = CliRunner().invoke(cli, ["plugins"])
     assert res.exit_code == 0, res.output
-    assert "FAILED: duplicate command name 'rmx': registered by plugin 'every-hook-test' and again by plugin " \
-           "'dup-cmd'" in res.output
+    # pluggy's order: the plugin registered last is called first
+    assert "FAILED: duplicate command name 'rmx': registered by plugin 'dup-cmd' and again by plugin " \
+           "'every-hook-test'" in res.output
     res = CliRunner().invoke(cli, ["plugins", "--json"])
     assert res.exit_code == 0, res.output
     data = {p["name"]: p for p in json.loads(res.output)}
@@ -225,14 +226,14 @@ def test_duplicate_alias_is_an_error():
             register("two", list, aliases=("shared",))
 
     manager.register(A(), name="a")
-    manager.register(B(), name="b")
+    manager.register(B(), name="b")  # registered last, so called first (pluggy's order)
     with pytest.warns(UserWarning, match="'shared'"):
         reg = manager.registry
-    with pytest.raises(PluginError, match="'shared'.*'a'.*'b'"):
+    with pytest.raises(PluginError, match="'shared'.*'b'.*'a'"):
         reg.get("tasks", "shared")
-    assert reg.get("tasks", "one") is dict
-    with pytest.raises(PluginError, match="unknown task 'two'"):  # b's registration clashed as a whole
-        reg.get("tasks", "two")
+    assert reg.get("tasks", "two") is list
+    with pytest.raises(PluginError, match="unknown task 'one'"):  # a's registration clashed as a whole
+        reg.get("tasks", "one")
 
 
 def test_plugin_raising_in_hook_is_reported_and_others_keep_working():
