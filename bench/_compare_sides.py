@@ -79,7 +79,7 @@ def make_task(spec: dict[str, Any]) -> Any:
 
 def heldout(task: Any, lm: Any, spec: dict[str, Any]) -> dict[str, Any]:
     """tao's fixed evaluation protocol on the first ``eval_limit`` held-out examples."""
-    from tao_core.generation import sampler_for
+    from tao_core.sampler import sampler_for
     from tao_core.tasks import evaluate
 
     return evaluate(task, sampler_for(lm), task.eval_examples(spec["eval_limit"])).to_dict()

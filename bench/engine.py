@@ -68,7 +68,7 @@ def run_engine(engine: Engine, prompts: list[list[int]], n: int, new_tokens: int
     # every call); blocks shared inside this call (the chat template's system prompt) still count
     engine.cache.invalidate()
     params = SamplingParams(n=n, temperature=1.0, max_new_tokens=new_tokens, seed=0)
-    results = engine.generate([EngineRequest(p, params, ignore_eos=True) for p in prompts])
+    results = engine.run([EngineRequest(p, params, ignore_eos=True) for p in prompts])
     return sum(len(s.token_ids) for r in results for s in r.samples)
 
 

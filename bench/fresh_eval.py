@@ -16,8 +16,8 @@ import sys
 
 from tao_plugins.tasks.arithmetic import ArithmeticTask
 
-from tao_core.generation import sampler_for
 from tao_core.models import load_model
+from tao_core.sampler import sampler_for
 from tao_core.tasks import evaluate
 
 

@@ -33,20 +33,20 @@ def parse_task_options(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 class _Chunked:
-    """Runs a generator over the prompts in chunks, with a progress bar on stderr."""
+    """Runs a sampler over the prompts in chunks, with a progress bar on stderr."""
 
-    def __init__(self, generator: Any, chunk: int, label: str) -> None:
-        self.generator, self.chunk, self.label = generator, chunk, label
-        self.name = getattr(generator, "name", "generator")
+    def __init__(self, sampler: Any, chunk: int, label: str) -> None:
+        self.sampler, self.chunk, self.label = sampler, chunk, label
+        self.name = getattr(sampler, "name", "sampler")
 
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Candidate]]:
+    def sample(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Candidate]]:
         from tqdm import tqdm
 
         out: list[list[Candidate]] = []
         with tqdm(total=len(prompts), desc=self.label, unit="prompt", disable=None, file=None) as bar:
             for start in range(0, len(prompts), self.chunk):
                 part = list(prompts[start : start + self.chunk])
-                out += self.generator.generate(part, params)
+                out += self.sampler.sample(part, params)
                 bar.update(len(part))
         return out
 
@@ -54,8 +54,8 @@ class _Chunked:
 def run_eval(task_name: str, model: Any, *, limit: int | None = None, task_options: dict[str, Any] | None = None,
              chunk: int = 32) -> Any:
     """Evaluate ``model`` (a name/path or a loaded model) on a registered task; returns an EvalResult."""
-    from tao_core.generation import sampler_for
     from tao_core.models import LoadedModel, load_model
+    from tao_core.sampler import sampler_for
     from tao_core.tasks import evaluate
 
     if limit is not None and limit < 1:

@@ -22,8 +22,8 @@ from typing import Any
 
 import tao_core
 from tao_core.errors import TaoInputError
-from tao_core.generation import sampler_for
 from tao_core.models import LoadedModel
+from tao_core.sampler import sampler_for
 from tao_core.types import Candidate, Prompt, SamplingParams
 
 
@@ -36,7 +36,7 @@ class SampleGenerator:
         self.sampler = sampler_for(model)
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Candidate]]:
-        groups = self.sampler.generate(prompts, params)
+        groups = self.sampler.sample(prompts, params)
         for group in groups:
             for c in group:
                 c.generator = self.name
@@ -180,7 +180,7 @@ class DiverseGenerator:
             asked = [apply_template(p, template, self.templates, f"{p.id}::{template}@{temp:g}") for p in prompts]
             sub = dataclasses.replace(params, n=len(where), temperature=temp,
                                       seed=None if params.seed is None else params.seed + ci)
-            for pi, got in enumerate(self.sampler.generate(asked, sub)):
+            for pi, got in enumerate(self.sampler.sample(asked, sub)):
                 for j, c in zip(where, got, strict=True):
                     groups[pi][j] = c
         out = []

@@ -44,7 +44,8 @@ def tao_register_generators(register: Register) -> None:
     ``Generator`` has ``generate(prompts: list[Prompt], params: SamplingParams)
     -> list[list[Candidate]]`` returning one group of ``params.n`` candidates per prompt, each with
     its token ids and sampled log-probs (see ``tao_core.Candidate``). Use
-    ``tao_core.generation.sampler_for(model)`` to sample: it picks the fastest backend available.
+    ``tao_core.sampler.sampler_for(model)`` for the tokens: its ``sample(prompts, params)`` runs
+    the model's declared sampler backend (the engine when it supports the model).
 
     Example::
 

@@ -21,7 +21,7 @@ import re
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,9 @@ _SHA256_INDEX = ".sha256.json"  # {resolved path: {"stamp": [size, mtime_ns, ino
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # always used with fullmatch
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# how a model samples (tao_core.sampler.sampler_for): "auto" is the engine when it supports the model,
+# else transformers' generate; "engine" insists on the engine; "hf" forces transformers
+SAMPLER_BACKENDS = ("auto", "engine", "hf")
 
 
 def tao_home() -> Path:
@@ -59,6 +62,15 @@ class LoadedModel:
     tokenizer: Any  # transformers tokenizer with a chat template when the model has one
     name: str  # alias, cache name or path it was loaded from
     path: Path  # the Hugging Face directory the weights came from
+    sampler_backend: str = "auto"  # one of SAMPLER_BACKENDS: which sampler tao_core.sampler.sampler_for builds
+    # (model it was built for, backend, sampler): the one sampler sampler_for shares between callers
+    sampler_cache: tuple[Any, str, Any] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.sampler_backend not in SAMPLER_BACKENDS:
+            raise TaoInputError(
+                f"model {self.name}: unknown sampler backend {self.sampler_backend!r}; use one of {', '.join(SAMPLER_BACKENDS)}"
+            )
 
     @property
     def device(self) -> torch.device:
@@ -402,15 +414,19 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    sampler: str = "auto",
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from an alias, a cache name, a GGUF file or a directory.
 
     ``trust_remote_code=True`` lets a directory's own Python code (its config's ``auto_map``) run:
-    ask for it only for a model whose code you have read.
+    ask for it only for a model whose code you have read. ``sampler`` is the model's declared
+    sampler backend (``LoadedModel.sampler_backend``, one of ``SAMPLER_BACKENDS``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    if sampler not in SAMPLER_BACKENDS:
+        raise TaoInputError(f"unknown sampler backend {sampler!r}; use one of {', '.join(SAMPLER_BACKENDS)}")
     torch_dtype = _DTYPES.get(dtype) if isinstance(dtype, str) else dtype
     if not isinstance(torch_dtype, torch.dtype):
         raise TaoInputError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
@@ -436,7 +452,7 @@ def load_model(
     model.eval()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return LoadedModel(model=model, tokenizer=tok, name=str(spec), path=path)
+    return LoadedModel(model=model, tokenizer=tok, name=str(spec), path=path, sampler_backend=sampler)
 
 
 def list_models() -> list[dict[str, Any]]:

@@ -58,7 +58,7 @@ def max_gap(model, prompts, results, temperature):
 
 def test_greedy_matches_transformers_generate(model):
     eng = make_engine(model)
-    res = eng.generate([EngineRequest(p, SamplingParams(temperature=0, max_new_tokens=12)) for p in PROMPTS])
+    res = eng.run([EngineRequest(p, SamplingParams(temperature=0, max_new_tokens=12)) for p in PROMPTS])
     for p, r in zip(PROMPTS, res, strict=True):
         ref = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
         assert r.samples[0].token_ids == ref[0, len(p) :].tolist()
@@ -68,7 +68,7 @@ def test_greedy_matches_transformers_generate(model):
 def test_sampled_logprobs_match_full_forward(model):
     eng = make_engine(model)
     params = SamplingParams(n=3, temperature=0.7, top_k=20, top_p=0.9, min_p=0.02, max_new_tokens=15, seed=3)
-    res = eng.generate([EngineRequest(p, params) for p in PROMPTS])
+    res = eng.run([EngineRequest(p, params) for p in PROMPTS])
     assert all(len(r.samples) == 3 and len(s.token_ids) == 15 for r in res for s in r.samples)
     assert max_gap(model, PROMPTS, res, 0.7) <= 1e-4
 
@@ -76,7 +76,7 @@ def test_sampled_logprobs_match_full_forward(model):
 def test_seeds_give_reproducible_independent_streams(model):
     eng = make_engine(model)
     a, b, c = (
-        eng.generate([EngineRequest(PROMPTS[0], SamplingParams(n=4, max_new_tokens=10, seed=s))])[0]
+        eng.run([EngineRequest(PROMPTS[0], SamplingParams(n=4, max_new_tokens=10, seed=s))])[0]
         for s in (5, 5, 6)
     )
     toks = [s.token_ids for s in a.samples]
@@ -89,13 +89,13 @@ def test_n_samples_prefill_prompt_once_and_system_prefix_is_shared(model):
     eng = make_engine(model)
     system = list(range(30, 42))  # three full blocks of 4
     prompts = [system + [1, 2, 3], system + [7, 8]]
-    res = eng.generate([EngineRequest(p, SamplingParams(n=5, max_new_tokens=6, seed=1)) for p in prompts])
+    res = eng.run([EngineRequest(p, SamplingParams(n=5, max_new_tokens=6, seed=1)) for p in prompts])
     stats = eng.cache.stats
     # the first prompt is prefilled once for its 5 samples; the second reuses the 12 system tokens
     assert stats.prefilled_tokens == len(prompts[0]) + 2
     assert stats.prefix_hit_tokens == 12
     assert max_gap(model, prompts, res, 1.0) <= 1e-4
-    alone = make_engine(model).generate([EngineRequest(prompts[1], SamplingParams(n=5, max_new_tokens=6, seed=1))])
+    alone = make_engine(model).run([EngineRequest(prompts[1], SamplingParams(n=5, max_new_tokens=6, seed=1))])
     assert [s.token_ids for s in alone[0].samples] == [s.token_ids for s in res[1].samples]
 
 
@@ -103,8 +103,8 @@ def test_prefix_blocks_survive_between_calls_until_the_weights_change(model):
     eng = make_engine(model)
     prompt = list(range(40, 53))
     req = lambda: EngineRequest(prompt, SamplingParams(temperature=0, max_new_tokens=8))  # noqa: E731
-    first = eng.generate([req()])[0].samples[0]
-    eng.generate([req()])
+    first = eng.run([req()])[0].samples[0]
+    eng.run([req()])
     assert eng.cache.stats.prefix_hit_tokens == 12  # second call found 3 blocks
     assert eng.cache.num_indexed == 3
 
@@ -118,7 +118,7 @@ def test_prefix_blocks_survive_between_calls_until_the_weights_change(model):
     model.eval()
     assert weight.data_ptr() == ptr and weights_version(model) != version  # updated in place
 
-    after = eng.generate([req()])[0].samples[0]
+    after = eng.run([req()])[0].samples[0]
     assert eng.cache.stats.invalidations == 1
     assert eng.cache.stats.prefix_hit_tokens == 12  # nothing reused from before the step
     assert (full_logprobs(model, prompt, after.token_ids, 1.0) - torch.tensor(after.logprobs)).abs().max() <= 1e-4
@@ -131,7 +131,7 @@ def test_lora_adapters_are_applied(model):
     wrapped = peft.get_peft_model(model, cfg).eval()
     eng = make_engine(wrapped)
     params = SamplingParams(n=2, temperature=0.9, max_new_tokens=10, seed=0)
-    res = eng.generate([EngineRequest(p, params) for p in PROMPTS[:2]])
+    res = eng.run([EngineRequest(p, params) for p in PROMPTS[:2]])
     assert max_gap(wrapped, PROMPTS[:2], res, 0.9) <= 1e-4
     with wrapped.disable_adapter():
         assert max_gap(wrapped, PROMPTS[:2], res, 0.9) > 1e-3
@@ -140,17 +140,17 @@ def test_lora_adapters_are_applied(model):
 def test_train_mode_is_restored_and_dropout_off_while_sampling(model):
     model.train()
     eng = make_engine(model)
-    eng.generate([EngineRequest(PROMPTS[0], SamplingParams(max_new_tokens=3))])
+    eng.run([EngineRequest(PROMPTS[0], SamplingParams(max_new_tokens=3))])
     assert model.training
 
 
 def test_requests_wait_for_a_small_cache_and_batching_does_not_change_them(model):
     params = SamplingParams(n=2, temperature=0.8, max_new_tokens=10, seed=11)
     reqs = lambda: [EngineRequest(p, params) for p in PROMPTS]  # noqa: E731
-    big = make_engine(model).generate(reqs())
+    big = make_engine(model).run(reqs())
     # 48 tokens: room for one request at a time (each needs up to 2 x ceil((11 + 9) / 4) blocks)
     small_engine = make_engine(model, max_kv_tokens=48, max_running=3)
-    small = small_engine.generate(reqs())
+    small = small_engine.run(reqs())
     assert [[s.token_ids for s in r.samples] for r in small] == [[s.token_ids for s in r.samples] for r in big]
     assert small_engine.cache.num_free == small_engine.cache.num_blocks
     assert small_engine.scheduler.reserved == 0
@@ -158,7 +158,7 @@ def test_requests_wait_for_a_small_cache_and_batching_does_not_change_them(model
 
 def test_request_that_can_never_fit_fails_alone(model):
     eng = make_engine(model, max_kv_tokens=32)
-    res = eng.generate([
+    res = eng.run([
         EngineRequest(PROMPTS[0], SamplingParams(n=8, max_new_tokens=30)),
         EngineRequest(PROMPTS[2], SamplingParams(max_new_tokens=5)),
     ])
@@ -171,7 +171,7 @@ def test_bad_requests_error_alone_and_the_batch_goes_on(model):
     bad_param.temperature = -1.0
     eng = make_engine(model)
     ok = SamplingParams(temperature=0, max_new_tokens=6)
-    res = eng.generate([
+    res = eng.run([
         EngineRequest([], ok),
         EngineRequest(PROMPTS[0], ok),
         EngineRequest(list(range(90)) * 2, ok),
@@ -183,23 +183,23 @@ def test_bad_requests_error_alone_and_the_batch_goes_on(model):
     assert "context" in res[2].error
     assert "temperature" in res[3].error
     assert "outside" in res[4].error
-    alone = make_engine(model).generate([EngineRequest(PROMPTS[0], ok), EngineRequest(PROMPTS[2], ok)])
+    alone = make_engine(model).run([EngineRequest(PROMPTS[0], ok), EngineRequest(PROMPTS[2], ok)])
     assert res[1].samples[0].token_ids == alone[0].samples[0].token_ids
     assert res[5].samples[0].token_ids == alone[1].samples[0].token_ids
 
 
 def test_stop_token_ids_and_max_new_tokens_finish_reasons(model):
     eng = make_engine(model)
-    base = eng.generate([EngineRequest(PROMPTS[1], SamplingParams(temperature=0, max_new_tokens=8))])[0].samples[0]
+    base = eng.run([EngineRequest(PROMPTS[1], SamplingParams(temperature=0, max_new_tokens=8))])[0].samples[0]
     stop_tok = base.token_ids[3]
     first = base.token_ids.index(stop_tok)
-    res = eng.generate([EngineRequest(PROMPTS[1], SamplingParams(temperature=0, max_new_tokens=8, stop_token_ids=[stop_tok]))])
+    res = eng.run([EngineRequest(PROMPTS[1], SamplingParams(temperature=0, max_new_tokens=8, stop_token_ids=[stop_tok]))])
     s = res[0].samples[0]
     assert s.finish_reason == "stop" and s.token_ids == base.token_ids[: first + 1]
-    checked = eng.generate([EngineRequest(PROMPTS[1], SamplingParams(temperature=0, max_new_tokens=8), stop_checker=lambda ids: len(ids) == 2)])
+    checked = eng.run([EngineRequest(PROMPTS[1], SamplingParams(temperature=0, max_new_tokens=8), stop_checker=lambda ids: len(ids) == 2)])
     assert checked[0].samples[0].token_ids == base.token_ids[:2] and checked[0].samples[0].finish_reason == "stop"
     eos_engine = Engine(model, eos_token_ids=[stop_tok], config=EngineConfig(max_kv_tokens=256, block_size=4))
-    ignored = eos_engine.generate([EngineRequest(PROMPTS[1], SamplingParams(temperature=0, max_new_tokens=8), ignore_eos=True)])
+    ignored = eos_engine.run([EngineRequest(PROMPTS[1], SamplingParams(temperature=0, max_new_tokens=8), ignore_eos=True)])
     assert ignored[0].samples[0].token_ids == base.token_ids
 
 
@@ -222,21 +222,21 @@ def test_continuous_batching_requests_join_and_leave(model):
 def test_release_and_reallocate_cache(model):
     eng = make_engine(model)
     req = lambda: EngineRequest(PROMPTS[3], SamplingParams(temperature=0, max_new_tokens=5))  # noqa: E731
-    first = eng.generate([req()])[0].samples[0].token_ids
+    first = eng.run([req()])[0].samples[0].token_ids
     assert eng.cache.allocated
     eng.release_cache()
     assert not eng.cache.allocated and eng.cache.k is None
-    assert eng.generate([req()])[0].samples[0].token_ids == first
+    assert eng.run([req()])[0].samples[0].token_ids == first
     assert eng.cache.allocated
 
 
 def test_batch_composition_agreement(model):
     params = [SamplingParams(temperature=1.0, max_new_tokens=12, seed=100 + i) for i in range(8)]
     prompts = [PROMPTS[i % 4] + [i + 1] for i in range(8)]
-    together = make_engine(model).generate([EngineRequest(p, sp) for p, sp in zip(prompts, params, strict=True)])
+    together = make_engine(model).run([EngineRequest(p, sp) for p, sp in zip(prompts, params, strict=True)])
     same = 0
     for i in range(8):
-        alone = make_engine(model).generate([EngineRequest(prompts[i], params[i])])
+        alone = make_engine(model).run([EngineRequest(prompts[i], params[i])])
         same += alone[0].samples[0].token_ids == together[i].samples[0].token_ids
     print(f"batch-composition agreement: {same}/8")
     assert same >= 7
@@ -258,9 +258,9 @@ def tiny(model_type: str):
 def test_llama_family_variants_match_full_forward(model_type):
     m = tiny(model_type)
     eng = make_engine(m)
-    res = eng.generate([EngineRequest(p, SamplingParams(n=2, max_new_tokens=8, seed=2)) for p in PROMPTS[:3]])
+    res = eng.run([EngineRequest(p, SamplingParams(n=2, max_new_tokens=8, seed=2)) for p in PROMPTS[:3]])
     assert max_gap(m, PROMPTS[:3], res, 1.0) <= 1e-4
-    greedy = eng.generate([EngineRequest(PROMPTS[1], SamplingParams(temperature=0, max_new_tokens=8))])
+    greedy = eng.run([EngineRequest(PROMPTS[1], SamplingParams(temperature=0, max_new_tokens=8))])
     ref = m.generate(torch.tensor([PROMPTS[1]]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert greedy[0].samples[0].token_ids == ref[0, len(PROMPTS[1]) :].tolist()
 
@@ -268,19 +268,19 @@ def test_llama_family_variants_match_full_forward(model_type):
 def test_sampler_for_uses_the_engine_for_llama_and_generate_otherwise(model):
     from pathlib import Path
 
-    from tao_core.engine import EngineGenerator
-    from tao_core.generation import HFGenerator, sampler_for
+    from tao_core.engine import EngineSampler
     from tao_core.models import LoadedModel
+    from tao_core.sampler import HFSampler, sampler_for
 
-    assert isinstance(sampler_for(LoadedModel(model, None, "tiny", Path("."))), EngineGenerator)
-    assert isinstance(sampler_for(LoadedModel(tiny("gpt2"), None, "gpt2", Path("."))), HFGenerator)
+    assert isinstance(sampler_for(LoadedModel(model, None, "tiny", Path("."))), EngineSampler)
+    assert isinstance(sampler_for(LoadedModel(tiny("gpt2"), None, "gpt2", Path("."))), HFSampler)
 
 
 def test_bfloat16_model_runs_with_a_bfloat16_cache(model):
     m = model.to(torch.bfloat16)
     eng = make_engine(m)
     assert eng.cache.dtype == torch.bfloat16
-    res = eng.generate([EngineRequest(p, SamplingParams(n=2, max_new_tokens=8, seed=4)) for p in PROMPTS[:2]])
+    res = eng.run([EngineRequest(p, SamplingParams(n=2, max_new_tokens=8, seed=4)) for p in PROMPTS[:2]])
     # bf16 rounding differs between the packed engine forward and the padded full forward
     assert max_gap(m, PROMPTS[:2], res, 1.0) <= 0.1
 
@@ -298,22 +298,22 @@ class CharTokenizer:
         return "".join(chr(32 + i) for i in ids)
 
 
-def test_engine_generator_cuts_stop_strings_and_reports_bad_prompts_alone(model):
+def test_engine_sampler_cuts_stop_strings_and_reports_bad_prompts_alone(model):
     from pathlib import Path
 
-    from tao_core.engine import EngineGenerator
+    from tao_core.engine import EngineSampler
     from tao_core.models import LoadedModel
     from tao_core.types import Prompt
 
     lm = LoadedModel(model, CharTokenizer(), "tiny", Path("."))
-    gen = EngineGenerator(lm, EngineConfig(max_kv_tokens=1024, block_size=4))
+    gen = EngineSampler(lm, EngineConfig(max_kv_tokens=1024, block_size=4))
     prompts = [Prompt("a", text="hello there"), Prompt("long", text="x" * 200), Prompt("b", text="abc")]
-    plain = gen.generate(prompts, SamplingParams(temperature=0, max_new_tokens=10))
+    plain = gen.sample(prompts, SamplingParams(temperature=0, max_new_tokens=10))
     assert plain[1][0].finish_reason == "error" and "context" in plain[1][0].metadata["error"]
     text = plain[0][0].text
     assert len(text) == 10 and plain[0][0].finish_reason == "length"
     stop = text[3:5]
-    cut = gen.generate(prompts, SamplingParams(temperature=0, max_new_tokens=10, stop=[stop]))[0][0]
+    cut = gen.sample(prompts, SamplingParams(temperature=0, max_new_tokens=10, stop=[stop]))[0][0]
     assert cut.finish_reason == "stop" and cut.text == text[: text.index(stop)]
     assert cut.token_ids == plain[0][0].token_ids[: text.index(stop) + 1]
     assert cut.logprobs == plain[0][0].logprobs[: len(cut.token_ids)]

@@ -134,8 +134,8 @@ def test_silu_mul_matches_torch_including_extreme_inputs(lib):
     assert torch.isfinite(got).all() and (got - want).abs().max().item() < 1e-4
 
 
-def test_native_sampler_draws_by_the_inverse_cdf_definition(lib):
-    from tao_core.engine import sampler
+def test_native_sampling_draws_by_the_inverse_cdf_definition(lib):
+    from tao_core.engine import sampling
 
     g = torch.Generator().manual_seed(4)
     rows, vocab = 256, 4096
@@ -151,39 +151,39 @@ def test_native_sampler_draws_by_the_inverse_cdf_definition(lib):
     assert ((tokens == want) | close).all() and (tokens == want).float().mean() > 0.99
     lp = torch.log_softmax(z, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     assert (logprobs - lp).abs().max().item() < 1e-5
-    # the sampler uses it for unfiltered rows and keeps the PyTorch path for the rest
-    batch = sampler.SamplingBatch.build(
+    # sampling uses it for unfiltered rows and keeps the PyTorch path for the rest
+    batch = sampling.SamplingBatch.build(
         temperature=[1.0] * rows, top_k=[0] * rows, top_p=[1.0] * rows, min_p=[0.0] * rows,
         uniform=u.tolist(), device=torch.device("cpu"),
     )
-    before = sampler.native_sampling()
+    before = sampling.native_sampling()
     try:
-        sampler.native_sampling(False)
-        t_torch, lp_torch = sampler.sample(z, batch)
-        sampler.native_sampling(True)
-        t_nat, lp_nat = sampler.sample(z, batch)
+        sampling.native_sampling(False)
+        t_torch, lp_torch = sampling.sample(z, batch)
+        sampling.native_sampling(True)
+        t_nat, lp_nat = sampling.sample(z, batch)
     finally:
-        sampler.native_sampling(before)
+        sampling.native_sampling(before)
     same = t_nat == t_torch
     assert same.float().mean() > 0.99 and (lp_nat - lp_torch)[same].abs().max() < 1e-5
     assert native.sample(torch.zeros(2, 8193), torch.zeros(2), 1) is None  # too many chunks: PyTorch path
 
 
 def test_engine_tokens_and_logprobs_equal_with_and_without_the_native_kernels(lib, model):
-    from tao_core.engine import EngineRequest, sampler
+    from tao_core.engine import EngineRequest, sampling
     from tao_core.types import SamplingParams
 
     def run(use_native: bool):
         eng = make_engine(model)
         assert eng.runner.native_attention and eng.runner.native_ops
         eng.runner.native_attention = eng.runner.native_ops = use_native
-        before = sampler.native_sampling()
-        sampler.native_sampling(use_native)
+        before = sampling.native_sampling()
+        sampling.native_sampling(use_native)
         try:
             p = SamplingParams(n=3, temperature=1.0, max_new_tokens=12, seed=7)
-            return eng.generate([EngineRequest(x, p) for x in PROMPTS])
+            return eng.run([EngineRequest(x, p) for x in PROMPTS])
         finally:
-            sampler.native_sampling(before)
+            sampling.native_sampling(before)
 
     with_native, without = run(True), run(False)
     for a, b in zip(with_native, without, strict=True):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tao_core.engine import EngineGenerator
-from tao_core.generation import HFGenerator, sampler_for
+from tao_core.engine import EngineSampler
 from tao_core.models import load_model
+from tao_core.sampler import HFSampler, sampler_for
 from tao_core.types import Prompt, SamplingParams
 
 pytestmark = pytest.mark.real_model
@@ -39,12 +39,12 @@ def lm():
 
 
 def test_sampler_for_picks_the_engine(lm):
-    assert isinstance(sampler_for(lm), EngineGenerator)
+    assert isinstance(sampler_for(lm), EngineSampler)
 
 
 def test_greedy_matches_transformers_generate_on_batched_chat_prompts(lm):
     new = 24
-    groups = EngineGenerator(lm).generate(CHATS, SamplingParams(temperature=0, max_new_tokens=new))
+    groups = EngineSampler(lm).sample(CHATS, SamplingParams(temperature=0, max_new_tokens=new))
     eos = lm.eos_token_ids
     lengths = {len(lm.prompt_token_ids(p)) for p in CHATS}
     assert len(lengths) >= 6  # prompts of different lengths share the batch
@@ -71,7 +71,7 @@ def test_greedy_matches_transformers_generate_on_batched_chat_prompts(lm):
 
 def test_engine_trainer_logprob_gap(lm):
     params = SamplingParams(n=2, temperature=0.8, top_p=0.95, max_new_tokens=24, seed=7)
-    groups = EngineGenerator(lm).generate(CHATS[:4], params)
+    groups = EngineSampler(lm).sample(CHATS[:4], params)
     gap = 0.0
     for group in groups:
         for c in group:
@@ -87,19 +87,19 @@ def test_engine_trainer_logprob_gap(lm):
 def test_stop_strings_match_the_hf_generator(lm):
     prompt = [Prompt("count", text="Count from 1 to 20, separated by commas.")]
     params = SamplingParams(temperature=0, max_new_tokens=40, stop=["3.", "zebra"])
-    (ours,) = EngineGenerator(lm).generate(prompt, params)[0]
-    (ref,) = HFGenerator(lm).generate(prompt, params)[0]
+    (ours,) = EngineSampler(lm).sample(prompt, params)[0]
+    (ref,) = HFSampler(lm).sample(prompt, params)[0]
     assert ours.finish_reason == "stop" and ours.text.startswith("1.") and "3." not in ours.text
     assert (ours.text, ours.token_ids) == (ref.text, ref.token_ids)
     assert len(ours.token_ids) < 15  # generation stopped at the string, not at max_new_tokens
 
 
 def test_batch_composition_agreement_rate(lm):
-    gen = EngineGenerator(lm)
+    gen = EngineSampler(lm)
     params = SamplingParams(temperature=1.0, max_new_tokens=16, seed=1)
-    together = gen.generate(CHATS, params)
+    together = gen.sample(CHATS, params)
     same = sum(
-        gen.generate([p], params)[0][0].token_ids == together[i][0].token_ids for i, p in enumerate(CHATS)
+        gen.sample([p], params)[0][0].token_ids == together[i][0].token_ids for i, p in enumerate(CHATS)
     )
     print(f"batch-composition agreement: {same}/{len(CHATS)} samples identical alone and batched")
     assert same >= len(CHATS) - 2

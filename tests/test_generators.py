@@ -103,7 +103,7 @@ class CannedSampler:
     def __init__(self, texts: list[str]) -> None:
         self.texts = list(texts)
 
-    def generate(self, prompts, params):
+    def sample(self, prompts, params):
         out = []
         for p in prompts:
             out.append([Candidate(p.id, j, self.texts.pop(0), [1], [2], [-0.1], "stop", params.temperature)
@@ -173,7 +173,7 @@ def test_diverse_on_the_embedded_model():
 def test_one_sampler_per_loaded_model(tiny_lm):
     """The pipeline's generator and its evaluations share one sampler (and one KV cache); a model
     replaced since (LoRA wrapping) gets a new one."""
-    from tao_core.generation import sampler_for
+    from tao_core.sampler import sampler_for
 
     first = sampler_for(tiny_lm)
     assert sampler_for(tiny_lm) is first

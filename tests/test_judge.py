@@ -13,7 +13,7 @@ from tao_plugins.scorers.judge import (
     representatives,
 )
 
-import tao_core.generation
+import tao_core.sampler
 from tao_core.errors import TaoInputError
 from tao_core.models import LoadedModel
 from tao_core.types import Candidate, Prompt, SamplingParams, Score
@@ -74,7 +74,7 @@ class FakeSampler:
     def __init__(self, verdicts: list[str], finish: str = "stop") -> None:
         self.verdicts, self.finish, self.calls = list(verdicts), finish, []
 
-    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Candidate]]:
+    def sample(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Candidate]]:
         self.calls.append((prompts, params))
         out = []
         for p in prompts:
@@ -88,7 +88,7 @@ class FakeSampler:
 def fake_sampler(monkeypatch):
     def install(verdicts: list[str], finish: str = "stop") -> FakeSampler:
         sampler = FakeSampler(verdicts, finish)
-        monkeypatch.setattr(tao_core.generation, "sampler_for", lambda model: sampler)
+        monkeypatch.setattr(tao_core.sampler, "sampler_for", lambda model: sampler)
         return sampler
 
     return install

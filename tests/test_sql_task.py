@@ -110,12 +110,12 @@ def test_bad_data_dir_is_reported(tmp_path):
 
 @pytest.mark.real_model
 def test_embedded_model_answers_are_scored(task):
-    from tao_core.generation import sampler_for
+    from tao_core.sampler import sampler_for
     from tao_core.types import SamplingParams
 
     lm = tao_core.load_model("smollm2-135m")
     ex = task.eval_examples(1)[0]
-    [group] = sampler_for(lm).generate([ex.prompt], SamplingParams(n=3, temperature=1.0, max_new_tokens=48, seed=0))
+    [group] = sampler_for(lm).sample([ex.prompt], SamplingParams(n=3, temperature=1.0, max_new_tokens=48, seed=0))
     [scores] = score_groups(SqlExecScorer(), [ex.prompt], [group])
     assert len(scores) == 3 and all(s.prompt_id == ex.prompt.id and s.scorer == "sql-exec" for s in scores)
     assert all(s.status in ("ok", "abstain") and (s.status != "ok" or s.value in (0.0, 1.0)) for s in scores)

@@ -280,14 +280,14 @@ def test_training_logprobs_match_the_samplers_on_the_embedded_model():
     import tao_kernels
 
     from tao_core.batching import final_hidden
-    from tao_core.generation import HFGenerator
     from tao_core.models import load_model
+    from tao_core.sampler import HFSampler
     from tao_core.types import SamplingParams
 
     lm = load_model("smollm2-135m")  # the README setup installs it: its absence is a failure
     prompt = Prompt(id="0", text="What is 12 + 30?")
     params = SamplingParams(n=2, temperature=0.7, max_new_tokens=8, seed=0)
-    group = HFGenerator(lm).generate([prompt], params)[0]
+    group = HFSampler(lm).sample([prompt], params)[0]
     seg = Segment(group[0].prompt_token_ids, [c.token_ids for c in group], [c.logprobs for c in group],
                   [1.0, -1.0], [1.0, 0.0], group[0].temperature)
     inputs, batch = pack([seg])

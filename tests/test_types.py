@@ -1,4 +1,4 @@
-"""Data contracts: validation, JSONL round-trips, prompt files, and the HF generator."""
+"""Data contracts: validation, JSONL round-trips, prompt files, and the HF sampler."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
+from tao_core.completion import finish_completion
 from tao_core.data import load_prompts, load_prompts_report
 from tao_core.errors import TaoInputError
-from tao_core.generation import HFGenerator, finish_completion
+from tao_core.sampler import HFSampler
 from tao_core.types import Candidate, Prompt, SamplingParams, Score, read_jsonl, write_jsonl
 from tests.conftest import completion_logprobs
 
@@ -108,10 +109,10 @@ def test_finish_completion_stop_token_and_string(tiny_lm):
 
 def test_hf_generator_logprobs_match_forward(tiny_lm):
     """Candidate.logprobs == log_softmax(logits / T) of a full forward pass at the sampled tokens."""
-    gen = HFGenerator(tiny_lm)
+    gen = HFSampler(tiny_lm)
     prompts = [Prompt(id="a", text="What is 12 plus 35?"), Prompt(id="b", text="hello")]
     params = SamplingParams(n=3, temperature=0.8, top_k=20, max_new_tokens=6, seed=0)
-    groups = gen.generate(prompts, params)
+    groups = gen.sample(prompts, params)
     assert [len(g) for g in groups] == [3, 3]
     for c in (c for g in groups for c in g):
         ref = completion_logprobs(tiny_lm.model, c.prompt_token_ids, c.token_ids, 0.8)

@@ -1,6 +1,6 @@
 """``llm-judge``: a local language model grades the candidates against a rubric.
 
-Two modes, both decoded greedily through :func:`tao_core.generation.sampler_for`:
+Two modes, both decoded greedily through :func:`tao_core.sampler.sampler_for`:
 
 - ``listwise`` (RULER style, https://openpipe.ai/blog/ruler): the judge sees the whole group at once,
   numbered, and answers ``{"scores": {"1": 7, "2": 3, ...}}``; relative judgement within a group is
@@ -224,10 +224,10 @@ class LLMJudgeScorer:
                                                                   {"role": "user", "content": user}])
 
     def _verdicts(self, prompts: list[Prompt]) -> list[Candidate]:
-        from tao_core.generation import sampler_for
+        from tao_core.sampler import sampler_for
 
         params = SamplingParams(n=1, temperature=0.0, max_new_tokens=self.max_new_tokens)
-        return [group[0] for group in sampler_for(self.model).generate(prompts, params)]
+        return [group[0] for group in sampler_for(self.model).sample(prompts, params)]
 
     def score(self, prompt: Prompt, candidates: list[Candidate]) -> list[Score]:
         if not candidates:

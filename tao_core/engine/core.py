@@ -15,7 +15,7 @@ import torch
 
 from tao_core.engine.cache import BlockKVCache, kv_bytes_per_token
 from tao_core.engine.runner import LlamaRunner, PrefillSeq, decode_batch
-from tao_core.engine.sampler import SamplingBatch, sample
+from tao_core.engine.sampling import SamplingBatch, sample
 from tao_core.engine.scheduler import EngineRequest, EngineResult, Group, SampleResult, Scheduler, Sequence
 from tao_core.errors import TaoInputError
 from tao_core.onednn import k_major_linears
@@ -49,7 +49,7 @@ def weights_version(model: torch.nn.Module) -> int:
 
 
 class Engine:
-    """Continuous-batching sampler over a Llama-family model's live parameters."""
+    """Continuous-batching engine over a Llama-family model's live parameters."""
 
     def __init__(self, model: torch.nn.Module, *, eos_token_ids: Seq[int], config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
@@ -123,7 +123,7 @@ class Engine:
         done, self._done = list(self._done.values()), {}
         return done
 
-    def generate(self, requests: Seq[EngineRequest]) -> list[EngineResult]:
+    def run(self, requests: Seq[EngineRequest]) -> list[EngineResult]:
         """Run ``requests`` to completion; results in the same order."""
         was_training = self.model.training
         self.model.eval()  # no dropout (e.g. LoRA's) while sampling

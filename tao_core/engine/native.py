@@ -119,7 +119,7 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
     want = (cdf <= u.double().unsqueeze(-1) * cdf[:, -1:]).sum(-1)
     lp_want = torch.log_softmax(z, -1).gather(-1, want.unsqueeze(-1)).squeeze(-1)
     if not torch.equal(tokens, want) or not (logprobs - lp_want).abs().max().item() < 1e-5:
-        return "the native sampler differs from the inverse-CDF definition on the self-check"
+        return "the native sampling kernel differs from the inverse-CDF definition on the self-check"
     for b in range(2):
         n = int(lens[b])
         k = kc[table[b]].reshape(-1, kvh, d)[:n].repeat_interleave(group, 1)  # [n, H, D]

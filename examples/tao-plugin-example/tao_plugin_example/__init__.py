@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tao_core
 from tao_core import Score
-from tao_core.generation import sampler_for
+from tao_core.sampler import sampler_for
 
 
 class ConciseScorer:
@@ -42,7 +42,7 @@ class SystemPromptedGenerator:
                             task=p.task, metadata=p.metadata)
             for p in prompts
         ]
-        groups = self.sampler.generate(wrapped, params)
+        groups = self.sampler.sample(wrapped, params)
         for group in groups:
             for c in group:
                 c.generator, c.template = self.name, "system-prompted"

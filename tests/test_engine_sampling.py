@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tao_core.engine.sampler import SamplingBatch, sample
+from tao_core.engine.sampling import SamplingBatch, sample
 
 DRAWS = 40_000
 LOGITS = torch.log(torch.tensor([0.30, 0.20, 0.15, 0.12, 0.10, 0.08, 0.04, 0.01]))
@@ -108,7 +108,7 @@ def test_rows_keep_their_own_filters_in_a_mixed_batch():
 
 
 def test_two_level_draw_matches_a_full_cumulative_sum():
-    from tao_core.engine.sampler import draw as two_level
+    from tao_core.engine.sampling import draw as two_level
 
     gen = torch.Generator().manual_seed(5)
     weights = torch.rand(64, 4096, generator=gen) ** 8  # uneven, many chunks

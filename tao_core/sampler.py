@@ -1,8 +1,12 @@
-"""The ``Generator`` protocol and its Hugging Face ``generate`` implementation.
+"""Samplers: the token-level backends a generator calls, and the choice of one for a model.
 
-A generator turns prompts into one group of ``params.n`` candidates per prompt, each carrying its
+A sampler turns prompts into one group of ``params.n`` candidates per prompt, each carrying its
 prompt and completion token ids and per-token log-probs under the project's definition
 (``log_softmax(logits / temperature)`` before truncation, see :class:`tao_core.types.Candidate`).
+Two exist: :class:`~tao_core.engine.EngineSampler` (tao's in-process engine, Llama-family models)
+and :class:`HFSampler` (``transformers``' ``generate``, any causal LM). A model's declared
+``LoadedModel.sampler_backend`` (``load_model(..., sampler=...)``) says which one
+:func:`sampler_for` builds.
 """
 
 from __future__ import annotations
@@ -12,55 +16,25 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from tao_core.models import LoadedModel
-from tao_core.types import Candidate, FinishReason, Prompt, SamplingParams
+from tao_core.completion import finish_completion
+from tao_core.engine import EngineSampler, unsupported_reason
+from tao_core.errors import TaoInputError
+from tao_core.models import SAMPLER_BACKENDS, LoadedModel
+from tao_core.types import Candidate, Prompt, SamplingParams
+
+__all__ = ["SAMPLER_BACKENDS", "HFSampler", "Sampler", "sampler_for"]
 
 
 @runtime_checkable
-class Generator(Protocol):
-    """Prompts + sampling parameters -> one group of candidates per prompt."""
+class Sampler(Protocol):
+    """Prompts + sampling parameters -> one group of ``params.n`` candidates per prompt."""
 
-    name: str
+    name: str  # written to each candidate's ``generator`` field ("engine", "hf-generate")
 
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Candidate]]: ...
-
-
-def finish_completion(
-    tokenizer,
-    token_ids: list[int],
-    logprobs: list[float],
-    *,
-    stop: Sequence[str],
-    stop_token_ids: Sequence[int],
-) -> tuple[list[int], list[float], str, FinishReason]:
-    """Cut a raw completion at its first stop token or stop string; return ids, logprobs, text, reason.
-
-    The stop token itself stays in ``token_ids`` (it was sampled and the policy's log-prob covers
-    it); a stop string is removed from the text and the tokens after the one completing it dropped.
-    """
-    stop_set = set(stop_token_ids)
-    finish: FinishReason = "length"
-    for i, t in enumerate(token_ids):
-        if t in stop_set:
-            token_ids, logprobs, finish = token_ids[: i + 1], logprobs[: i + 1], "stop"
-            break
-    body = token_ids[:-1] if finish == "stop" else token_ids
-    text = tokenizer.decode(body, skip_special_tokens=True)
-    if stop:
-        hits = [(text.find(s), s) for s in stop if s in text]
-        if hits:
-            cut, _ = min(hits)
-            text = text[:cut]
-            # keep the shortest token prefix whose decoding covers the text up to the stop string
-            for k in range(1, len(body) + 1):
-                if len(tokenizer.decode(body[:k], skip_special_tokens=True)) > cut:
-                    token_ids, logprobs = body[:k], logprobs[:k]
-                    break
-            finish = "stop"
-    return list(token_ids), list(logprobs), text, finish
+    def sample(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Candidate]]: ...
 
 
-class HFGenerator:
+class HFSampler:
     """Samples with ``transformers`` ``generate``: works for any causal LM, slower than the engine."""
 
     name = "hf-generate"
@@ -70,7 +44,7 @@ class HFGenerator:
         self.batch_size = batch_size  # sequences per generate() call (prompts x n)
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Candidate]]:
+    def sample(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Candidate]]:
         from transformers import GenerationConfig
 
         params.validate()
@@ -137,18 +111,30 @@ class HFGenerator:
         return groups
 
 
-def sampler_for(model: LoadedModel) -> Generator:
-    """The fastest available token-level sampler for ``model``: the engine for Llama-family models.
+def sampler_for(model: LoadedModel) -> Sampler:
+    """The sampler ``model.sampler_backend`` asks for: ``"engine"``, ``"hf"``, or ``"auto"`` (the
+    engine when it supports the model, else ``transformers``).
 
     One sampler per loaded model: the pipeline's generator and its evaluations (and any plugin
     asking again) share it, and with it one KV cache. A new one is made when ``model.model`` was
-    replaced since (e.g. wrapped with LoRA adapters).
+    replaced since (e.g. wrapped with LoRA adapters) or the backend was changed.
     """
-    from tao_core.engine import EngineGenerator, unsupported_reason
-
-    cached = getattr(model, "_tao_sampler", None)
-    if cached is not None and cached[0] is model.model:
-        return cached[1]
-    sampler = EngineGenerator(model) if unsupported_reason(model.model) is None else HFGenerator(model)
-    model._tao_sampler = (model.model, sampler)
+    backend = model.sampler_backend
+    if backend not in SAMPLER_BACKENDS:
+        raise TaoInputError(f"model {model.name}: unknown sampler backend {backend!r}; use one of {', '.join(SAMPLER_BACKENDS)}")
+    cached = model.sampler_cache
+    if cached is not None and cached[0] is model.model and cached[1] == backend:
+        return cached[2]
+    sampler: Sampler
+    if backend == "hf":
+        sampler = HFSampler(model)
+    else:
+        reason = unsupported_reason(model.model)
+        if reason is not None and backend == "engine":
+            raise TaoInputError(
+                f"model {model.name}: the sampler backend is \"engine\" but tao's engine cannot run this model "
+                f"({reason}); set generate.sampler to \"auto\" or \"hf\""
+            )
+        sampler = EngineSampler(model) if reason is None else HFSampler(model)
+    model.sampler_cache = (model.model, backend, sampler)
     return sampler
