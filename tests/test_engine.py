@@ -276,6 +276,27 @@ def test_sampler_for_uses_the_engine_for_llama_and_generate_otherwise(model):
     assert isinstance(sampler_for(LoadedModel(tiny("gpt2"), None, "gpt2", Path("."))), HFSampler)
 
 
+def test_the_declared_sampler_backend_is_honoured(model):
+    from pathlib import Path
+
+    from tao_core.engine import EngineSampler
+    from tao_core.errors import TaoInputError
+    from tao_core.models import LoadedModel, load_model
+    from tao_core.sampler import HFSampler, sampler_for
+
+    assert isinstance(sampler_for(LoadedModel(model, None, "tiny", Path("."), sampler_backend="engine")), EngineSampler)
+    forced = LoadedModel(model, None, "tiny", Path("."), sampler_backend="hf")
+    assert isinstance(sampler_for(forced), HFSampler)
+    forced.sampler_backend = "auto"  # a changed declaration builds the sampler it names
+    assert isinstance(sampler_for(forced), EngineSampler)
+    with pytest.raises(TaoInputError, match=r"gpt2: .*\"engine\" but tao's engine cannot run this model \(model type 'gpt2'"):
+        sampler_for(LoadedModel(tiny("gpt2"), None, "gpt2", Path("."), sampler_backend="engine"))
+    with pytest.raises(TaoInputError, match="unknown sampler backend 'vllm'; use one of auto, engine, hf"):
+        LoadedModel(model, None, "tiny", Path("."), sampler_backend="vllm")
+    with pytest.raises(TaoInputError, match="unknown sampler backend 'fast'"):
+        load_model("anything", sampler="fast")  # refused before anything is read
+
+
 def test_bfloat16_model_runs_with_a_bfloat16_cache(model):
     m = model.to(torch.bfloat16)
     eng = make_engine(m)
