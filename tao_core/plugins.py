@@ -43,8 +43,8 @@ _SINGULAR = {
     "tasks": "task",
     "commands": "command",
 }
-# kind -> (check of a registered object, what the hook docstring asks for)
-_EXPECTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+# kind -> (check of a registered object, what the hook asks for in words: errors and the hook reference)
+EXPECTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "generators": (callable, "a factory obj(model, **options) -> Generator"),
     "scorers": (callable, "a factory obj(**options) -> Scorer"),
     "advantages": (callable, "a function obj(rewards, mask) -> advantages"),
@@ -105,7 +105,7 @@ def check_component(kind: str, name: Any, obj: Any, aliases: Any = ()) -> tuple[
     for a in aliases:
         if not _valid_name(a):
             raise PluginError(f"{where}: alias {a!r} of {what} {name!r} must be a non-empty string without spaces")
-    check, expected = _EXPECTED[kind]
+    check, expected = EXPECTED[kind]
     if not check(obj):
         raise PluginError(
             f"{where}: {what} {name!r} is {type(obj).__name__} {obj!r:.80}, not {expected}; "

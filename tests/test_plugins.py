@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import tomllib
+import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +21,7 @@ import tao_core
 from tao_core.errors import PluginError
 from tao_core.plugins import KINDS, PluginManager, get_plugin_manager, reset_plugin_manager
 from tao_core.types import Score
+from tests.conftest import REPO
 
 
 class ConstantScorer:
@@ -359,3 +363,98 @@ def test_plugins_json_schema():
     for p in data:
         assert set(p["registers"]) <= set(KINDS)
         assert all(isinstance(v, list) for v in p["registers"].values())
+
+
+# ---------------------------------------------------------------------------------------------
+# The hook reference (docs/hooks.md) and the examples it shows
+
+
+def _hook_reference():
+    spec = importlib.util.spec_from_file_location("hook_reference", REPO / "scripts" / "hook_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_hook_reference_is_current():
+    page = (REPO / "docs" / "hooks.md").read_text()
+    assert page == _hook_reference().render(), "docs/hooks.md is stale: run .venv/bin/python scripts/hook_reference.py"
+    for kind in KINDS:
+        assert f"### `tao_register_{kind}(register)`" in page and f"| `{kind}` |" in page
+
+
+def _check_generator(factory):
+    assert callable(factory)  # its factory needs a loaded model; tests/test_generators.py samples for real
+
+
+def _check_scorer(factory):
+    from tao_core.scoring import score_groups
+    from tao_core.types import Candidate, Prompt
+
+    group = [Candidate(prompt_id="p", index=i, text=t, prompt_token_ids=[], token_ids=[], logprobs=[])
+             for i, t in enumerate(["abc", ""])]
+    scores = score_groups(factory(), [Prompt(id="p", text="q")], [group])[0]
+    assert [(s.status, s.value) for s in scores] == [("ok", 3.0), ("abstain", None)]
+
+
+def _check_advantage(fn):
+    import torch
+
+    adv = fn(torch.tensor([[1.0, 3.0, 5.0], [2.0, 9.0, 9.0]]), torch.tensor([[True, True, False], [True, False, False]]))
+    assert adv.tolist() == [[-1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+
+
+def _check_objective(objective):
+    import torch
+
+    hidden, weight = torch.randn(4, 8, requires_grad=True), torch.randn(11, 8)
+    batch = SimpleNamespace(targets=torch.tensor([1, 2, 3, 4]), advantages=torch.tensor([1.0, 1.0, -1.0, -1.0]))
+    out = objective.loss(batch, hidden, weight, None)
+    out.loss.backward()
+    assert out.loss.dim() == 0 and torch.isfinite(hidden.grad).all()
+
+
+def _check_task(factory):
+    task = factory()
+    train, held_out = task.train_prompts(), task.eval_examples()
+    assert train and held_out and not {p.id for p in train} & {e.prompt.id for e in held_out}
+    assert task.check(held_out[0], f"It is {held_out[0].reference}.") == 1.0 and task.check(held_out[0], "?") == 0.0
+    assert task.reference(train[0]) is not None
+
+
+def _check_command(command):
+    res = CliRunner().invoke(command, ["tao"])
+    assert res.exit_code == 0 and res.output == "hello tao\n", res.output
+
+
+EXAMPLE_CHECKS = {"generators": _check_generator, "scorers": _check_scorer, "advantages": _check_advantage,
+                  "objectives": _check_objective, "tasks": _check_task, "commands": _check_command}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hook_reference_example_registers_and_works(kind):
+    """Each hook's docstring example, run as a plugin: it registers one component without error."""
+    plugin = types.ModuleType(f"hook_example_{kind}")
+    exec(compile(_hook_reference().example(kind), f"tao_register_{kind} example", "exec"), plugin.__dict__)
+    manager = PluginManager(autoload=False)
+    manager.register(plugin, name="example")
+    [info] = manager.plugin_infos()
+    assert info.error is None and list(info.registers) == [kind] and len(info.registers[kind]) == 1, info
+    EXAMPLE_CHECKS[kind](manager.registry.get(kind, info.registers[kind][0]))
+
+
+def test_minimal_plugin_of_the_hook_reference_is_discovered_and_its_tests_pass(tmp_path):
+    """The page's plugin and its test file, installed as a distribution with the page's entry points."""
+    reference = _hook_reference()
+    project = tomllib.loads(reference.PYPROJECT)["project"]
+    (tmp_path / "tao_has_answer.py").write_text(reference.MODULE)
+    (tmp_path / "test_tao_has_answer.py").write_text(reference.TESTS)
+    info = tmp_path / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
+    entry_points = "".join(f"{name} = {module}\n" for name, module in project["entry-points"]["tao"].items())
+    (info / "entry_points.txt").write_text(f"[tao]\n{entry_points}")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_tao_has_answer.py"],
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "2 passed" in out.stdout, out.stdout + out.stderr
