@@ -13,6 +13,10 @@ loaded from the causal-LM directory; the head starts from random weights). Each 
 
     loss = -log sigmoid(r_chosen - r_rejected)
 
+The training runs through :class:`tao_core.train.Trainer` (``Trainer.optimize`` with the loss above):
+the same AdamW, learning-rate schedule, gradient clipping, precision context and micro-batch
+accumulation as a TAO run's policy update.
+
 A seeded held-out slice of the pairs measures pairwise accuracy (the share of pairs with
 ``r_chosen > r_rejected``) before training and after each epoch. The output is a plain Hugging Face
 directory (config, safetensors, tokenizer) that ``AutoModelForSequenceClassification`` loads and the
@@ -26,6 +30,7 @@ alone does not fit is skipped and reported with its line number (never dropped s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -34,15 +39,21 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from tao_core.config import PRECISIONS, TrainConfig
 from tao_core.errors import ModelLoadError, TaoInputError
-from tao_core.fields import Rule, between, check_fields
+from tao_core.fields import Rule, between, check_fields, one_of
 from tao_core.fsio import append_line, write_file
 from tao_core.records import read_records
 from tao_core.rundir import LOCK, MARKER, RunDir
 
+if TYPE_CHECKING:
+    from tao_core.objectives import LossOutput
+    from tao_core.train import Trainer
+
 T = TypeVar("T")
+EncodedPair = tuple[list[int], list[int]]  # (chosen token ids, rejected token ids)
 
 RM_INFO_FILE = "tao_rm.json"
 _MAX_LISTED_ERRORS = 20
@@ -72,6 +83,10 @@ class RMTrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables
     device: str = "cpu"  # torch device to train on
     log_every: int = 10  # optimizer steps between lines in metrics.jsonl
+    precision: str = "auto"  # as train.precision: "auto" (bf16 autocast on a bf16-capable GPU, fp32 on the CPU),
+    # "fp32" or "bf16"
+    micro_batch_tokens: int | None = None  # padded tokens of one forward/backward (2 x pairs x longest sequence);
+    # None: the whole batch in one
 
     def validate(self) -> None:
         """Every field's type, range and finiteness (the same checks as the run config's)."""
@@ -84,7 +99,7 @@ RM_RULES: dict[str, Rule] = {
     "epochs": between(1, 10_000), "lr": between(0, 1, lo_open=True), "batch_size": between(1, 65_536),
     "max_length": between(8, 1 << 20), "seed": between(0, 2**32 - 1), "eval_fraction": between(0, 1, hi_open=True),
     "weight_decay": between(0, 10), "max_grad_norm": between(0), "device": Rule("a non-empty string", bool),
-    "log_every": between(1),
+    "log_every": between(1), "precision": one_of(*PRECISIONS), "micro_batch_tokens": between(1),
 }
 
 
@@ -343,76 +358,28 @@ def train_reward_model(
 def _train(rd: RunDir, rows: list[PreferencePair], skipped: list[tuple[int, str]], base: str | os.PathLike,
            cfg: RMTrainConfig, start: float, progress: bool) -> RMTrainResult:
     import torch
-    from tqdm.auto import tqdm
+
+    from tao_core.models import LoadedModel
+    from tao_core.train import Trainer
 
     out = rd.root
     torch.manual_seed(cfg.seed)
     model, tok, base_path = load_rm_backbone(base, cfg.device)
-    pad_id = int(tok.pad_token_id)
-    encoded: list[tuple[list[int], list[int]]] = []
-    for p in rows:
-        c = encode_for_reward(tok, p.messages, p.chosen, cfg.max_length)
-        r = encode_for_reward(tok, p.messages, p.rejected, cfg.max_length)
-        if c is None or r is None:
-            skipped.append((p.line, f"a response does not fit in max_length={cfg.max_length} tokens"))
-        else:
-            encoded.append((c, r))
-    if not encoded:
-        raise TaoInputError(f"no pair fits in max_length={cfg.max_length} tokens; raise --max-length")
+    encoded = encode_pairs(tok, rows, cfg.max_length, skipped)
     train_set, eval_set = _split(encoded, cfg.eval_fraction, cfg.seed)
+    lm = LoadedModel(model=model, tokenizer=tok, name=str(base), path=base_path)
+    trainer = Trainer(lm, trainer_config(cfg, len(train_set)), custom_loss=True)
 
     tmp = out / f".model.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    metrics_path = out / "metrics.jsonl"
     try:
-        def record(**row: Any) -> None:
-            append_line(metrics_path, json.dumps(row))
-
-        acc_before = pairwise_accuracy(model, eval_set, pad_id, cfg.batch_size) if eval_set else None
-        record(event="eval", epoch=0, accuracy=acc_before, n_eval=len(eval_set))
-        steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-        total = steps_per_epoch * cfg.epochs
-        warmup = max(1, total // 10)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-        rng = random.Random(cfg.seed + 1)
-        step, acc, epoch_loss = 0, acc_before, float("nan")
-        model.train()
-        bar = tqdm(total=total, desc="rm train", disable=not progress)
-        for epoch in range(1, cfg.epochs + 1):
-            order = list(range(len(train_set)))
-            rng.shuffle(order)
-            losses = []
-            for s in range(0, len(order), cfg.batch_size):
-                chunk = [train_set[i] for i in order[s : s + cfg.batch_size]]
-                r = reward_forward(model, [c for c, _ in chunk] + [rj for _, rj in chunk], pad_id)
-                margin = r[: len(chunk)] - r[len(chunk):]
-                loss = -torch.nn.functional.logsigmoid(margin).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                opt.step()
-                sched.step()
-                step += 1
-                losses.append(loss.item())
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                if step % cfg.log_every == 0:
-                    record(event="train", epoch=epoch, step=step, loss=losses[-1],
-                           margin=margin.mean().item(), lr=sched.get_last_lr()[0])
-            epoch_loss = sum(losses) / len(losses)
-            acc = pairwise_accuracy(model, eval_set, pad_id, cfg.batch_size) if eval_set else None
-            record(event="eval", epoch=epoch, step=step, accuracy=acc, train_loss=epoch_loss)
-        bar.close()
-        model.eval()
-        model.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
+        acc_before, acc, final_loss = _fit(trainer, train_set, eval_set, cfg, out / "metrics.jsonl", progress)
+        trainer.save_pretrained(tmp)
         result = RMTrainResult(
             output=out, n_train=len(train_set), n_eval=len(eval_set), accuracy_before=acc_before,
-            accuracy=acc, final_loss=epoch_loss, seconds=round(time.time() - start, 2), skipped=skipped,
+            accuracy=acc, final_loss=final_loss, seconds=round(time.time() - start, 2), skipped=skipped,
         )
         info = {"base": str(base), "base_path": str(base_path), "config": dataclasses.asdict(cfg), **result.to_dict()}
         for f in tmp.iterdir():  # the model files move in; the info file, written last, marks it complete
@@ -422,3 +389,104 @@ def _train(rd: RunDir, rows: list[PreferencePair], skipped: list[tuple[int, str]
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return result
+
+
+def encode_pairs(tokenizer: Any, rows: list[PreferencePair], max_length: int,
+                 skipped: list[tuple[int, str]]) -> list[EncodedPair]:
+    """Each pair's chosen and rejected sequences (:func:`encode_for_reward`); a pair that does not fit
+    is appended to ``skipped`` with its line number. Raises when no pair fits."""
+    encoded: list[EncodedPair] = []
+    for p in rows:
+        c = encode_for_reward(tokenizer, p.messages, p.chosen, max_length)
+        r = encode_for_reward(tokenizer, p.messages, p.rejected, max_length)
+        if c is None or r is None:
+            skipped.append((p.line, f"a response does not fit in max_length={max_length} tokens"))
+        else:
+            encoded.append((c, r))
+    if not encoded:
+        raise TaoInputError(f"no pair fits in max_length={max_length} tokens; raise --max-length")
+    return encoded
+
+
+def trainer_config(cfg: RMTrainConfig, n_train: int) -> TrainConfig:
+    """The :class:`~tao_core.train.Trainer` settings of a reward-model run on ``n_train`` pairs: AdamW
+    (default betas and eps) at ``cfg.lr``, warmed up linearly over the first 10% of the steps (``W``
+    steps: ``lr * k / W`` at step ``k``), then constant; ``cfg``'s clipping, weight decay and precision."""
+    total = math.ceil(n_train / cfg.batch_size) * cfg.epochs
+    warmup = max(1, total // 10)
+    return TrainConfig(lr=cfg.lr, lr_schedule="constant", warmup_steps=warmup - 1, total_steps=total,
+                       weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, precision=cfg.precision,
+                       seed=cfg.seed)
+
+
+def _fit(trainer: Trainer, train_set: list[EncodedPair], eval_set: list[EncodedPair], cfg: RMTrainConfig,
+         metrics_path: Path, progress: bool) -> tuple[float | None, float | None, float]:
+    """Train ``cfg.epochs`` epochs in a seeded order, measuring held-out accuracy before and after each;
+    returns (accuracy before, accuracy after, mean loss of the last epoch). Writes ``metrics_path`` as it goes."""
+    from tqdm.auto import tqdm
+
+    def record(**row: Any) -> None:
+        append_line(metrics_path, json.dumps(row))
+
+    model, pad_id = trainer.lm.model, int(trainer.lm.tokenizer.pad_token_id)
+    acc_before = pairwise_accuracy(model, eval_set, pad_id, cfg.batch_size) if eval_set else None
+    record(event="eval", epoch=0, accuracy=acc_before, n_eval=len(eval_set))
+    rng = random.Random(cfg.seed + 1)
+    acc, epoch_loss = acc_before, float("nan")
+    bar = tqdm(total=trainer.cfg.total_steps, desc="rm train", disable=not progress)
+    for epoch in range(1, cfg.epochs + 1):
+        order = list(range(len(train_set)))
+        rng.shuffle(order)
+        losses = []
+        for s in range(0, len(order), cfg.batch_size):
+            m = rm_step(trainer, [train_set[i] for i in order[s : s + cfg.batch_size]], pad_id, cfg.micro_batch_tokens)
+            losses.append(m["loss"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.4f}")
+            if trainer.step_count % cfg.log_every == 0:
+                record(event="train", epoch=epoch, step=trainer.step_count, loss=m["loss"], margin=m["margin"],
+                       lr=m["lr"], grad_norm=m["grad_norm"])
+        epoch_loss = sum(losses) / len(losses)
+        acc = pairwise_accuracy(model, eval_set, pad_id, cfg.batch_size) if eval_set else None
+        record(event="eval", epoch=epoch, step=trainer.step_count, accuracy=acc, train_loss=epoch_loss)
+    bar.close()
+    return acc_before, acc, epoch_loss
+
+
+def rm_step(trainer: Trainer, pairs: list[EncodedPair], pad_id: int, micro_batch_tokens: int | None) -> dict[str, float]:
+    """One optimizer update (:meth:`Trainer.optimize`) of the Bradley-Terry loss on a batch of pairs,
+    micro-batched under ``micro_batch_tokens``, each micro-batch weighted by its pairs."""
+    parts = pair_micro_batches(pairs, micro_batch_tokens)
+    loss = functools.partial(bradley_terry_loss, trainer, pad_id)
+    return trainer.optimize(parts, loss, [len(p) for p in parts], name="the reward model's Bradley-Terry loss")
+
+
+def bradley_terry_loss(trainer: Trainer, pad_id: int, pairs: list[EncodedPair]) -> LossOutput:
+    """``-mean log sigmoid(r_chosen - r_rejected)`` over ``pairs`` (Bradley-Terry; the module docstring),
+    the rewards from one forward of the chosen then the rejected sequences under the trainer's precision."""
+    import torch
+
+    from tao_core.objectives import LossOutput
+
+    with trainer.forward_context():
+        r = reward_forward(trainer.lm.model, [c for c, _ in pairs] + [rj for _, rj in pairs], pad_id)
+    margin = r[: len(pairs)] - r[len(pairs):]
+    loss = -torch.nn.functional.logsigmoid(margin).mean()
+    return LossOutput(loss, {"margin": float(margin.detach().mean())})
+
+
+def pair_micro_batches(pairs: list[EncodedPair], budget: int | None) -> list[list[EncodedPair]]:
+    """Consecutive pairs grouped so that each group's padded forward (2 x pairs x longest sequence) stays
+    within ``budget`` tokens (a pair longer than that alone); ``None``: one group."""
+    if budget is None:
+        return [pairs]
+    groups: list[list[EncodedPair]] = [[]]
+    width = 0
+    for pair in pairs:
+        longest = max(len(pair[0]), len(pair[1]))
+        if groups[-1] and 2 * (len(groups[-1]) + 1) * max(width, longest) > budget:
+            groups.append([])
+            width = 0
+        groups[-1].append(pair)
+        width = max(width, longest)
+    return groups

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from tao_core.config import PRECISIONS
 from tao_core.errors import TaoError
 
 
@@ -27,7 +28,16 @@ def rm_group() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the head, the held-out split and shuffling.")
 @click.option("--eval-fraction", "eval_fraction", type=float, default=0.1, show_default=True,
               help="Share of pairs held out for pairwise accuracy.")
+@click.option("--weight-decay", "weight_decay", type=float, default=0.0, show_default=True, help="AdamW weight decay.")
+@click.option("--max-grad-norm", "max_grad_norm", type=float, default=1.0, show_default=True,
+              help="Clip the gradient norm to this; 0 disables clipping.")
 @click.option("--device", default="cpu", show_default=True, help="Torch device to train on.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="As train.precision: auto = bf16 autocast on a bf16-capable GPU, fp32 on the CPU.")
+@click.option("--micro-batch-tokens", "micro_batch_tokens", type=int, default=None,
+              help="Padded tokens of one forward/backward (2 x pairs x longest sequence); default: the whole batch.")
+@click.option("--log-every", "log_every", type=int, default=10, show_default=True,
+              help="Optimizer steps between lines in metrics.jsonl.")
 @click.option("--skip-bad-rows", "skip_bad_rows", is_flag=True, help="Leave out bad rows (listed) instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")

@@ -251,3 +251,69 @@ def test_registered_through_the_entry_point():
     from tao_core.plugins import PluginManager
 
     assert PluginManager().registry.get("scorers", "reward-model") is RewardModelScorer
+
+
+def test_training_goes_through_the_trainer_schedule(trained):
+    """Warm-up over the first 10% of the steps (lr * k / W at step k), then constant: the Trainer's
+    schedule; every logged step carries the lr AdamW used and the gradient norm before clipping."""
+    from tao_plugins.reward_training import trainer_config
+
+    from tao_core.train import scheduled_lr
+
+    cfg = RMTrainConfig(epochs=6, lr=3e-3, batch_size=16)
+    tcfg = trainer_config(cfg, 128)  # 8 steps an epoch, 48 in all: W = 4
+    assert tcfg.total_steps == 48 and tcfg.lr == 3e-3 and tcfg.max_grad_norm == cfg.max_grad_norm
+    assert [scheduled_lr(tcfg.lr, k, tcfg) for k in range(1, 7)] == pytest.approx([3e-3 * min(1, k / 4) for k in
+                                                                                    range(1, 7)])
+    rows = [json.loads(line) for line in (trained.output / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["event"] == "train"]
+    assert [r["step"] for r in steps] == [10, 20, 30, 40]
+    assert all(r["lr"] == 3e-3 and r["grad_norm"] > 0 and r["loss"] > 0 for r in steps)
+
+
+def test_micro_batches_give_the_update_of_one_batch(tiny_base):
+    """The pairs split under micro_batch_tokens accumulate to the whole batch's loss and gradient."""
+    from tao_plugins.reward_training import load_rm_backbone, pair_micro_batches, rm_step, trainer_config
+
+    from tao_core.models import LoadedModel
+    from tao_core.train import Trainer
+
+    rows = synthetic_pairs(5, seed=4)
+    tok = char_tokenizer()
+    pairs = [(encode_for_reward(tok, m, r["chosen"], 128), encode_for_reward(tok, m, r["rejected"], 128))
+             for r in rows for m in [[{"role": "user", "content": r.get("prompt", "hi")}]]]
+    widths = [max(len(c), len(rj)) for c, rj in pairs]
+    budget = 2 * 2 * max(widths)
+    groups = pair_micro_batches(pairs, budget)
+    assert len({len(g) for g in groups}) > 1 and [p for g in groups for p in g] == pairs  # unequal weights
+    assert all(2 * len(g) * max(max(len(c), len(rj)) for c, rj in g) <= budget for g in groups)
+    assert pair_micro_batches(pairs, None) == [pairs]
+
+    results = []
+    for tokens in (None, budget):
+        torch.manual_seed(0)  # the same head for both
+        model, tok, path = load_rm_backbone(tiny_base)
+        cfg = RMTrainConfig(lr=1e-2, batch_size=5, micro_batch_tokens=tokens)
+        trainer = Trainer(LoadedModel(model, tok, "rm", path), trainer_config(cfg, 5), custom_loss=True)
+        metrics = rm_step(trainer, pairs, tok.pad_token_id, tokens)
+        results.append((metrics, {n: p.grad.clone() for n, p in model.named_parameters()}))  # kept after the step
+    (one, g_one), (many, g_many) = results
+    for key in ("loss", "margin", "grad_norm", "lr", "step"):
+        assert many[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
+    for n, g in g_one.items():
+        torch.testing.assert_close(g_many[n], g, rtol=1e-4, atol=1e-6)
+
+
+def test_every_setting_has_a_flag_with_the_same_default():
+    import dataclasses
+
+    from tao_plugins.rm_commands import rm_train
+
+    flags = {p.name: p.default for p in rm_train.params}
+    for f in dataclasses.fields(RMTrainConfig):
+        assert f.name in flags, f"RMTrainConfig.{f.name} has no `tao rm train` flag"
+        assert flags[f.name] == f.default, f.name
+    with pytest.raises(TaoInputError, match="precision must be one of"):
+        RMTrainConfig(precision="fp16").validate()
+    with pytest.raises(TaoInputError, match="micro_batch_tokens must be >= 1"):
+        RMTrainConfig(micro_batch_tokens=0).validate()
