@@ -9,8 +9,8 @@ import threading
 import pytest
 
 import tao_core
-from tao_core.errors import TaoInputError
 from tao_core.ensemble import Ensemble, normalize
+from tao_core.errors import TaoInputError
 from tao_core.score_cache import ScoreCache
 from tao_core.score_guard import score_group
 from tao_core.scorer import ScorerLimits, load_scorer, scorer_options
