@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 
 import pytest
@@ -10,8 +11,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from tao_core.batching import Segment, pack, plan_micro_batches
-from tao_core.errors import TaoInputError
+from tao_core.errors import PluginError, TaoInputError
 from tao_core.models import LoadedModel
+from tao_core.objectives import LossOutput, Objective
 from tao_core.train import TrainConfig, Trainer
 from tao_core.types import Candidate, Prompt, Score
 from tests.conftest import completion_logprobs
@@ -344,3 +346,90 @@ def test_bad_schedule_settings_are_named():
     trainer = Trainer(lm, TrainConfig(lr_schedule="linear"))
     with pytest.raises(TaoInputError, match="needs total_steps"):
         trainer.step(*make_batch(lm))
+
+
+# -- optimize: a loss of the caller's own -------------------------------------------------------
+
+
+def _sequences(seed: int = 3, n: int = 5) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 97, (3 + i % 3,), generator=g).tolist() for i in range(n)]
+
+
+def seq_nll(trainer: Trainer, part: list[list[int]]) -> LossOutput:
+    """Mean next-token NLL per sequence of ``part`` (a custom loss whose unit is the sequence)."""
+    losses = []
+    with trainer.forward_context():
+        for ids in part:
+            logits = trainer.lm.model(torch.tensor([ids])).logits[0, :-1].float()
+            losses.append(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])))
+    loss = torch.stack(losses).mean()
+    return LossOutput(loss, {"first_token_nll": float(losses[0].detach())})
+
+
+def test_optimize_accumulates_micro_batches_as_one_batch():
+    seqs = _sequences()
+    runs = []
+    for parts in ([seqs], [seqs[:1], seqs[1:4], seqs[4:]]):
+        lm = tiny_lm()
+        trainer = Trainer(lm, TrainConfig(lr=1e-2), custom_loss=True)
+        metrics = trainer.optimize(parts, functools.partial(seq_nll, trainer), [len(p) for p in parts])
+        runs.append((metrics, grads(lm.model)))
+    (one, g_one), (many, g_many) = runs
+    assert one["loss"] == pytest.approx(many["loss"], rel=1e-6)
+    assert one["grad_norm"] == pytest.approx(many["grad_norm"], rel=1e-5)
+    for n, g in g_one.items():
+        torch.testing.assert_close(g_many[n], g, rtol=1e-4, atol=1e-7)
+    assert set(one) == {"step", "lr", "loss", "grad_norm", "first_token_nll"} and one["step"] == 1.0
+
+
+def test_optimize_schedules_clips_and_counts_steps():
+    lm = tiny_lm()
+    trainer = Trainer(lm, TrainConfig(lr=1e-2, warmup_steps=1, max_grad_norm=1e-3), custom_loss=True)
+    loss = functools.partial(seq_nll, trainer)
+    first = trainer.optimize([_sequences()], loss)
+    assert first["lr"] == pytest.approx(0.5e-2) and trainer.optimizer.param_groups[0]["lr"] == first["lr"]
+    clipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads(lm.model).values()]))
+    assert first["grad_norm"] > 1e-3 and float(clipped) == pytest.approx(1e-3, rel=1e-3)
+    second = trainer.optimize([_sequences(seed=4)], loss)
+    assert second["lr"] == 1e-2 and second["step"] == 2.0 and trainer.step_count == 2
+    assert not lm.model.training  # back in eval mode between updates
+
+
+def test_custom_loss_trainer_has_no_objective_and_says_what_to_call():
+    lm = tiny_lm()
+    trainer = Trainer(lm, TrainConfig(kl_coef=0.1), custom_loss=True)
+    assert trainer.objective is None and trainer.reference is None  # no frozen copy for a KL it never computes
+    with pytest.raises(TaoInputError, match="custom_loss=True.*optimize"):
+        trainer.step(*make_batch(lm))
+    with pytest.raises(TaoInputError, match="objective 'sft' would never be used"):
+        Trainer(lm, custom_loss=True, objective=Objective("sft", lambda *a: None, advantage="group_mean"))
+    with pytest.raises(TaoInputError, match="2 micro-batches but 1 units"):
+        trainer.optimize([[[2, 3]], [[4, 5]]], functools.partial(seq_nll, trainer), [1])
+    with pytest.raises(TaoInputError, match="units summing to 0"):
+        trainer.optimize([[[2, 3]]], functools.partial(seq_nll, trainer), [0])
+    nan = LossOutput(torch.tensor(float("nan"), requires_grad=True), {})
+    with pytest.raises(PluginError, match="my loss returned a non-finite loss"):
+        trainer.optimize([None], lambda part: nan, name="my loss")
+
+
+def test_optimize_resume_is_bit_identical():
+    """A custom-loss trainer's state (weights, AdamW, step, RNGs) resumes exactly as step's does."""
+    cfg = TrainConfig(lr=1e-2, warmup_steps=2)
+
+    def run(trainer, steps):
+        for s in steps:
+            trainer.optimize([_sequences(seed=20 + s)], functools.partial(seq_nll, trainer))
+
+    lm_a, lm_b, lm_c = tiny_lm(), tiny_lm(), tiny_lm()
+    trainer_a = Trainer(lm_a, cfg, custom_loss=True)
+    run(trainer_a, range(3))
+    trainer_b = Trainer(lm_b, cfg, custom_loss=True)
+    run(trainer_b, range(1))
+    state = _bytes_round_trip(trainer_b.state_dict())
+    trainer_c = Trainer(lm_c, cfg, custom_loss=True)
+    trainer_c.load_state_dict(state)
+    run(trainer_c, range(1, 3))
+    assert trainer_c.step_count == 3
+    for (n, a), (_, c) in zip(lm_a.model.named_parameters(), lm_c.model.named_parameters(), strict=True):
+        assert torch.equal(a, c), n
