@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import tao_core
@@ -224,3 +225,25 @@ def test_report_quality_vs_compute_and_tao_vs_sft(tmp_path, tiny_model_dir):
     md = (tmp_path / "sft" / "report.md").read_text()
     assert "| step | epoch | labeled examples seen |" in md and "| 1 | 1 | 2 |" in md and "| 2 | 2 | 4 |" in md
     assert "Guard warnings" not in md and "reward_kl.png" not in md and "| step | epoch | value |" in md
+
+
+def test_sft_step_micro_batches_accumulate_to_one_batch(tiny_model_dir):
+    """An SFT step is Trainer.optimize over packed micro-batches weighted by response tokens: split
+    under a small micro_batch_tokens it computes the loss and gradient of one micro-batch."""
+    from tao_core.models import load_model
+    from tao_core.sft import labeled_examples, sft_step
+    from tao_core.train import TrainConfig, Trainer
+
+    task = get_component("tasks", "arithmetic")()
+    runs = []
+    for budget in (4096, 40):
+        lm = load_model(str(tiny_model_dir))
+        trainer = Trainer(lm, TrainConfig(lr=1e-2, micro_batch_tokens=budget), custom_loss=True)
+        record = sft_step(trainer, labeled_examples(task, task.train_prompts(5), lm))
+        runs.append((record, {n: p.grad.clone() for n, p in lm.model.named_parameters() if p.grad is not None}))
+    (one, g_one), (many, g_many) = runs
+    assert one["micro_batches"] == 1 and many["micro_batches"] > 1
+    assert one["tokens"] == many["tokens"] and one["sequences"] == many["sequences"] == 5
+    assert many["nll"] == pytest.approx(one["nll"], rel=1e-5) and many["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    for n, g in g_one.items():
+        torch.testing.assert_close(g_many[n], g, rtol=1e-4, atol=1e-6)
