@@ -1,6 +1,6 @@
-"""Built-in objectives: seven training recipes (their advantage estimators: ``tao_plugins.advantages``).
+"""Built-in objectives, seven of them (their advantage estimators: ``tao_plugins.advantages``).
 
-Every policy-gradient recipe is the same clipped surrogate computed by
+Every policy-gradient objective is the same clipped surrogate computed by
 ``tao_kernels.linear_policy_loss`` with different defaults; ``online_dpo`` and ``best_of_n_sft`` are
 losses of other shapes on sequence log-probs from ``tao_kernels.linear_logprob``. Notation: ``r_t``
 is the importance ratio ``pi(y_t | x, y_<t) / pi_old(y_t | x, y_<t)`` (per token, or per sequence
@@ -120,7 +120,7 @@ def select_best(rewards: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor) ->
     return out
 
 
-RECIPES = [
+OBJECTIVES = [
     # GRPO (Shao et al. 2024): group-normalized advantages, per-sequence mean of token losses.
     Objective("grpo", clipped_policy_loss, advantage="group_norm", defaults={"loss_agg": "seq_mean"}),
     # Dr. GRPO (Liu et al. 2025): no std division, no length normalization (fixed-length sum).
@@ -168,5 +168,5 @@ RECIPES = [
 
 @tao_core.hookimpl
 def tao_register_objectives(register) -> None:
-    for objective in RECIPES:
+    for objective in OBJECTIVES:
         register(objective.name, objective)

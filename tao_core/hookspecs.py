@@ -168,7 +168,7 @@ def tao_register_advantages(register: Register) -> None:
 
 @hookspec
 def tao_register_objectives(register: Register) -> None:
-    """Register training objectives (stage 3 of a round): policy losses and their recipes.
+    """Register training objectives (stage 3 of a round): policy losses with their defaults.
 
     :param register: call ``register(name, objective, aliases=(...))`` once per objective.
 

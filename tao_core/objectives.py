@@ -1,4 +1,4 @@
-"""Objectives and advantage estimators: the two parts of an RL recipe that plugins replace separately.
+"""Objectives and advantage estimators: the two parts of a training objective that plugins replace separately.
 
 An **advantage estimator** maps the scores of each prompt's group to one advantage per candidate:
 ``fn(rewards[G, n], mask[G, n]) -> adv[G, n]``, where ``mask`` is True for candidates with an ``ok``
@@ -9,7 +9,7 @@ so every estimator gives it advantage 0 and the trainer counts it as skipped.
 An :class:`Objective` names a loss over a packed :class:`~tao_core.batching.TrainBatch`, the final
 hidden states of the completion tokens and the head weight, plus its default advantage estimator,
 whether it needs a reference model, which candidates it trains on, and its defaults for the loss
-settings. The recipes themselves (``grpo``, ``dapo``, ``online_dpo``, ...) live in
+settings. The objectives themselves (``grpo``, ``dapo``, ``online_dpo``, ...) live in
 ``tao_plugins.objectives`` and the estimators in ``tao_plugins.advantages``; the machinery they share (chunked log-probs, ratios, clipping, KL,
 aggregation) lives once in ``tao_kernels``.
 """
