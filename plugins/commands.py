@@ -1,8 +1,9 @@
 """Built-in CLI commands registered through the tao_register_commands hook: ``eval`` and ``rm``.
 
-``tao eval --task NAME --model M [--limit K] [--json]``: the fixed evaluation protocol of
-:func:`tao_core.tasks.evaluate` (the task's own prompt, greedy decoding, the task's answer check)
-on the task's held-out split, reported with a Wilson 95% confidence interval.
+``tao eval --task NAME --model M [--limit K] [--option KEY=VALUE] [--json]``: the fixed evaluation
+protocol of :func:`tao_core.tasks.evaluate` (the task's own prompt, greedy decoding, the task's
+answer check) on the task's held-out split, reported with a Wilson 95% confidence interval. Task
+options use the one ``KEY=VALUE`` syntax of :mod:`tao_core.options` (TOML values).
 """
 
 from __future__ import annotations
@@ -15,21 +16,8 @@ import click
 
 import tao_core
 from tao_core.errors import TaoInputError
+from tao_core.options import parse_key_values
 from tao_core.types import Candidate, Prompt, SamplingParams
-
-
-def parse_task_options(pairs: Sequence[str]) -> dict[str, Any]:
-    """``["level=mul2", "n_eval=64"]`` -> ``{"level": "mul2", "n_eval": 64}`` (values parsed as JSON when they are)."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise TaoInputError(f"--option {pair!r}: expected KEY=VALUE, e.g. --option level=mul2")
-        try:
-            out[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.strip()] = raw
-    return out
 
 
 class _Chunked:
@@ -77,7 +65,8 @@ def run_eval(task_name: str, model: Any, *, limit: int | None = None, task_optio
               help="Alias, cache name, GGUF file or HF dir.")
 @click.option("--limit", type=int, default=None, help="Evaluate only the first K held-out examples.")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
-              help="Task option, e.g. --option level=mul2 (repeatable; values parsed as JSON when they are).")
+              help="Task option, e.g. --option level=mul2 (repeatable; the value is read as TOML, else as text, "
+                   "as --set's).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False),
               help="Also write one JSON line per example (prompt id, completion, value) here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
@@ -87,7 +76,7 @@ def eval_cmd(task_name: str, model_spec: str, limit: int | None, options: tuple[
     with a Wilson 95% confidence interval."""
     from tao_core.types import write_jsonl
 
-    result = run_eval(task_name, model_spec, limit=limit, task_options=parse_task_options(options))
+    result = run_eval(task_name, model_spec, limit=limit, task_options=parse_key_values(options, "--option"))
     if output:
         write_jsonl(output, result.per_example)
     summary = {**result.to_dict(), "model": model_spec}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from tao_plugins.commands import parse_task_options, run_eval
+from tao_plugins.commands import run_eval
 
 import tao_core
 from tao_core.cli import cli
@@ -24,9 +24,12 @@ class EvenTask:
     default_scorer = "majority-vote"
     max_new_tokens = 4
 
-    def __init__(self, size: int = 5) -> None:
+    last_options: dict = {}  # the options the latest instance was built with
+
+    def __init__(self, size: int = 5, tags: dict | None = None) -> None:
         self.size = size
         self.seen: list[str] = []
+        EvenTask.last_options = {"size": size, "tags": tags}
 
     def train_prompts(self, limit=None):
         return [Prompt(id=f"t{i}", text=f"train {i}") for i in range(limit or 3)]
@@ -106,9 +109,16 @@ def test_eval_errors_name_the_problem(even_task, tiny_model_dir):
     assert r.exit_code == 2 and "--limit" in r.output
 
 
-def test_parse_task_options():
-    assert parse_task_options(["level=mul2", "n_eval=64", "flag=true", "name=a=b"]) == {
-        "level": "mul2", "n_eval": 64, "flag": True, "name": "a=b"}
+def test_eval_options_are_toml_and_old_json_is_deprecated(even_task, tiny_model_dir):
+    base = ["eval", "--task", "even-test", "--model", str(tiny_model_dir), "--limit", "1"]
+    r = CliRunner().invoke(cli, [*base, "--option", "size=3", "--option", 'tags={level = "mul2", n = [1, 2]}'])
+    assert r.exit_code == 0, r.output
+    assert EvenTask.last_options == {"size": 3, "tags": {"level": "mul2", "n": [1, 2]}}
+    assert "deprecated" not in r.output
+    r = CliRunner().invoke(cli, [*base, "--option", 'tags={"level": "mul2", "n": [1, 2]}'])
+    assert r.exit_code == 0, r.output
+    assert EvenTask.last_options == {"size": 5, "tags": {"level": "mul2", "n": [1, 2]}}
+    assert 'JSON values are deprecated' in r.output and 'write tags={level = "mul2", n = [1, 2]}' in r.output
 
 
 @pytest.mark.real_model
