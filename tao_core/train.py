@@ -336,7 +336,7 @@ class Trainer:
         for part, u in zip(parts, units, strict=True):
             out = loss_fn(part)
             if not torch.isfinite(out.loss):
-                raise PluginError(f"{name} returned a non-finite loss ({float(out.loss)})")
+                raise PluginError(f"{name} returned a non-finite loss ({float(out.loss.detach())})")
             (out.loss * (u / total)).backward()
             loss_sum += float(out.loss.detach()) * u / total
             for k, v in out.metrics.items():
