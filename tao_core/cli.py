@@ -157,19 +157,10 @@ def generate_cmd(model_spec, texts, prompts_file, column, generator_name, output
 
 
 def parse_overrides(items) -> dict:
-    """``--set KEY=VALUE`` items as ``{dotted key: value}``, each value parsed as TOML (else a string)."""
-    import tomllib
+    """``--set KEY=VALUE`` items as ``{dotted key: value}`` (:func:`tao_core.options.parse_key_values`)."""
+    from tao_core.options import parse_key_values
 
-    parsed = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise click.UsageError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            parsed[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            parsed[key.strip()] = raw
-    return parsed
+    return parse_key_values(items, flag="--set")
 
 
 def _print_result(result) -> None:

@@ -94,7 +94,7 @@ class TrainConfig:
     the ratio is taken against the sampled log-probs.
     """
 
-    objective: str | None = "grpo"  # registered objective: grpo, dr_grpo, dapo, rloo, ppo_clip_kl, ...; None: the task's default
+    objective: str | None = None  # registered objective: grpo, dr_grpo, dapo, rloo, ppo_clip_kl, ...; None: the task's default
     advantage: str | None = None  # registered advantage estimator; None: the objective's default
     lr: float | None = None  # AdamW learning rate; None: 5e-6 for full fine-tuning, 1e-4 with LoRA
     lr_schedule: str = "constant"  # "constant" | "linear" (decay to 0) | "cosine" (decay to 0), after warm-up

@@ -149,6 +149,9 @@ class Trainer:
     def _set_objective(self, objective: Objective | None) -> None:
         from tao_core.plugins import get_component
 
+        if objective is None and self.cfg.objective is None:
+            raise TaoInputError("train.objective is not set: name a registered objective (tao plugins lists them), "
+                                "or pass objective= (a run takes its task's default_objective)")
         self.objective = objective or get_component("objectives", self.cfg.objective)
         self.advantage_name = self.cfg.advantage or self.objective.advantage
         self.advantage_fn = get_component("advantages", self.advantage_name)

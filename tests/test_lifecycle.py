@@ -232,7 +232,7 @@ def _trainer_state(tiny_lm) -> dict:
     from tao_core.config import TrainConfig
     from tao_core.train import Trainer
 
-    trainer = Trainer(tiny_lm, TrainConfig(lr=1e-3))
+    trainer = Trainer(tiny_lm, TrainConfig(objective="grpo", lr=1e-3))
     for p in trainer.params:
         p.grad = torch.randn_like(p)
     trainer.optimizer.step()

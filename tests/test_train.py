@@ -145,7 +145,7 @@ def test_masked_scores_off_policy_and_skipped_groups_are_counted():
     assert metrics["sequences"] == 3 + 3  # group 0 without its abstained one, group 2 without off-policy
     assert metrics["scored"] == 3 + 1 + 3
     with pytest.raises(TaoInputError, match="group 0: 4 candidates but 3 scores"):
-        Trainer(lm, TrainConfig()).step(prompts[:1], [groups[0]], [scores[0][:3]])
+        Trainer(lm, TrainConfig(objective="grpo")).step(prompts[:1], [groups[0]], [scores[0][:3]])
 
 
 def test_nothing_to_learn_means_no_update():
@@ -153,7 +153,7 @@ def test_nothing_to_learn_means_no_update():
     prompts, groups, _ = make_batch(lm)
     before = {n: p.clone() for n, p in lm.model.named_parameters()}
     one_ok = [[Score.ok(1.0)] + [Score.abstain("unsure")] * 3 for _ in groups]
-    metrics = Trainer(lm, TrainConfig()).step(prompts, groups, one_ok)
+    metrics = Trainer(lm, TrainConfig(objective="grpo")).step(prompts, groups, one_ok)
     assert metrics["updated"] == 0.0 and metrics["step"] == 1.0 and metrics["skipped_groups"] == 3
     equal = [[Score.ok(0.5)] * 4 for _ in groups]  # DAPO drops groups without signal
     assert Trainer(lm, TrainConfig(objective="dapo")).step(prompts, groups, equal)["updated"] == 0.0
@@ -187,7 +187,7 @@ def test_lora_trains_adapters_and_reference_is_the_base():
 @pytest.mark.parametrize("lora", [False, True])
 def test_save_pretrained_round_trips(tmp_path, lora):
     lm = tiny_lm()
-    trainer = Trainer(lm, TrainConfig(lora=lora, lr=1e-2))
+    trainer = Trainer(lm, TrainConfig(objective="grpo", lora=lora, lr=1e-2))
     trainer.step(*make_batch(lm))
     out = trainer.save_pretrained(tmp_path / "model")
     loaded = AutoModelForCausalLM.from_pretrained(out)
@@ -343,7 +343,7 @@ def test_bad_schedule_settings_are_named():
     with pytest.raises(TaoInputError, match="warmup_steps must be >= 0"):
         TrainConfig(warmup_steps=-1).validate()
     lm = tiny_lm()
-    trainer = Trainer(lm, TrainConfig(lr_schedule="linear"))
+    trainer = Trainer(lm, TrainConfig(objective="grpo", lr_schedule="linear"))
     with pytest.raises(TaoInputError, match="needs total_steps"):
         trainer.step(*make_batch(lm))
 
@@ -433,3 +433,8 @@ def test_optimize_resume_is_bit_identical():
     assert trainer_c.step_count == 3
     for (n, a), (_, c) in zip(lm_a.model.named_parameters(), lm_c.model.named_parameters(), strict=True):
         assert torch.equal(a, c), n
+
+
+def test_a_trainer_needs_an_objective_named_or_given():
+    with pytest.raises(TaoInputError, match="train.objective is not set"):
+        Trainer(tiny_lm(), TrainConfig())
