@@ -1,12 +1,14 @@
 """The text-level end of sampling, shared by both samplers: cut a raw completion where it stops.
 
 A sampler (:mod:`tao_core.sampler`) returns raw token ids and their log-probs; this module turns one
-into the candidate's ids, log-probs, text and finish reason the same way whichever backend sampled it.
+into the candidate's ids, log-probs, text and finish reason (and its top log-probs, when asked for)
+the same way whichever backend sampled it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from tao_core.types import FinishReason
 
@@ -44,3 +46,12 @@ def finish_completion(
                     break
             finish = "stop"
     return list(token_ids), list(logprobs), text, finish
+
+
+def top_logprobs_metadata(top: list[list[tuple[int, float]]], num_tokens: int) -> dict[str, Any]:
+    """The ``Candidate.metadata`` entry of a completion's top log-probs (``SamplingParams.top_logprobs``),
+    cut like its tokens to the first ``num_tokens``: ``{"top_logprobs": [[[token id, log-prob], ...]
+    per token]}``, most likely first; nothing when none were asked for (the candidate is unchanged)."""
+    if not top:
+        return {}
+    return {"top_logprobs": [[[int(i), float(lp)] for i, lp in position] for position in top[:num_tokens]]}

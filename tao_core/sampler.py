@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from tao_core.completion import finish_completion
+from tao_core.completion import finish_completion, top_logprobs_metadata
 from tao_core.engine import EngineSampler, unsupported_reason
 from tao_core.errors import TaoInputError
 from tao_core.models import SAMPLER_BACKENDS, LoadedModel
@@ -89,9 +89,14 @@ class HFSampler:
             new = out.sequences[:, width:].cpu()
             # logits[t]: [batch, vocab] raw (before processors) at step t
             logits = torch.stack(out.logits, dim=1).float().cpu()
-            lp = torch.log_softmax(logits / temp, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+            logp = torch.log_softmax(logits / temp, dim=-1)
+            lp = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+            top = logp.topk(params.top_logprobs, dim=-1) if params.top_logprobs else None
             for r, (pi, j) in enumerate(batch):
                 raw_ids, raw_lp = new[r].tolist(), lp[r].tolist()
+                raw_top = [] if top is None else [
+                    list(zip(i, v, strict=True)) for i, v in zip(top.indices[r].tolist(), top.values[r].tolist(), strict=True)
+                ]
                 ids_, lps, text, finish = finish_completion(
                     tok, raw_ids, raw_lp, stop=params.stop, stop_token_ids=[*eos, *params.stop_token_ids]
                 )
@@ -106,6 +111,7 @@ class HFSampler:
                         finish_reason=finish,
                         temperature=temp,
                         generator=self.name,
+                        metadata=top_logprobs_metadata(raw_top, len(ids_)),
                     )
                 )
         return groups

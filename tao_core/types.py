@@ -121,6 +121,7 @@ class SamplingParams(_Record):
     stop: list[str] = field(default_factory=list)  # stop strings, cut from the returned text
     stop_token_ids: list[int] = field(default_factory=list)  # extra stop tokens besides the model's EOS
     seed: int | None = None  # per-request random stream; None draws one from the global RNG
+    top_logprobs: int = 0  # also return the k (0..20) most likely tokens' log-probs at each sampled position
 
     def __post_init__(self) -> None:
         self.validate()
@@ -145,6 +146,8 @@ class SamplingParams(_Record):
             problems.append(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             problems.append(f"seed must be an integer or None, got {self.seed!r}")
+        if not isinstance(self.top_logprobs, int) or isinstance(self.top_logprobs, bool) or not 0 <= self.top_logprobs <= 20:
+            problems.append(f"top_logprobs must be an integer in [0, 20], got {self.top_logprobs!r}")
         if problems:
             raise TaoInputError("invalid sampling parameters: " + "; ".join(problems))
 

@@ -9,6 +9,9 @@ a training step on the same GPU can use the memory; the engine allocates them ag
 A full block of prompt tokens is indexed by a digest of every token up to its end, so a block is
 found again only for the exact same prefix. Blocks nobody references stay indexed (evictable, least
 recently used first) until the memory is needed or the model's weights change (``invalidate``).
+Each indexed block belongs to the weight set whose forward computed it: the digests of a set other
+than the policy start from a salt (its name), so two sets never share a block, and one set's
+blocks can be forgotten alone (``invalidate(owner)``) when its tensors change.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype:
     return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-def block_digests(token_ids: Sequence[int], block_size: int) -> list[bytes]:
-    """Chained digests of the full blocks of ``token_ids``: digest i covers tokens [0, (i+1)*block_size)."""
-    out, parent = [], b""
+def block_digests(token_ids: Sequence[int], block_size: int, salt: bytes = b"") -> list[bytes]:
+    """Chained digests of the full blocks of ``token_ids``: digest i covers tokens [0, (i+1)*block_size)
+    and the ``salt`` (a weight set's; empty for the policy)."""
+    out, parent = [], salt
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         h = hashlib.blake2b(parent, digest_size=16)
         h.update(",".join(map(str, token_ids[start : start + block_size])).encode())
@@ -43,7 +47,7 @@ class CacheStats:
 
     prefix_hit_tokens: int = 0  # prompt tokens whose KV was found in the prefix index (not recomputed)
     prefilled_tokens: int = 0  # prompt tokens whose KV was computed
-    invalidations: int = 0  # times the prefix index was dropped because the weights changed
+    invalidations: int = 0  # times the prefix index (or one weight set's part of it) was dropped: weights changed
     evictions: int = 0  # indexed blocks reused for other data
 
 
@@ -79,6 +83,7 @@ class BlockKVCache:
         self._evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced, indexed; LRU first
         self._digest_of: dict[int, bytes] = {}
         self._block_of: dict[bytes, int] = {}
+        self._owner_of: dict[int, str] = {}  # indexed block -> the weight set whose forward wrote it
 
     # memory -----------------------------------------------------------------------------------
     @property
@@ -123,6 +128,7 @@ class BlockKVCache:
         elif self._evictable:
             b, _ = self._evictable.popitem(last=False)
             del self._block_of[self._digest_of.pop(b)]
+            del self._owner_of[b]
             self.stats.evictions += 1
         else:
             raise RuntimeError("KV cache out of blocks (the scheduler should have prevented this)")
@@ -158,22 +164,35 @@ class BlockKVCache:
         b = self._block_of.get(digest)
         return b is not None and self.refcount[b] == 0
 
-    def index(self, block: int, digest: bytes) -> None:
-        """Make ``block`` findable under ``digest`` (its KV must be written in the same forward)."""
+    def index(self, block: int, digest: bytes, owner: str = "policy") -> None:
+        """Make ``block`` findable under ``digest`` (its KV must be written in the same forward by
+        weight set ``owner``)."""
         if digest in self._block_of or block in self._digest_of:
             return
         self._block_of[digest] = block
         self._digest_of[block] = digest
+        self._owner_of[block] = owner
 
-    def invalidate(self) -> None:
-        """Forget every indexed prefix (the weights changed); referenced blocks stay in use."""
-        if self._block_of:
+    def invalidate(self, owner: str | None = None) -> None:
+        """Forget the indexed prefixes of weight set ``owner`` (None: of every set) because its
+        weights changed; referenced blocks stay in use."""
+        if owner is None:
+            if self._block_of:
+                self.stats.invalidations += 1
+            self._free.extend(self._evictable)
+            self._evictable.clear()
+            self._block_of.clear()
+            self._digest_of.clear()
+            self._owner_of.clear()
+            return
+        blocks = [b for b, o in self._owner_of.items() if o == owner]
+        if blocks:
             self.stats.invalidations += 1
-        for b in list(self._evictable):
-            self._free.append(b)
-        self._evictable.clear()
-        self._block_of.clear()
-        self._digest_of.clear()
+        for b in blocks:
+            del self._block_of[self._digest_of.pop(b)], self._owner_of[b]
+            if b in self._evictable:
+                del self._evictable[b]
+                self._free.append(b)
 
     def copy_block(self, src: int, dst: int, num_tokens: int) -> None:
         """Copy the first ``num_tokens`` slots of block ``src`` into ``dst`` in every layer."""

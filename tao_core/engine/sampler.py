@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 from collections.abc import Callable, Sequence
 
-from tao_core.completion import finish_completion
+from tao_core.completion import finish_completion, top_logprobs_metadata
 from tao_core.engine.core import Engine, EngineConfig
 from tao_core.engine.scheduler import EngineRequest
 from tao_core.models import LoadedModel
@@ -96,6 +96,7 @@ class EngineSampler:
                     finish_reason="stop" if "stop" in (finish, s.finish_reason) else finish,
                     temperature=temp,
                     generator=self.name,
+                    metadata=top_logprobs_metadata(s.top_logprobs, len(out_ids)),
                 ))
             groups.append(group)
         return groups

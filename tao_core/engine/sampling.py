@@ -11,6 +11,8 @@ Definitions (applied in this order, as in ``transformers``), for one row with lo
 - Draw: inverse CDF over the surviving probabilities in token-id order with the row's uniform ``u``
   (``draw``), so a row's token depends only on its logits and its own random stream. Greedy rows
   take the argmax.
+- Top log-probs (``top_logprobs``): the k largest ``logp`` of a row and their token ids, the same
+  definition as the sampled token's log-prob (before truncation).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class SamplingBatch:
     max_top_k: int  # largest top-k of a sampled row (0 if none), so no device read is needed
     any_top_p: bool
     any_min_p: bool
+    max_top_logprobs: int = 0  # largest number of top log-probs a row asks for (0: none)
 
     @classmethod
     def build(
@@ -50,6 +53,7 @@ class SamplingBatch:
         min_p: list[float],
         uniform: list[float],
         device: torch.device,
+        top_logprobs: list[int] | None = None,
     ) -> SamplingBatch:
         greedy = [t == 0 for t in temperature]
         return cls(
@@ -66,6 +70,7 @@ class SamplingBatch:
             max_top_k=max((k for k, g in zip(top_k, greedy, strict=True) if not g), default=0),
             any_top_p=any(p < 1 and not g for p, g in zip(top_p, greedy, strict=True)),
             any_min_p=any(m > 0 and not g for m, g in zip(min_p, greedy, strict=True)),
+            max_top_logprobs=max(top_logprobs, default=0) if top_logprobs else 0,
         )
 
 
@@ -166,3 +171,13 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.
         if b.any_greedy:
             tokens = torch.where(b.greedy, z.argmax(-1), tokens)
     return tokens, (z.gather(-1, tokens.unsqueeze(-1)) - lse).squeeze(-1)
+
+
+def top_logprobs(logits: torch.Tensor, b: SamplingBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most likely tokens of each row: ``(ids [B, k] int64, logprobs [B, k] float32)``,
+    log-probs ``log_softmax(logits / T)`` as for the sampled token, largest first."""
+    z = logits.float()
+    if b.any_temperature:
+        z = z / b.temperature.unsqueeze(-1)
+    values, ids = torch.topk(z, min(k, z.shape[-1]), dim=-1)
+    return ids, values - torch.logsumexp(z, dim=-1, keepdim=True)

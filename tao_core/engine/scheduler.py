@@ -7,7 +7,8 @@ request that finishes early gives them back, and no running sequence is ever pre
 that does not fit waits in the queue (first come, first served); one that could never fit fails.
 
 The prompt is prefilled once; its ``n`` samples then share its full blocks and each gets its own
-copy of the last, partly filled block.
+copy of the last, partly filled block. A request aborted (or failed) in flight gives back its
+blocks and its reservation at once.
 """
 
 from __future__ import annotations
@@ -19,29 +20,36 @@ from dataclasses import dataclass, field
 from tao_core.engine.cache import BlockKVCache, block_digests
 from tao_core.types import SamplingParams
 
+# on_token(request_id, sample index, token id, log-prob): once per sampled token, in order
+TokenCallback = Callable[[int, int, int, float], None]
+
 
 @dataclass
 class EngineRequest:
     """A prompt as token ids with its sampling parameters; the engine knows nothing of text."""
 
     prompt_ids: list[int]  # tokens the model is conditioned on
-    params: SamplingParams  # n, temperature, filters, max_new_tokens, stop_token_ids, seed
+    params: SamplingParams  # n, temperature, filters, max_new_tokens, stop_token_ids, seed, top_logprobs
     stop_checker: Callable[[list[int]], bool] | None = None  # sees a sample's new ids after each token
     ignore_eos: bool = False  # keep sampling past the model's EOS tokens (benchmarks)
+    weight_set: str = "policy"  # the parameters it samples with: "policy" (the model's) or an added set
+    on_token: TokenCallback | None = None  # streaming; if it raises, this request alone ends with an error
 
 
 @dataclass
 class SampleResult:
     token_ids: list[int]  # completion tokens, a final stop token included
     logprobs: list[float]  # log_softmax(logits / temperature)[token], one per token
-    finish_reason: str  # "stop" or "length"
+    finish_reason: str  # "stop", "length", "abort" (engine.abort) or "error" (its request failed)
+    # per token, the params.top_logprobs most likely (token id, log-prob) under the same definition
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 @dataclass
 class EngineResult:
     request_id: int
-    samples: list[SampleResult] = field(default_factory=list)  # n of them unless error is set
-    error: str | None = None  # why this request alone was rejected
+    samples: list[SampleResult] = field(default_factory=list)  # n of them unless rejected at admission
+    error: str | None = None  # why this request alone was rejected or failed
 
 
 @dataclass(eq=False)
@@ -55,6 +63,7 @@ class Sequence:
     uniforms: list[float]  # this sample's random stream, one draw per new token
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # filled when asked
     reserved: int = 0  # blocks set aside for this sample's future growth
     finish_reason: str | None = None
 
@@ -67,6 +76,7 @@ class Group:
     request: EngineRequest
     max_new: int  # max_new_tokens, clamped to the model's context
     stop_ids: frozenset[int]
+    salt: bytes = b""  # prefix-index salt of its weight set (empty for the policy)
     seqs: list[Sequence] = field(default_factory=list)
     prompt_blocks: list[int] = field(default_factory=list)
     cached_tokens: int = 0  # leading prompt tokens found in the prefix index (not recomputed)
@@ -79,6 +89,14 @@ class Group:
     @property
     def params(self) -> SamplingParams:
         return self.request.params
+
+    def result(self, error: str | None = None) -> EngineResult:
+        """The request's result from its samples so far (each ``"abort"`` if it never started)."""
+        if not self.seqs:
+            samples = [SampleResult([], [], "abort") for _ in range(self.params.n)]
+        else:
+            samples = [SampleResult(s.generated, s.logprobs, s.finish_reason or "abort", s.top_logprobs) for s in self.seqs]
+        return EngineResult(self.request_id, samples, error)
 
 
 class Scheduler:
@@ -96,7 +114,7 @@ class Scheduler:
         bs = self.cache.block_size
         prompt_len, n = len(g.prompt), g.params.n
         # at least the last prompt token is recomputed: its logits start the completion
-        digests = block_digests(g.prompt[: prompt_len - 1], bs)
+        digests = block_digests(g.prompt[: prompt_len - 1], bs, g.salt)
         hits = evictable_hits = 0
         for d in digests:
             if not self.cache.would_hit(d):
@@ -143,7 +161,7 @@ class Scheduler:
     def _allocate(self, g: Group, hits: int, need: int) -> None:
         cache, bs = self.cache, self.cache.block_size
         prompt_len, n = len(g.prompt), g.params.n
-        digests = block_digests(g.prompt, bs)
+        digests = block_digests(g.prompt, bs, g.salt)
         for d in digests[:hits]:
             b = cache.lookup(d)
             assert b is not None
@@ -152,7 +170,7 @@ class Scheduler:
             b = cache.new_block()
             g.prompt_blocks.append(b)
             if i < len(digests):
-                cache.index(b, digests[i])
+                cache.index(b, digests[i], g.request.weight_set)
         partial = prompt_len % bs != 0
         g.fork_blocks = [cache.new_block() for _ in range(n - 1)] if partial else []
         g.cached_tokens = hits * bs
@@ -198,3 +216,21 @@ class Scheduler:
         seq.blocks = []
         self.reserved -= seq.reserved
         seq.reserved = 0
+
+    def stop_group(self, g: Group, reason: str) -> None:
+        """Finish every unfinished sample of running request ``g`` with ``reason`` and drop them
+        from the batch (the engine's abort, or its request failing)."""
+        for s in g.seqs:
+            if s.finish_reason is None:
+                self.finish(s, reason)
+        self.running = [s for s in self.running if s.group is not g]
+
+    def find(self, request_id: int) -> Group | None:
+        """The waiting or running request with this id, or None."""
+        for g in self.waiting:
+            if g.request_id == request_id:
+                return g
+        for s in self.running:
+            if s.group.request_id == request_id:
+                return s.group
+        return None
