@@ -26,12 +26,19 @@ def generate(
     params: SamplingParams | None = None,
     *,
     model: str | LoadedModel = "smollm2-135m",
-    generator: str = "sample",
+    generator: str | None = None,
     **generator_options: Any,
 ) -> list[list[Candidate]]:
-    """Sample one group of ``params.n`` candidates per prompt with a registered generator."""
+    """Sample one group of ``params.n`` candidates per prompt: with a registered generator, or with
+    none (``generator=None``) straight from the model's sampler (:func:`tao_core.sampler.sampler_for`)."""
     lm = _as_model(model)
     ps = [p if isinstance(p, Prompt) else Prompt(id=f"p{i}", text=p) for i, p in enumerate(prompts)]
+    if generator is None:
+        if generator_options:
+            raise TaoInputError(f"generator options {sorted(generator_options)} need a generator; name one")
+        from tao_core.sampler import sampler_for
+
+        return sampler_for(lm).sample(ps, params or SamplingParams())
     gen = get_component("generators", generator)(lm, **generator_options)
     return gen.generate(ps, params or SamplingParams())
 

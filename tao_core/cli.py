@@ -131,7 +131,8 @@ def sampling_options(f):
 @click.option("--prompt", "texts", multiple=True, help="A prompt text (repeatable).")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False), help="Prompt file (JSONL, CSV or Parquet).")
 @click.option("--column", default=None, help="Column holding the prompt text in --prompts.")
-@click.option("--generator", "generator_name", default="sample", show_default=True, help="Registered generator.")
+@click.option("--generator", "generator_name", default=None,
+              help="A registered generator (tao plugins lists them) [default: none, plain samples from the model's sampler].")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write candidates as JSONL here (default: stdout).")
 @sampling_options
 def generate_cmd(model_spec, texts, prompts_file, column, generator_name, output, **sampling) -> None:

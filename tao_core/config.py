@@ -32,6 +32,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3", "exact")
 RATIO_LEVELS = ("token", "sequence")
 LOSS_AGGS = ("token_mean", "seq_mean", "fixed_length")
 OLD_LOGPROBS = ("sampled", "current")
+SAMPLERS = ("auto", "engine", "hf")  # tao_core.models.SAMPLER_BACKENDS (that module imports torch)
 
 # Upper bounds on the values that size an allocation (a bigger one is a typo, not a plan).
 MAX_GROUP = 1024  # generate.n: candidates held per prompt
@@ -48,6 +49,7 @@ class GenerateConfig:
     """Stage 1: how candidates are sampled."""
 
     generator: str | None = None  # registered generator; None: the task's default
+    sampler: str = "auto"  # token backend under the generator: "engine" (tao's), "hf" (transformers), "auto" (engine if it can)
     options: dict[str, Any] = field(default_factory=dict)  # keyword options for the generator factory
     n: int = 8  # candidates per prompt (the group size; group statistics need two)
     temperature: float = 1.0  # sampling temperature (also divides the logits of Candidate.logprobs); 0: greedy
@@ -180,6 +182,7 @@ RULES: dict[str, Rule] = {
     "checkpoint_every": between(1),
     "threads": between(1, MAX_THREADS),
     "generate.n": between(2, MAX_GROUP),
+    "generate.sampler": one_of(*SAMPLERS),
     "generate.temperature": between(0),
     "generate.top_k": between(0),
     "generate.top_p": between(0, 1, lo_open=True),
@@ -397,12 +400,6 @@ def _plugin_problems(cfg: RunConfig, bad: dict[str, str]) -> list[str]:
         except PluginError:
             continue  # reported above, or a task's missing default (reported when the task is built)
         problems += _option_problems(key, _get(cfg, key), f"{PLUGINS[name_key][:-1]} {name!r}", factory, positional)
-    task = factories.get("task")
-    if task is not None and cfg.train.objective is None and "train.objective" not in bad:
-        default = getattr(task, "default_objective", None)
-        if not isinstance(default, str) or default not in reg.names("objectives"):
-            problems.append(f"train.objective is not set and task {cfg.task!r} names no registered "
-                            f"default_objective ({default!r}); set train.objective")
     return problems
 
 

@@ -101,6 +101,11 @@ class Pipeline:
         if not self.pool:
             raise TaoInputError(f"task {cfg.task!r} gave no training prompts")
         self.eval_examples = self.task.eval_examples(cfg.eval_limit)
+        self.objective_name = cfg.train.objective or getattr(self.task, "default_objective", None)
+        if not isinstance(self.objective_name, str):
+            raise TaoInputError(f"train.objective is not set and task {cfg.task!r} names no default_objective; "
+                                "set train.objective (tao plugins lists the objectives)")
+        self.objective = get_component("objectives", self.objective_name)
         self.scorer_name = cfg.score.scorer or self.task.default_scorer
         self.scorer = load_scorer(self.scorer_name, **cfg.score.options)
         self.dir = RunDir(cfg.output_dir)
@@ -119,13 +124,13 @@ class Pipeline:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        self.lm = lm or load_model(cfg.model)
+        self.lm = lm or load_model(cfg.model, sampler=cfg.generate.sampler)
+        if cfg.generate.sampler != "auto":  # a model passed in samples with the backend the config declares
+            self.lm.sampler_backend = cfg.generate.sampler
         train_cfg = cfg.train
         if train_cfg.total_steps is None:
             train_cfg = dataclasses.replace(train_cfg, total_steps=cfg.rounds * cfg.steps_per_round)
-        # the objective the config names, else the task's default (the core names none)
-        objective = get_component("objectives", train_cfg.objective or self.task.default_objective)
-        self.trainer = Trainer(self.lm, train_cfg, objective=objective)
+        self.trainer = Trainer(self.lm, train_cfg, objective=self.objective)  # the config's, else the task's default
         gen_name = cfg.generate.generator or self.task.default_generator
         self.generator = get_component("generators", gen_name)(self.lm, **cfg.generate.options)
         self.limits = ScorerLimits(timeout_s=cfg.score.timeout_s)

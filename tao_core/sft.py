@@ -185,7 +185,7 @@ def _train(cfg: RunConfig, task: Task, prompts: list[Prompt], epochs: int, eval_
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    lm = lm or load_model(cfg.model)
+    lm = lm or load_model(cfg.model, sampler=cfg.generate.sampler)
     data = labeled_examples(task, prompts, lm)
     trainer = Trainer(lm, cfg.train, custom_loss=True)  # the objective, KL and PPO settings do not apply
     held_out = _HeldOut(rd, task, sampler_for(lm), task.eval_examples(cfg.eval_limit), lm, data,

@@ -178,3 +178,38 @@ def test_run_refuses_to_overwrite(tmp_path, tiny_model_dir):
     cfg = load_config(_config(tmp_path / "c.toml", tiny_model_dir, tmp_path / "run"), {"score.scorer": None})
     with pytest.raises(TaoInputError, match="not empty and is not a tao directory"):
         pipeline.run(cfg)
+
+
+def test_the_sampler_backend_is_declared_in_the_config(tmp_path, tiny_model_dir):
+    from tao_core.config import SAMPLERS
+    from tao_core.models import SAMPLER_BACKENDS
+    from tao_core.pipeline import Pipeline
+    from tao_core.sampler import HFSampler, sampler_for
+
+    assert SAMPLERS == SAMPLER_BACKENDS
+    cfg = load_config(_config(tmp_path / "c.toml", tiny_model_dir, tmp_path / "run"),
+                      {"score.scorer": None, "generate.sampler": "hf"})
+    pipe = Pipeline(cfg)
+    try:
+        assert pipe.lm.sampler_backend == "hf" and isinstance(sampler_for(pipe.lm), HFSampler)
+    finally:
+        pipe.dir.release()
+    with pytest.raises(TaoInputError, match="generate.sampler must be one of 'auto', 'engine', 'hf'"):
+        load_config(_config(tmp_path / "d.toml", tiny_model_dir, tmp_path / "run2"), {"generate.sampler": "vllm"})
+
+
+def test_a_run_takes_its_objective_from_the_config_or_the_task(tmp_path, tiny_model_dir):
+    from tao_core import pipeline
+    from tao_core.plugins import get_plugin_manager
+    from tests.test_sft import _UnlabeledTasks
+
+    pm = get_plugin_manager()
+    name = pm.register(_UnlabeledTasks(), name="test-unlabeled-task-objective")
+    try:
+        cfg = load_config(_config(tmp_path / "c.toml", tiny_model_dir, tmp_path / "run"),
+                          {"task": "unlabeled-test", "score.scorer": None})
+        with pytest.raises(TaoInputError, match="train.objective is not set and task 'unlabeled-test' names no default_objective"):
+            pipeline.Pipeline(cfg)
+    finally:
+        pm.unregister(name)
+    assert not (tmp_path / "run").exists()

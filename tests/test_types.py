@@ -133,3 +133,19 @@ def test_generate_cli_writes_candidates(tiny_model_dir, tmp_path):
     assert len(cands) == 2 and all(len(c.token_ids) <= 4 for c in cands)
     res = CliRunner().invoke(cli, ["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--top-p", "0"])
     assert res.exit_code == 2 and "top_p must be in (0, 1]" in res.output
+
+
+def test_generate_api_without_a_generator_uses_the_models_sampler(tiny_model_dir):
+    from tao_core.api import generate
+    from tao_core.models import load_model
+    from tao_core.sampler import HFSampler, sampler_for
+
+    lm = load_model(str(tiny_model_dir), sampler="hf")
+    assert isinstance(sampler_for(lm), HFSampler)
+    params = SamplingParams(n=2, max_new_tokens=3, seed=1)
+    plain = generate(["hi"], params, model=lm)
+    named = generate(["hi"], params, model=lm, generator="sample")
+    assert [c.token_ids for c in plain[0]] == [c.token_ids for c in named[0]]
+    assert plain[0][0].generator == "hf-generate" and named[0][0].generator == "sample"
+    with pytest.raises(TaoInputError, match="need a generator"):
+        generate(["hi"], params, model=lm, templates=["plain"])
