@@ -43,7 +43,7 @@ SIDES = BENCH / "_compare_sides.py"
 RESULT_PREFIX = "RESULT "  # the line each side prints last (see _compare_sides.py)
 DEFAULT_VENV = Path.home() / ".cache" / "tao" / "trl-venv"
 DEFAULT_TRL = "1.16.*"  # the version the TRL figures were measured with
-DEMO_LR = 2e-5  # DEMO_CONFIG["train"]["lr"] in tao_core/cli.py
+DEMO_LR = 2e-5  # train.lr of the arithmetic demo recipe (plugins/tasks/recipes/demo.toml)
 # pinned to this environment's versions, so both sides run the same arithmetic
 SHARED_DISTS = ("torch", "transformers", "tokenizers", "accelerate", "safetensors", "numpy")
 # the rest of tao-core's runtime dependencies (installed unpinned; tao-core itself goes in with --no-deps)
