@@ -32,6 +32,8 @@ KL_ESTIMATORS = ("k1", "k2", "k3", "exact")
 RATIO_LEVELS = ("token", "sequence")
 LOSS_AGGS = ("token_mean", "seq_mean", "fixed_length")
 OLD_LOGPROBS = ("sampled", "current")
+VOTERS = ("policy", "frozen", "ema")
+OFF_POLICY = ("drop", "importance")
 SAMPLERS = ("auto", "engine", "hf")  # tao_core.models.SAMPLER_BACKENDS (that module imports torch)
 
 # Upper bounds on the values that size an allocation (a bigger one is a typo, not a plan).
@@ -58,6 +60,11 @@ class GenerateConfig:
     min_p: float = 0.0  # drop tokens with p < min_p x p_max; 0 disables
     max_new_tokens: int | None = None  # completion length cap; None: the task's evaluation budget
     stop: list[str] = field(default_factory=list)  # stop strings, cut from the completion
+    voters: str = "policy"  # weights the generator's teacher templates sample with: "policy", "frozen" (the
+    # starting weights, refreshed on promotion) or "ema" (a copy following the policy at ema_rate)
+    ema_rate: float = 0.99  # "ema": teacher = rate * teacher + (1 - rate) * policy after every optimizer step
+    dynamic_sampling: bool = False  # replace groups whose scores are all equal by groups of fresh prompts (DAPO)
+    max_resample: int = 2  # dynamic sampling: extra generate + score rounds per step at most
 
 
 @dataclass
@@ -68,6 +75,8 @@ class ScoreConfig:
     options: dict[str, Any] = field(default_factory=dict)  # keyword options for the scorer factory
     timeout_s: float = 120.0  # a group call running longer becomes an error score
     cache: bool = True  # reuse scores of identical (scorer, version, prompt, candidate)
+    gate: list[float] | None = None  # [lo, hi]: train only on prompts whose voter margin (the majority's
+    # share, Score.details["margin"]) lies in this band; None: every prompt
 
 
 @dataclass
@@ -82,6 +91,9 @@ class GuardConfig:
     max_kl: float | None = None  # warn when the KL to the reference exceeds this (None: never)
     hacking_drop: float = 0.1  # warn when reward rises while the held-out metric drops this much
     stop_on_collapse: bool = False  # stop the run (keeping the best checkpoint) at the first warning
+    max_flip_rate: float | None = None  # warn when more than this share of revisited prompts changed their
+    # voter majority (None: never; the rate is logged as flip_rate whenever a scorer reports majorities)
+    promote_alpha: float = 0.05  # a round regresses a task when its paired test's one-sided p < alpha
 
 
 @dataclass
@@ -126,6 +138,13 @@ class TrainConfig:
     old_logprobs: str = "sampled"  # PPO's old policy: "sampled" (Candidate.logprobs) | "current" (see above)
     layout: str = "shared_prefix"  # "shared_prefix" (prompt once per group) | "padded" (reference)
     seed: int = 0  # seeds LoRA initialization
+    off_policy: str = "drop"  # candidates marked off_policy (sampled under another prompt or weights):
+    # "drop" them, or train the policy's own prompt on them with truncated "importance" sampling
+    is_level: str = "token"  # importance ratios per "token" or per "sequence" (off_policy = "importance")
+    is_cap: float = 2.0  # importance ratios are truncated at this C (TRL's vllm_importance_sampling_cap)
+    overlong_buffer: int = 0  # soft overlong penalty (DAPO) over the last N tokens before max_new_tokens; 0: off
+    overlong_penalty: float = 1.0  # the penalty a completion of max_new_tokens gets, rising linearly over the buffer
+    mask_truncated: bool = False  # completions cut at max_new_tokens (finish_reason "length") get no loss
 
     def validate(self) -> None:
         """The value checks of :func:`validate` for this section alone (no plugin look-ups): the
@@ -167,6 +186,7 @@ PATH = Rule("a non-empty path", lambda v: bool(v.strip()) and "\0" not in v)
 STRINGS = Rule("a list of non-empty strings", lambda v: all(v))
 MODULES = Rule("a non-empty string or list of non-empty strings",
                lambda v: bool(v.strip()) if isinstance(v, str) else bool(v) and all(s.strip() for s in v))
+GATE = Rule("two numbers lo <= hi in [0, 1]", lambda v: len(v) == 2 and 0 <= v[0] <= v[1] <= 1)
 BETAS = Rule("two numbers in [0, 1)", lambda v: all(0 <= b < 1 for b in v))
 
 RULES: dict[str, Rule] = {
@@ -189,12 +209,18 @@ RULES: dict[str, Rule] = {
     "generate.min_p": between(0, 1, hi_open=True),
     "generate.max_new_tokens": between(1, MAX_NEW_TOKENS),
     "generate.stop": STRINGS,
+    "generate.voters": one_of(*VOTERS),
+    "generate.ema_rate": between(0, 1, hi_open=True),
+    "generate.max_resample": between(0, 16),
+    "score.gate": GATE,
     "score.timeout_s": between(0, lo_open=True),
     "guard.eval_every": between(0),
     "guard.promote_tolerance": between(0),
     "guard.min_entropy": between(0),
     "guard.min_length_ratio": between(0, 1),
     "guard.max_kl": between(0),
+    "guard.max_flip_rate": between(0, 1),
+    "guard.promote_alpha": between(0, 1, lo_open=True, hi_open=True),
     "guard.hacking_drop": between(0),
     "train.lr": between(0, lo_open=True),
     "train.lr_schedule": one_of(*LR_SCHEDULES),
@@ -220,6 +246,11 @@ RULES: dict[str, Rule] = {
     "train.lora_target_modules": MODULES,
     "train.precision": one_of(*PRECISIONS),
     "train.old_logprobs": one_of(*OLD_LOGPROBS),
+    "train.off_policy": one_of(*OFF_POLICY),
+    "train.is_level": one_of(*RATIO_LEVELS),
+    "train.is_cap": between(1),
+    "train.overlong_buffer": between(0, MAX_NEW_TOKENS),
+    "train.overlong_penalty": between(0),
     "train.layout": one_of(*LAYOUTS),
     "train.seed": between(0, MAX_SEED),
 }
