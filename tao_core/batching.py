@@ -36,6 +36,8 @@ class Segment:
     advantages: list[float]  # one per completion (for DPO: +1 chosen / -1 rejected, pairs in order)
     rewards: list[float]  # the completions' scores
     temperature: float  # the temperature of ``old_logprobs`` (Candidate.temperature)
+    off_policy: list[bool] | None = None  # per completion: sampled by another policy (another prompt
+    # or weights), so ``old_logprobs`` are that behaviour policy's; None: every completion on-policy
 
     @property
     def n_tokens(self) -> int:
@@ -70,6 +72,8 @@ class TrainBatch:
     ref_logprobs: torch.Tensor | None = None  # [N] fp32 under the reference model, when needed
     ref_hidden: torch.Tensor | None = None  # [N, H] reference hidden states (exact KL only)
     ref_weight: torch.Tensor | None = None  # [V, H] reference head weight (exact KL only)
+    off_policy: torch.Tensor | None = None  # [N] bool: tokens of off-policy completions, whose
+    # ``old_logprobs`` are the behaviour policy's (see tao_core.offpolicy); None: all on-policy
     extra: dict = field(default_factory=dict)  # room for a plugin objective's own inputs
 
     @property
@@ -106,9 +110,9 @@ def split_segment(seg: Segment, budget: int, unit: int = 1) -> list[Segment]:
             size += more
             end += unit
         sl = slice(start, end)
-        out.append(
-            Segment(seg.prompt_ids, seg.completions[sl], seg.old_logprobs[sl], seg.advantages[sl], seg.rewards[sl], seg.temperature)
-        )
+        off = None if seg.off_policy is None else seg.off_policy[sl]
+        out.append(Segment(seg.prompt_ids, seg.completions[sl], seg.old_logprobs[sl], seg.advantages[sl],
+                           seg.rewards[sl], seg.temperature, off))
         start = end
     return out
 
@@ -137,6 +141,10 @@ def _loss_inputs(segments: list[Segment]) -> TrainBatch:
     cu = torch.zeros(len(comps) + 1, dtype=torch.long)
     cu[1:] = torch.cumsum(lens, 0)
     seq_adv = torch.tensor([a for s in segments for a in s.advantages], dtype=torch.float32)
+    off = None
+    if any(s.off_policy is not None and any(s.off_policy) for s in segments):
+        flags = [f for s in segments for f in (s.off_policy or [False] * len(s.completions))]
+        off = torch.repeat_interleave(torch.tensor(flags, dtype=torch.bool), lens)
     return TrainBatch(
         targets=torch.tensor([t for c in comps for t in c], dtype=torch.long),
         old_logprobs=torch.tensor([x for s in segments for lp in s.old_logprobs for x in lp], dtype=torch.float32),
@@ -145,6 +153,7 @@ def _loss_inputs(segments: list[Segment]) -> TrainBatch:
         seq_advantages=seq_adv,
         seq_rewards=torch.tensor([r for s in segments for r in s.rewards], dtype=torch.float32),
         temperature=segments[0].temperature,
+        off_policy=off,
     )
 
 

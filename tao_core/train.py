@@ -4,7 +4,9 @@
 never count), lets the objective pick the candidates it trains on, packs them into micro-batches
 under a token budget (``tao_core.batching``: each prompt computed once per group, no padding, the
 head applied to completion tokens only through ``tao_kernels``), accumulates gradients weighted so
-that the sum equals one big batch, clips and takes one AdamW step. Full fine-tuning or LoRA (peft);
+that the sum equals one big batch, clips and takes one AdamW step. Off-policy candidates are dropped
+or importance-weighted, rewards may carry DAPO's overlong penalty and truncated completions may be
+masked (``train.off_policy``, ``overlong_buffer``, ``mask_truncated``: :mod:`tao_core.offpolicy`). Full fine-tuning or LoRA (peft);
 the reference model exists only when the objective needs it (KL weight above zero, online DPO): the
 base with adapters disabled under LoRA, a frozen copy otherwise.
 
@@ -39,6 +41,13 @@ from tao_core.config import TrainConfig
 from tao_core.errors import PluginError, TaoInputError
 from tao_core.models import LoadedModel
 from tao_core.objectives import LossConfig, LossOutput, Objective
+from tao_core.offpolicy import (
+    ImportanceTally,
+    drop_truncated,
+    overlong_penalties,
+    start_of_step,
+    trained_prompt,
+)
 from tao_core.onednn import onednn_linears
 from tao_core.types import Candidate, Prompt, Score
 
@@ -175,13 +184,16 @@ class Trainer:
 
     # -- the step ---------------------------------------------------------------------------------
 
-    def _segments(
-        self, groups: Sequence[Sequence[Candidate]], scores: Sequence[Sequence[Score]]
-    ) -> tuple[list[Segment], dict[str, float]]:
-        n_groups = len(groups)
-        width = max((len(g) for g in groups), default=0)
+    def _rewards(self, groups: Sequence[Sequence[Candidate]], scores: Sequence[Sequence[Score]],
+                 max_new_tokens: int | None) -> tuple[torch.Tensor, torch.Tensor, dict, dict[str, float]]:
+        """[G, n] rewards (the scores, plus the overlong penalty when set), the mask of candidates
+        that count (ok score, tokens, a prompt to train under), each one's trained prompt, and metrics.
+
+        ``reward_mean`` / ``reward_std`` are the scorers' values, before any penalty."""
+        n_groups, width = len(groups), max((len(g) for g in groups), default=0)
         rewards = torch.zeros(n_groups, width)
         mask = torch.zeros(n_groups, width, dtype=torch.bool)
+        prompts: dict[tuple[int, int], list[int]] = {}
         off_policy = empty = 0
         for g, (cands, scs) in enumerate(zip(groups, scores, strict=True)):
             if len(cands) != len(scs):
@@ -189,67 +201,86 @@ class Trainer:
             for i, (c, s) in enumerate(zip(cands, scs, strict=True)):
                 if not s.is_ok:
                     continue
-                if c.metadata.get("off_policy"):
-                    off_policy += 1  # sampled under another prompt: its log-probs are not the policy's here
+                prompt = trained_prompt(c, self.cfg.off_policy)
+                if prompt is None:
+                    off_policy += 1  # sampled under another prompt or weights, and not trained here
                 elif not c.token_ids:
                     empty += 1  # no token to learn from
                 else:
                     rewards[g, i] = s.value
                     mask[g, i] = True
+                    prompts[g, i] = prompt
+        ok = rewards[mask]
+        metrics = {
+            "reward_mean": float(ok.mean()) if ok.numel() else float("nan"),
+            "reward_std": float(ok.std()) if ok.numel() > 1 else 0.0,
+            "scored": float(ok.numel()),
+            "off_policy_dropped": float(off_policy),
+            "empty_dropped": float(empty),
+        }
+        if self.cfg.overlong_buffer > 0:
+            penalties, counts = overlong_penalties(groups, mask, max_new_tokens, self.cfg.overlong_buffer,
+                                                   self.cfg.overlong_penalty)
+            rewards = rewards + penalties
+            metrics.update(counts)
+        return rewards, mask, prompts, metrics
+
+    def _segments(self, groups: Sequence[Sequence[Candidate]], scores: Sequence[Sequence[Score]],
+                  max_new_tokens: int | None = None) -> tuple[list[Segment], dict[str, float]]:
+        rewards, mask, prompts, stats = self._rewards(groups, scores, max_new_tokens)
         adv = self.advantage_fn(rewards, mask)
         if not isinstance(adv, torch.Tensor) or adv.shape != rewards.shape or not torch.isfinite(adv).all():
             raise PluginError(
                 f"advantage estimator {self.advantage_name!r} must return a finite tensor of shape "
                 f"{tuple(rewards.shape)}, got {getattr(adv, 'shape', type(adv).__name__)}"
             )
-        ok = rewards[mask]
-        selection = self.objective.select(rewards, mask, adv)
-        segments, seq_adv, skipped = [], [], int((mask.sum(1) < 2).sum())
         unit = self.objective.unit
+        selection = self.objective.select(rewards, mask, adv)
+        if self.cfg.mask_truncated:
+            selection, masked = drop_truncated(groups, selection, unit)
+            stats["truncated_masked"] = float(masked)
+        segments, seq_adv, skipped, off_trained = [], [], int((mask.sum(1) < 2).sum()), 0
         for g, picks in enumerate(selection):
             by_prompt: dict[tuple, list[tuple[int, float]]] = {}
             for i, a in picks:
-                c = groups[g][i]
-                by_prompt.setdefault((tuple(c.prompt_token_ids), c.temperature), []).append((i, a))
+                by_prompt.setdefault((tuple(prompts[g, i]), groups[g][i].temperature), []).append((i, a))
             if unit > 1 and len(by_prompt) > 1:
                 skipped += 1  # a pair must share its prompt
                 continue
             for (prompt_ids, temperature), items in by_prompt.items():
                 cands = [groups[g][i] for i, _ in items]
-                segments.append(
-                    Segment(
-                        list(prompt_ids),
-                        [list(c.token_ids) for c in cands],
-                        [list(c.logprobs) for c in cands],
-                        [a for _, a in items],
-                        [float(rewards[g, i]) for i, _ in items],
-                        float(temperature),
-                    )
-                )
+                off = [bool(c.metadata.get("off_policy")) for c in cands]
+                segments.append(Segment(list(prompt_ids), [list(c.token_ids) for c in cands],
+                                        [list(c.logprobs) for c in cands], [a for _, a in items],
+                                        [float(rewards[g, i]) for i, _ in items], float(temperature),
+                                        off if any(off) else None))
                 seq_adv.extend(a for _, a in items)
+                off_trained += sum(off)
         sa = torch.tensor(seq_adv) if seq_adv else torch.zeros(1)
-        stats = {
-            "reward_mean": float(ok.mean()) if ok.numel() else float("nan"),
-            "reward_std": float(ok.std()) if ok.numel() > 1 else 0.0,
-            "scored": float(ok.numel()),
+        stats.update({
             "adv_mean": float(sa.mean()),
             "adv_std": float(sa.std()) if sa.numel() > 1 else 0.0,
             "adv_abs_mean": float(sa.abs().mean()),
             "skipped_groups": float(skipped),
-            "off_policy_dropped": float(off_policy),
-            "empty_dropped": float(empty),
             "sequences": float(len(seq_adv)),
-        }
+        })
+        if self.cfg.off_policy == "importance":
+            stats["off_policy_trained"] = float(off_trained)
         return segments, stats
 
     def step(
-        self, prompts: Sequence[Prompt], groups: Sequence[Sequence[Candidate]], scores: Sequence[Sequence[Score]]
+        self, prompts: Sequence[Prompt], groups: Sequence[Sequence[Candidate]], scores: Sequence[Sequence[Score]],
+        *, max_new_tokens: int | None = None,
     ) -> dict[str, float]:
         """One optimizer update over the whole batch (``ppo_epochs`` updates when above 1).
 
-        ``groups[i]`` are the candidates sampled for ``prompts[i]`` and ``scores[i]`` their scores.
-        Returns float metrics: loss, reward and advantage statistics, kl / entropy / clip_fraction
-        when the objective reports them, grad_norm, tokens, skipped groups, seconds, tokens_per_s.
+        ``groups[i]`` are the candidates sampled for ``prompts[i]`` and ``scores[i]`` their scores;
+        ``max_new_tokens`` is the sampling cap they were drawn under (needed by
+        ``train.overlong_buffer``). Returns float metrics: loss, reward and advantage statistics,
+        kl / entropy / clip_fraction when the objective reports them, grad_norm, tokens, skipped
+        groups, seconds, tokens_per_s; with the options of :mod:`tao_core.offpolicy` also their
+        metrics (``is_ratio_*``, ``sampler_trainer_kl``, ``off_policy_trained``,
+        ``overlong_penalized``, ``truncated_masked``, ...).
         """
         start = time.perf_counter()
         if self.objective is None:
@@ -257,7 +288,7 @@ class Trainer:
                                 "train it with optimize(parts, loss_fn, units), or build it without custom_loss")
         if not len(prompts) == len(groups) == len(scores):
             raise TaoInputError(f"step got {len(prompts)} prompts, {len(groups)} groups, {len(scores)} score lists")
-        segments, metrics = self._segments(groups, scores)
+        segments, metrics = self._segments(groups, scores, max_new_tokens)
         longest = max((len(c) for s in segments for c in s.completions), default=1)
         lcfg = resolve_loss_config(self.cfg, self.objective, longest)
         pad = self.lm.tokenizer.pad_token_id or 0
@@ -272,15 +303,18 @@ class Trainer:
             micro_batches=float(len(packed)),
             lr=self._advance(),
         )
+        tally = ImportanceTally()
         if total == 0:  # nothing to learn from: no update, the step still counts
             metrics.update(loss=0.0, grad_norm=0.0, updated=0.0)
         else:
             with self._training():
                 for epoch in range(self.cfg.ppo_epochs):
-                    loss_fn = functools.partial(self._objective_loss, packed, lcfg, epoch == 0)
+                    loss_fn = functools.partial(self._objective_loss, packed, lcfg, tally if epoch == 0 else None)
                     metrics.update(self._update(range(len(packed)), units, total, loss_fn,
                                                 f"objective {self.objective.name!r}"))
             metrics["updated"] = 1.0
+        if self._uses_current:
+            metrics.update(tally.metrics(importance=self.cfg.off_policy == "importance"))
         metrics["seconds"] = time.perf_counter() - start
         metrics["tokens_per_s"] = metrics["tokens"] * self.cfg.ppo_epochs / metrics["seconds"]
         return metrics
@@ -349,28 +383,41 @@ class Trainer:
         self.optimizer.step()
         return {"loss": loss_sum, "grad_norm": float(grad_norm), **sums}
 
-    def _objective_loss(self, packed: list, lcfg: LossConfig, current_old: bool, i: int) -> LossOutput:
-        """The objective's loss on micro-batch ``packed[i]``; with ``old_logprobs = "current"`` the first
-        epoch also stores the policy's own log-probs in ``packed[i]`` for the later epochs."""
+    @property
+    def _uses_current(self) -> bool:
+        """Whether the first epoch takes the policy's own log-probs (old_logprobs "current", or
+        importance-sampled off-policy candidates)."""
+        return self.cfg.old_logprobs == "current" or self.cfg.off_policy == "importance"
+
+    def _objective_loss(self, packed: list, lcfg: LossConfig, tally: ImportanceTally | None, i: int) -> LossOutput:
+        """The objective's loss on micro-batch ``packed[i]``. In the first epoch (``tally`` given) and
+        when :attr:`_uses_current`, the policy's own log-probs from this forward set the PPO old
+        log-probs and the importance weights (:func:`tao_core.offpolicy.start_of_step`), stored in
+        ``packed[i]`` for the later epochs."""
         model = self.lm.model
         weight = model.get_output_embeddings().weight
         device = weight.device
         inputs, batch = packed[i]
         batch = self._with_reference(inputs, batch, lcfg, device)
-        batch = dataclasses.replace(
-            batch, **{k: getattr(batch, k).to(device) for k in ("targets", "old_logprobs", "advantages", "cu_seqlens")}
-        )
+        moved = ("targets", "old_logprobs", "advantages", "cu_seqlens", "off_policy")
+        batch = dataclasses.replace(batch, **{k: getattr(batch, k).to(device) for k in moved
+                                              if getattr(batch, k) is not None})
         with _compute(model, device, self.cfg.precision):
             hidden = final_hidden(model.get_decoder(), inputs)
-        if current_old and self.cfg.old_logprobs == "current":
+        if tally is not None and self._uses_current:
             import tao_kernels
 
+            # one head pass over the micro-batch's completion tokens, on the hidden states this forward
+            # already computed (no second decoder forward): about a third of the loss's own head cost
             with torch.no_grad():
-                old = tao_kernels.linear_logprob(
+                current = tao_kernels.linear_logprob(
                     hidden.detach().to(weight.dtype), weight, batch.targets, temperature=batch.temperature
                 ).float()
-            batch = dataclasses.replace(batch, old_logprobs=old)
-            packed[i] = (inputs, dataclasses.replace(packed[i][1], old_logprobs=old.cpu()))
+            c = self.cfg
+            batch = start_of_step(batch, current, tally, importance=c.off_policy == "importance",
+                                  current_old=c.old_logprobs == "current", level=c.is_level, cap=c.is_cap)
+            packed[i] = (inputs, dataclasses.replace(packed[i][1], old_logprobs=batch.old_logprobs.cpu(),
+                                                     advantages=batch.advantages.cpu()))
         return self.objective.loss(batch, hidden.to(weight.dtype), weight, lcfg)
 
     @torch.no_grad()
