@@ -178,23 +178,43 @@ def prompt_for(spider: Path, q: dict, i: int = 0, **meta) -> Prompt:
     return Prompt(id=f"q{i}", text=q["question"], metadata={"db_path": str(spider / f"{q['db']}.sqlite"), **meta})
 
 
+def distinct_values(db: Path, sql: str) -> int:
+    """How many distinct values the result of ``sql`` holds, read with plain sqlite3."""
+    with sqlite3.connect(db) as conn:
+        return len({v for row in conn.execute(sql).fetchall() for v in row})
+
+
 def test_consensus_on_spider_gold_queries(spider, questions):
+    """Copies of the gold query win when its result is informative; a single-valued one needs a second
+    structure (``... AS sub``); an empty one never wins. Failed queries score 0, below every query that ran."""
     prompts, groups = [], []
     for i, q in enumerate(questions):
         gold = q["gold_sql"]
         texts = [f"```sql\n{gold}\n```", f"The query is {gold}", f"```sql\n{gold};\n```",
-                 "```sql\nSELECT 12345\n```", "```sql\nSELECT * FROM no_such_table\n```", "no idea"]
+                 "```sql\nSELECT 12345\n```", "```sql\nSELECT * FROM no_such_table\n```", "no idea",
+                 f"SELECT * FROM ({gold}) AS sub"]
         prompts.append(prompt_for(spider, q, i))
         groups.append(cands(texts, f"q{i}"))
     out = score_groups(scorer(), prompts, groups)
     for q, scores in zip(questions, out, strict=True):
-        if q["row_count"] == 0:  # an empty result never wins: the lone non-empty one is below min_share
-            assert {s.status for s in scores} == {"abstain"}, q["gold_sql"]
-            continue
-        assert [s.value for s in scores] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0], q["gold_sql"]
+        gold, db = q["gold_sql"], spider / f"{q['db']}.sqlite"
+        d = distinct_values(db, gold)
+        assert [s.value for s in scores[3:6]] == [0.1, 0.0, 0.0], gold
         assert scores[4].reason.startswith("OperationalError: no such table")
         assert scores[5].reason == "no SQL query found in the answer"
-        assert scores[0].details["cluster"] == 0 and scores[0].details["cluster_size"] == 3
+        if d == 0:  # an empty result never wins: the group ranks by validity only
+            assert [s.value for s in scores] == [0.1, 0.1, 0.1, 0.1, 0.0, 0.0, 0.1], gold
+            assert scores[0].details["majority"] is None and scores[0].details["margin"] is None
+            continue
+        wrapped_same = not is_ordered(gold) or q["row_count"] == 1  # the wrapper drops a top-level ORDER BY
+        assert [s.value for s in scores[:3]] == [1.0, 1.0, 1.0], gold
+        assert scores[6].value == (1.0 if wrapped_same else 0.1), gold
+        assert scores[0].details["cluster"] == 0 and scores[0].details["cluster_size"] == 3 + wrapped_same
+        assert scores[0].details["structures"] == 1 + wrapped_same
+    constant = [i for i, q in enumerate(questions) if distinct_values(spider / f"{q['db']}.sqlite", q["gold_sql"]) == 1]
+    assert constant  # the sample has single-valued answers (counts): without the second structure they lose
+    alone = score_groups(scorer(), [prompts[i] for i in constant], [g[:6] for i, g in enumerate(groups) if i in constant])
+    assert all([s.value for s in g] == [0.1, 0.1, 0.1, 0.1, 0.0, 0.0] for g in alone)
 
 
 def test_equivalent_queries_agree(spider, questions):
@@ -202,7 +222,8 @@ def test_equivalent_queries_agree(spider, questions):
     texts = ["SELECT count(*) FROM singer", "SELECT COUNT(Singer_ID) FROM singer AS s",
              "SELECT count(*) + 0.0 FROM singer", "SELECT count(*) FROM singer WHERE Age > 30"]
     scores = scorer().score(prompt_for(spider, q), cands(texts))
-    assert [s.value for s in scores] == [1.0, 1.0, 1.0, 0.0]
+    assert [s.value for s in scores] == [1.0, 1.0, 1.0, 0.1]
+    assert scores[0].details["structures"] == 3
 
 
 def test_empty_results_never_win_and_small_or_tied_clusters_abstain(spider, questions):
@@ -210,11 +231,16 @@ def test_empty_results_never_win_and_small_or_tied_clusters_abstain(spider, ques
     empty = "SELECT Name FROM singer WHERE Age > 1000"
     texts = [empty, empty, empty, "SELECT count(*) FROM singer", "SELECT nope"]
     scores = scorer(min_share=0.2).score(prompt_for(spider, q), cands(texts))
-    assert [s.value for s in scores] == [0.0, 0.0, 0.0, 1.0, 0.0]
-    assert scores[0].reason == "empty result"
-    small = scorer(min_share=0.5).score(prompt_for(spider, q), cands(texts))
-    assert {s.status for s in small} == {"abstain"} and "1/5 < min_share 0.5" in small[0].reason
-    tie = scorer().score(prompt_for(spider, q), cands(["SELECT 1", "SELECT 1", "SELECT 2", "SELECT 2"]))
+    assert [s.value for s in scores] == [0.1, 0.1, 0.1, 0.1, 0.0]  # no winner: ranked by validity only
+    assert "no informative consensus" in scores[0].reason and "empty result" in scores[0].reason
+    quiet = scorer().score(prompt_for(spider, q), cands(texts[:4]))  # nothing failed: nothing to rank
+    assert {s.status for s in quiet} == {"abstain"} and "no informative consensus" in quiet[0].reason
+    names = ["SELECT Name FROM singer WHERE Age > 40", "SELECT Name FROM singer WHERE Age > 40",
+             "SELECT Name FROM singer"]
+    small = scorer(min_share=0.8).score(prompt_for(spider, q), cands(names))
+    assert {s.status for s in small} == {"abstain"} and "< min_share 0.8" in small[0].reason
+    assert [s.value for s in scorer().score(prompt_for(spider, q), cands(names))] == [1.0, 1.0, 0.1]
+    tie = scorer().score(prompt_for(spider, q), cands(["SELECT 1, 2", "SELECT 1, 2", "SELECT 3, 4", "SELECT 3, 4"]))
     assert {s.status for s in tie} == {"abstain"} and "tie" in tie[0].reason
 
 

@@ -8,6 +8,11 @@ when fewer than ``min_answers`` answers were extracted, when the top answers tie
 ``ties="abstain"``), or when the majority's share of the group is below ``min_share``: the collapse
 guard, since rewarding a weak consensus teaches a weak model to agree rather than to be right.
 
+Every score's ``details`` carry ``majority`` (the normalized majority answer; None when the top
+answers tie or too few answered) and ``margin`` (the majority's share among the voters, those
+without an answer included; None when there is no majority), read by the margin gate and the
+flip-rate monitor.
+
 The extraction helpers are shared by the tasks and the ``diverse`` generator.
 """
 
@@ -191,7 +196,7 @@ class MajorityVoteScorer:
     """
 
     name = "majority-vote"
-    version = "1"
+    version = "2"  # part of the score cache key: bumped when values or details change
     pointwise = False  # a candidate's score depends on the whole group
 
     def __init__(self, extract: ExtractMode = "number", pattern: str | None = None, field: str | None = None,
@@ -214,6 +219,7 @@ class MajorityVoteScorer:
         self.voters = None if voters is None else set(voters)
 
     def _all_abstain(self, reason: str, answers: list[str | None], **details: Any) -> list[Score]:
+        details = {"majority": None, "margin": None, **details}
         return [Score.abstain(f"majority-vote: {reason}", scorer=self.name, version=self.version,
                               details={"answer": a, **details}) for a in answers]
 
@@ -237,20 +243,22 @@ class MajorityVoteScorer:
         if share < self.min_share:
             return self._all_abstain(f"majority answer {majority!r} has {top}/{total} votes, "
                                      f"below min_share={self.min_share}", answers, majority=majority,
-                                     share=share)
+                                     share=share, margin=share)
         out = []
         for a, c in zip(answers, candidates, strict=True):
             if a is None and self.voters is not None and c.template not in self.voters:
                 # the voters agreed on an answer this (scored, non-voting) response failed to give
                 out.append(Score.ok(0.0, f"gave no answer; the voters' majority is {majority!r} ({top}/{total})",
                                     scorer=self.name, version=self.version,
-                                    details={"answer": None, "majority": majority, "share": share, "votes": 0}))
+                                    details={"answer": None, "majority": majority, "share": share, "votes": 0,
+                                             "margin": share}))
                 continue
             if a is None:
                 out.append(Score.abstain("majority-vote: no answer could be extracted", scorer=self.name,
-                                         version=self.version, details={"answer": None, "majority": majority}))
+                                         version=self.version,
+                                         details={"answer": None, "majority": majority, "margin": share}))
                 continue
-            details = {"answer": a, "majority": majority, "share": share, "votes": votes[a]}
+            details = {"answer": a, "majority": majority, "share": share, "votes": votes[a], "margin": share}
             value = float(a == majority) if self.reward == "binary" else votes[a] / total
             why = "agrees with the majority" if a == majority else f"disagrees with the majority {majority!r}"
             out.append(Score.ok(value, f"{why} ({top}/{total})", scorer=self.name,

@@ -28,11 +28,16 @@ that fails on its own (bad SQL, a denied statement, the row or length cap) is a 
 
 Modes: ``consensus`` (default, label-free): candidates vote with their result sets, normalized as
 a multiset of rows (a list when the query has a top-level ``ORDER BY``), floats to 6 significant
-digits, column names ignored; a candidate scores 1.0 when it agrees with the largest cluster and
-0.0 otherwise. Empty and failed results never win; a group whose largest cluster holds less than
-``min_share`` of the group, or where two clusters tie for largest, abstains. ``executes``: 1.0
-when the query runs and returns rows, else 0.0. ``gold`` (evaluation only): 1.0 when the result
-equals that of ``prompt.metadata["gold_sql"]``.
+digits, column names ignored. The vote resists degenerate agreement
+(:mod:`tao_plugins.scorers.sql_consensus`): a result counts by how informative it is, copies of one
+query count less than structurally different queries, an empty or single-valued result cannot win
+on copies of one query, and failed queries score below every query that ran (0.0 < ``valid_value``
+< 1.0 for the winning cluster); a group with no informative consensus abstains (or, when some of
+its queries failed, ranks by validity only). Options: ``min_share``, ``constant_weight``,
+``copy_weight``, ``constant_min_structures``, ``valid_value`` (see there). Each score's
+``details`` hold ``margin`` and ``majority`` (the winning result's id). The gold query is never
+read. ``executes``: 1.0 when the query runs and returns rows, else 0.0. ``gold`` (evaluation
+only): 1.0 when the result equals that of ``prompt.metadata["gold_sql"]``.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from tao_plugins.scorers.sql_consensus import Ballot, Cluster, ConsensusRules, Verdict, vote
 from tao_plugins.scorers.sql_pool import ExecResult, SqlLimits, pool_for
 
 from tao_core.types import Candidate, Prompt, Score
@@ -165,22 +171,25 @@ Run = tuple[str | None, ExecResult]  # a candidate's query (None: none found) an
 
 
 class SqlExecScorer:
-    """``sql-exec``: see the module docstring. Options: ``mode``, ``min_share``, ``allowed_dirs`` and
-    the :class:`SqlLimits` fields; ``options`` holds them all, defaults filled in (the cache key)."""
+    """``sql-exec``: see the module docstring. Options: ``mode``, ``allowed_dirs``, the consensus rules
+    (:class:`~tao_plugins.scorers.sql_consensus.ConsensusRules`) and the :class:`SqlLimits` fields;
+    ``options`` holds them all, defaults filled in (the cache key)."""
 
     name = "sql-exec"
-    version = "2"
+    version = "3"
 
-    def __init__(self, mode: Mode = "consensus", min_share: float = 0.3,
+    def __init__(self, mode: Mode = "consensus", min_share: float = 0.3, constant_weight: float = 0.25,
+                 copy_weight: float = 0.25, constant_min_structures: int = 2, valid_value: float = 0.1,
                  allowed_dirs: Sequence[str | Path] | str | Path = (), **limits: Any) -> None:
         if mode not in ("consensus", "executes", "gold"):
             raise ValueError(f"sql-exec: mode must be 'consensus', 'executes' or 'gold', got {mode!r}")
-        if not 0 < min_share <= 1:
-            raise ValueError(f"sql-exec: min_share must be in (0, 1], got {min_share!r}")
+        self.rules = ConsensusRules(min_share, constant_weight, copy_weight, constant_min_structures, valid_value)
+        self.rules.check()
         try:
             self.sandbox = SqlSandbox(SqlLimits(**limits))
         except TypeError:
-            raise TypeError(f"sql-exec: unknown option(s) {sorted(limits)}; accepted: mode, min_share, allowed_dirs, "
+            raise TypeError(f"sql-exec: unknown option(s) {sorted(limits)}; accepted: mode, allowed_dirs, "
+                            f"{', '.join(ConsensusRules.__dataclass_fields__)}, "
                             f"{', '.join(SqlLimits.__dataclass_fields__)}") from None
         dirs = [allowed_dirs] if isinstance(allowed_dirs, str | Path) else list(allowed_dirs)
         missing = [str(d) for d in dirs if not Path(d).is_dir()]
@@ -188,9 +197,8 @@ class SqlExecScorer:
             raise ValueError(f"sql-exec: allowed_dirs {missing} are not directories")
         self.allowed_dirs = sorted({str(Path(d).resolve()) for d in dirs})
         self.mode = mode
-        self.min_share = min_share
         self.pointwise = mode != "consensus"  # a consensus score depends on the whole group
-        self.options = {"mode": mode, "min_share": min_share, "allowed_dirs": self.allowed_dirs,
+        self.options = {"mode": mode, **dataclasses.asdict(self.rules), "allowed_dirs": self.allowed_dirs,
                         **dataclasses.asdict(self.sandbox.limits)}
 
     def _run(self, db_path: str, candidates: list[Candidate], first: Sequence[str] = ()
@@ -237,35 +245,38 @@ class SqlExecScorer:
         return out
 
     def _consensus(self, runs: list[Run]) -> list[Score]:
-        keys = [result_key(r.rows, is_ordered(sql or "")) if r.rows else None for sql, r in runs]
-        votes = Counter(k for k in keys if k is not None)
-        cluster_ids = {k: i for i, (k, _) in enumerate(votes.most_common())}
-        n = len(runs)
-        ranked = votes.most_common(2)
-        top = ranked[0][1] if ranked else 0
-        if not ranked:
-            reason = "no candidate returned a non-empty result"
-        elif len(ranked) > 1 and ranked[1][1] == top:
-            reason = f"tie: two result clusters of {top} candidates each"
-        elif top / n < self.min_share:
-            reason = f"largest result cluster is {top}/{n} < min_share {self.min_share:g}"
-        else:
-            reason = ""
-        if reason:
-            return [_stopped(r) or Score.abstain(f"sql-exec consensus: {reason}",
-                                                 details={"cluster": cluster_ids.get(k), "error": r.error})
-                    for k, (_, r) in zip(keys, runs, strict=True)]
-        winner = ranked[0][0]
+        # one row has no order: an ordered and an unordered query returning it agree
+        ballots = [Ballot(sql, result_key(r.rows, len(r.rows) > 1 and is_ordered(sql))) for sql, r in runs
+                   if sql is not None and r.rows is not None]
+        verdict = vote(ballots, self.rules)
+        ballot = iter(ballots)
+        failed = any(r.rows is None and not r.stopped for _, r in runs)
         out = []
-        for k, (_, r) in zip(keys, runs, strict=True):
-            details = {"cluster": cluster_ids.get(k), "cluster_size": votes[k] if k else 0,
-                       "share": top / n, "rows": None if r.rows is None else len(r.rows)}
-            if k == winner:
-                out.append(Score.ok(1.0, f"agrees with the largest result cluster ({top}/{n})", details=details))
-            else:
-                why = r.error or ("empty result" if r.rows is not None and not r.rows else "different result")
-                out.append(_stopped(r) or Score.ok(0.0, why, details=details))
+        for sql, r in runs:
+            cluster = verdict.clusters[next(ballot).key] if sql is not None and r.rows is not None else None
+            out.append(self._consensus_score(r, cluster, verdict, failed))
         return out
+
+    def _consensus_score(self, r: ExecResult, cluster: Cluster | None, verdict: Verdict, failed: bool) -> Score:
+        """One candidate's score (see :mod:`tao_plugins.scorers.sql_consensus` for the order of values)."""
+        details: dict[str, Any] = {"margin": verdict.margin, "majority": verdict.majority,
+                                   "rows": None if r.rows is None else len(r.rows)}
+        if cluster is not None:
+            details.update(cluster=cluster.id, cluster_size=cluster.members, structures=cluster.structures,
+                           informativeness=round(cluster.info, 6), weight=round(cluster.weight, 6))
+        if r.stopped:
+            return Score.error(f"sql-exec: {r.error}", details=details)
+        no_winner = f"sql-exec consensus: no informative consensus: {verdict.reason}"
+        if cluster is None:  # the query failed on its own, or none was found: below every query that ran
+            return Score.ok(0.0, r.error or "no result", details=details)
+        if verdict.winner is None:
+            if not failed:
+                return Score.abstain(no_winner, details=details)
+            return Score.ok(self.rules.valid_value, f"{no_winner}; the query ran, others failed", details=details)
+        if cluster is verdict.winner:
+            return Score.ok(1.0, f"agrees with the winning result cluster ({cluster.members} candidates, "
+                                 f"{cluster.structures} distinct queries, margin {verdict.margin:.3f})", details=details)
+        return Score.ok(self.rules.valid_value, "empty result" if not r.rows else "different result", details=details)
 
 
 def _stopped(r: ExecResult) -> Score | None:
