@@ -141,7 +141,8 @@ def importance_weights(current: torch.Tensor, behaviour: torch.Tensor, off_polic
     if level == "sequence":
         seq = torch.repeat_interleave(torch.arange(cu_seqlens.numel() - 1, device=cu_seqlens.device), cu_seqlens.diff())
         sums = torch.zeros(cu_seqlens.numel() - 1, dtype=torch.float64, device=log_ratio.device)
-        log_ratio = sums.index_add(0, seq.to(log_ratio.device), log_ratio)[seq.to(log_ratio.device)]
+        seq = seq.to(log_ratio.device)
+        log_ratio = torch.where(off_policy, sums.index_add(0, seq, log_ratio)[seq], 0.0)
     elif level != "token":
         raise TaoInputError(f"train.is_level must be 'token' or 'sequence', got {level!r}")
     ratios = torch.exp(log_ratio.clamp(max=_MAX_LOG_RATIO))
