@@ -84,7 +84,7 @@ class GuardConfig:
     """Safeguards against silent collapse of label-free rewards."""
 
     eval_every: int = 0  # also evaluate every K steps (0: only at each round's end)
-    promote_tolerance: float = 0.0  # a round is promoted when its metric >= best - tolerance
+    promote_tolerance: float = 0.0  # a round regresses a task only when its mean falls by more than this (and significantly)
     rollback: bool = True  # a regressing round's weights are replaced by the best checkpoint's
     min_entropy: float | None = None  # warn when the mean token entropy falls below this (None: never)
     min_length_ratio: float = 0.3  # warn when mean completion length < ratio x the first step's
@@ -93,7 +93,7 @@ class GuardConfig:
     stop_on_collapse: bool = False  # stop the run (keeping the best checkpoint) at the first warning
     max_flip_rate: float | None = None  # warn when more than this share of revisited prompts changed their
     # voter majority (None: never; the rate is logged as flip_rate whenever a scorer reports majorities)
-    promote_alpha: float = 0.05  # a round regresses a task when its paired test's one-sided p < alpha
+    promote_alpha: float = 0.05  # ... and the paired test (same held-out items, old vs new model) gives one-sided p < alpha
 
 
 @dataclass

@@ -31,6 +31,7 @@ from tao_core.fsio import fault_point, write_file
 from tao_core.guards import Guard
 from tao_core.models import LoadedModel, load_model
 from tao_core.plugins import get_component
+from tao_core.promotion import decide
 from tao_core.rundir import KEEP_CHECKPOINTS, RunDir, write_dir
 from tao_core.sampler import sampler_for
 from tao_core.scoring import ScorerLimits, load_scorer, score_groups
@@ -136,6 +137,7 @@ class Pipeline:
         self.limits = ScorerLimits(timeout_s=cfg.score.timeout_s)
         self.guard = Guard(cfg.guard)
         self._best_steps: list[int] = []  # best steps the kept checkpoints refer to (their weights stay)
+        self._best_items: list[dict[str, Any]] | None = None  # per-item results of the best model (the gate pairs them)
 
     # -- pieces --------------------------------------------------------------------------------
     def sampling(self, step: int) -> SamplingParams:
@@ -183,6 +185,7 @@ class Pipeline:
             except (KeyError, TypeError, ValueError, RuntimeError) as e:
                 raise TaoInputError(f"{ckpt}: checkpoint does not fit this run ({type(e).__name__}: {e})") from None
             self._best_steps = [best["step"]]
+            self._best_items = state.get("best_items")  # None in a checkpoint from before the paired gate
             rd.truncate_metrics_after(start)
             for message in fallbacks:
                 rd.log({"type": "warning", "step": start, "kind": "checkpoint_fallback", "message": message})
@@ -196,6 +199,7 @@ class Pipeline:
         write_file(rd.root / "versions.json", json.dumps(_versions(), indent=2))
         fault_point("eval.before")
         result = self.evaluate()
+        self._best_items = _items(result)
         before = {**result.to_dict(), "step": 0, "round": 0}
         rd.log({"type": "eval", "step": 0, "round": 0, **result.to_dict()})
         rd.save_best(self._trainable(), before)
@@ -244,7 +248,7 @@ class Pipeline:
                 stopped = stopped or stop_now
             if done % cfg.checkpoint_every == 0 or end_of_round or stopped or done == total_steps:
                 state = {"step": done, "before": before, "best": best, "tuning_seconds": tuning_s,
-                         "guard": self.guard.state_dict()}
+                         "guard": self.guard.state_dict(), "best_items": self._best_items}
                 fault_point("checkpoint.before")
                 rd.save_checkpoint(done, self.trainer.state_dict(), state)
                 self._best_steps = [*self._best_steps, best["step"]][-KEEP_CHECKPOINTS:]
@@ -323,9 +327,15 @@ class Pipeline:
             rd.log({"type": "warning", "step": done, **w})
             tqdm.write(f"warning: {w['message']}")
         stop = bool(warnings) and cfg.guard.stop_on_collapse
-        promoted = result.value >= best["value"] - cfg.guard.promote_tolerance
+        items = _items(result)
+        if self._best_items is not None:  # the promotion gate: no task regresses, by a paired test
+            decision = decide({result.task: self._best_items}, {result.task: items},
+                              alpha=cfg.guard.promote_alpha, tolerance=cfg.guard.promote_tolerance)
+            promoted, gate = decision.promoted, decision.to_dict()["tasks"][result.task]
+        else:  # resumed from a checkpoint that kept no per-item results: compare the means
+            promoted, gate = result.value >= best["value"] - cfg.guard.promote_tolerance, None
         if promoted and result.value >= best["value"]:
-            best = rec
+            best, self._best_items = rec, items
             rd.save_best(self._trainable(), best, keep_steps=set(self._best_steps))
             fault_point("best.after")
         if end_of_round:
@@ -335,8 +345,15 @@ class Pipeline:
                 self._restore_best(best["step"])
             rd.log({"type": "round", "step": done, "round": round_index, "value": result.value,
                     "promoted": promoted, "rolled_back": (not promoted) and cfg.guard.rollback,
-                    "best_value": best["value"], "best_step": best["step"]})
+                    "best_value": best["value"], "best_step": best["step"],
+                    **({} if gate is None else {"gate_p_worse": gate["p_worse"], "gate_wins": gate["wins"],
+                                                "gate_losses": gate["losses"], "gate_method": gate["method"]})})
         return best, stop
+
+
+def _items(result: EvalResult) -> list[dict[str, Any]]:
+    """The per-item results the promotion gate pairs: ``prompt_id`` and ``value`` of each example."""
+    return [{"prompt_id": r["prompt_id"], "value": r["value"]} for r in result.per_example]
 
 
 def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True, lm: LoadedModel | None = None) -> RunResult:
