@@ -8,6 +8,9 @@
   and temperature; one sampled under another template than the task's own prompt is marked
   ``off_policy`` and carries ``policy_prompt_token_ids``, the task prompt's tokens, so training can
   recompute its log-probs under the task's prompt (or leave it out) without re-tokenizing.
+  A template can sample from a weight set other than the policy (``template_weight_sets``, e.g. the
+  voters from a frozen or EMA teacher, :mod:`tao_core.teacher`); its candidates are marked
+  ``off_policy`` (with ``policy_prompt_token_ids``) and carry ``weight_set``.
   Near-duplicates are marked (``near_duplicate_of``), never dropped, and every candidate carries
   the group's ``diversity`` figure: distinct answers and mean pairwise similarity.
 """
@@ -21,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import tao_core
+from tao_core.engine import POLICY
 from tao_core.errors import TaoInputError
 from tao_core.models import LoadedModel
 from tao_core.sampler import sampler_for
@@ -114,6 +118,9 @@ class DiverseGenerator:
     ``template_temperatures`` (``{template: temperature}``: that template always samples at that
     temperature instead of its ladder step, e.g. low-temperature structured "voters" next to
     high-temperature on-policy samples),
+    ``template_weight_sets`` (``{template: weight set}``: that template samples from a weight set
+    registered with the sampler, e.g. the voters from ``"teacher"`` (:meth:`tao_core.teacher.Teacher.attach`);
+    unnamed templates sample from ``"policy"``),
     ``templates`` (names from :data:`TEMPLATES`, ``"default"`` for the task's own prompt, or keys
     of ``extra_templates``), ``extra_templates`` (``{name: "... {question} ..."}``),
     ``near_duplicate`` (similarity at or above which a candidate is marked a near-duplicate of an
@@ -130,7 +137,8 @@ class DiverseGenerator:
                  templates: Sequence[str] = (ON_POLICY, "steps", "json", "plain"),
                  extra_templates: dict[str, str] | None = None, near_duplicate: float = 0.9,
                  extract: str = "number", pattern: str | None = None, field: str | None = None,
-                 template_temperatures: dict[str, float] | None = None) -> None:
+                 template_temperatures: dict[str, float] | None = None,
+                 template_weight_sets: dict[str, str] | None = None) -> None:
         from tao_plugins.scorers.majority import AnswerExtractor
 
         self.lm = model
@@ -158,10 +166,28 @@ class DiverseGenerator:
         if any(t < 0 for t in self.template_temperatures.values()):
             raise TaoInputError(f"diverse generator: template_temperatures must be >= 0, got "
                                 f"{self.template_temperatures}")
+        self.template_weight_sets = self._weight_sets(template_weight_sets)
         if not 0.0 < near_duplicate <= 1.0:
             raise TaoInputError(f"diverse generator: near_duplicate must be in (0, 1], got {near_duplicate!r}")
         self.near_duplicate = float(near_duplicate)
         self.extractor = AnswerExtractor(extract, pattern, field, where="diverse generator")
+
+    def _weight_sets(self, given: dict[str, str] | None) -> dict[str, str]:
+        """``template_weight_sets`` checked: templates in use, weight set names as strings."""
+        if given is None:
+            return {}
+        if not isinstance(given, dict):
+            raise TaoInputError(f"diverse generator: template_weight_sets must be a table of template -> weight set "
+                                f"name, got {given!r}")
+        stray = sorted(set(map(str, given)) - set(self.template_order))
+        if stray:
+            raise TaoInputError(f"diverse generator: template_weight_sets names template(s) {stray}, which are not "
+                                f"among the templates in use {self.template_order}")
+        bad = {k: v for k, v in given.items() if not isinstance(v, str) or not v}
+        if bad:
+            raise TaoInputError(f"diverse generator: template_weight_sets values must be weight set names "
+                                f"(\"policy\", \"teacher\", ...), got {bad}")
+        return {str(k): v for k, v in given.items()}
 
     def slots(self, n: int, default_temperature: float) -> list[tuple[str, float]]:
         """The (template, temperature) of each of a group's ``n`` candidates."""
@@ -180,7 +206,8 @@ class DiverseGenerator:
             asked = [apply_template(p, template, self.templates, f"{p.id}::{template}@{temp:g}") for p in prompts]
             sub = dataclasses.replace(params, n=len(where), temperature=temp,
                                       seed=None if params.seed is None else params.seed + ci)
-            for pi, got in enumerate(self.sampler.sample(asked, sub)):
+            weight_set = self.template_weight_sets.get(template, POLICY)
+            for pi, got in enumerate(self.sampler.sample(asked, sub, weight_set=weight_set)):
                 for j, c in zip(where, got, strict=True):
                     groups[pi][j] = c
         out = []
@@ -191,9 +218,13 @@ class DiverseGenerator:
             report, dup_of = diversity_report([c.text for c in cands], answers, self.near_duplicate)
             for j, (c, (template, temp)) in enumerate(zip(cands, slots, strict=True)):
                 c.prompt_id, c.index, c.generator, c.template = p.id, j, self.name, template
-                meta = {"template": template, "temperature": temp, "off_policy": template != ON_POLICY,
+                weight_set = self.template_weight_sets.get(template, POLICY)
+                meta = {"template": template, "temperature": temp,
+                        "off_policy": template != ON_POLICY or weight_set != POLICY,
                         "answer": answers[j], "diversity": dict(report)}
-                if template != ON_POLICY:
+                if weight_set != POLICY:
+                    meta["weight_set"] = weight_set
+                if meta["off_policy"]:
                     meta["policy_prompt_token_ids"] = own_ids
                 if dup_of[j] is not None:
                     meta["near_duplicate_of"] = dup_of[j]

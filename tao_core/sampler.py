@@ -7,6 +7,13 @@ Two exist: :class:`~tao_core.engine.EngineSampler` (tao's in-process engine, Lla
 and :class:`HFSampler` (``transformers``' ``generate``, any causal LM). A model's declared
 ``LoadedModel.sampler_backend`` (``load_model(..., sampler=...)``) says which one
 :func:`sampler_for` builds.
+
+Both sample with a named weight set as well as the policy: ``add_weight_set(name, {parameter name:
+tensor})`` registers one (a frozen or EMA teacher, :mod:`tao_core.teacher`) and
+``sample(..., weight_set=name)`` draws from it; every parameter the set does not name is the
+policy's own. A candidate drawn from a set other than ``"policy"`` carries
+``metadata["weight_set"]`` and ``metadata["off_policy"] = True``: its log-probs are the set's, not
+the policy's.
 """
 
 from __future__ import annotations
@@ -17,44 +24,90 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from tao_core.completion import finish_completion, top_logprobs_metadata
-from tao_core.engine import EngineSampler, unsupported_reason
+from tao_core.engine import POLICY, EngineSampler, unsupported_reason
+from tao_core.engine.sampler import mark_weight_set, replaced_model_error
+from tao_core.engine.weights import WeightSet, make_weight_set, swapped_in
 from tao_core.errors import TaoInputError
 from tao_core.models import SAMPLER_BACKENDS, LoadedModel
 from tao_core.types import Candidate, Prompt, SamplingParams
 
-__all__ = ["SAMPLER_BACKENDS", "HFSampler", "Sampler", "sampler_for"]
+__all__ = ["SAMPLER_BACKENDS", "HFSampler", "Sampler", "mark_weight_set", "sampler_for"]
 
 
 @runtime_checkable
 class Sampler(Protocol):
-    """Prompts + sampling parameters -> one group of ``params.n`` candidates per prompt."""
+    """Prompts + sampling parameters -> one group of ``params.n`` candidates per prompt, drawn from
+    the policy or from a weight set registered with ``add_weight_set``."""
 
     name: str  # written to each candidate's ``generator`` field ("engine", "hf-generate")
 
-    def sample(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Candidate]]: ...
+    def sample(self, prompts: Sequence[Prompt], params: SamplingParams, *,
+               weight_set: str = POLICY) -> list[list[Candidate]]: ...
+
+    def add_weight_set(self, name: str, tensors: dict[str, torch.Tensor]) -> None: ...
+
+    def remove_weight_set(self, name: str) -> None: ...
 
 
 class HFSampler:
-    """Samples with ``transformers`` ``generate``: works for any causal LM, slower than the engine."""
+    """Samples with ``transformers`` ``generate``: works for any causal LM, slower than the engine.
+
+    A weight set is swapped into the model's modules for the duration of ``generate``
+    (:func:`torch.nn.utils.stateless._reparametrize_module`, as the engine does for each forward),
+    so both backends read the same tensors for the same set.
+    """
 
     name = "hf-generate"
 
     def __init__(self, model: LoadedModel, *, batch_size: int = 32) -> None:
         self.lm = model
         self.batch_size = batch_size  # sequences per generate() call (prompts x n)
+        self._sets: dict[str, tuple[torch.nn.Module, WeightSet]] = {}  # name -> (model checked against, set)
+
+    @property
+    def weight_sets(self) -> list[str]:
+        return [POLICY, *self._sets]
+
+    def add_weight_set(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Register weight set ``name`` (``{parameter name: tensor}``, held as given, not copied)."""
+        if name in self._sets:
+            raise TaoInputError(f"weight set {name!r} exists; remove_weight_set({name!r}) first, or update its tensors in place")
+        self._sets[name] = (self.lm.model, make_weight_set(self.lm.model, name, tensors))
+
+    def remove_weight_set(self, name: str) -> None:
+        if name not in self._sets:
+            raise TaoInputError(f"no weight set {name!r}; the sampler has {', '.join(self.weight_sets)}")
+        del self._sets[name]
+
+    def _weight_set(self, name: str) -> WeightSet | None:
+        """The set to swap in (None for the policy), checked again when the model was replaced."""
+        if name == POLICY:
+            return None
+        if name not in self._sets:
+            raise TaoInputError(f"unknown weight set {name!r}; the sampler has {', '.join(self.weight_sets)} "
+                                "(register one with add_weight_set, e.g. Teacher.attach)")
+        checked, ws = self._sets[name]
+        if checked is not self.lm.model:  # the model was replaced (e.g. wrapped by peft)
+            try:
+                ws = make_weight_set(self.lm.model, ws.name, ws.tensors)
+            except TaoInputError as e:
+                raise replaced_model_error(e, name) from None
+            self._sets[name] = (self.lm.model, ws)
+        return ws
 
     @torch.no_grad()
-    def sample(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Candidate]]:
+    def sample(self, prompts: Sequence[Prompt], params: SamplingParams, *,
+               weight_set: str = POLICY) -> list[list[Candidate]]:
         from transformers import GenerationConfig
 
         params.validate()
+        ws = self._weight_set(weight_set)
         tok, model = self.lm.tokenizer, self.lm.model
         eos = self.lm.eos_token_ids
         pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
         encoded = [self.lm.prompt_token_ids(p) for p in prompts]
         jobs = [(pi, j) for pi in range(len(prompts)) for j in range(params.n)]
         groups: list[list[Candidate]] = [[] for _ in prompts]
-        temp = params.logprob_temperature
         gen_cfg = GenerationConfig(
             do_sample=not params.greedy,
             temperature=params.temperature if not params.greedy else None,
@@ -80,41 +133,51 @@ class HFSampler:
             for r, s in enumerate(seqs):
                 ids[r, width - len(s) :] = torch.tensor(s)
                 mask[r, width - len(s) :] = 1
-            out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                generation_config=gen_cfg,
-                tokenizer=tok if params.stop else None,
-            )
-            new = out.sequences[:, width:].cpu()
-            # logits[t]: [batch, vocab] raw (before processors) at step t
-            logits = torch.stack(out.logits, dim=1).float().cpu()
-            logp = torch.log_softmax(logits / temp, dim=-1)
-            lp = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
-            top = logp.topk(params.top_logprobs, dim=-1) if params.top_logprobs else None
-            for r, (pi, j) in enumerate(batch):
-                raw_ids, raw_lp = new[r].tolist(), lp[r].tolist()
-                raw_top = [] if top is None else [
-                    list(zip(i, v, strict=True)) for i, v in zip(top.indices[r].tolist(), top.values[r].tolist(), strict=True)
-                ]
-                ids_, lps, text, finish = finish_completion(
-                    tok, raw_ids, raw_lp, stop=params.stop, stop_token_ids=[*eos, *params.stop_token_ids]
+            with swapped_in(model, ws):
+                out = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    generation_config=gen_cfg,
+                    tokenizer=tok if params.stop else None,
                 )
-                groups[pi].append(
-                    Candidate(
-                        prompt_id=prompts[pi].id,
-                        index=j,
-                        text=text,
-                        prompt_token_ids=list(seqs[r]),
-                        token_ids=ids_,
-                        logprobs=lps,
-                        finish_reason=finish,
-                        temperature=temp,
-                        generator=self.name,
-                        metadata=top_logprobs_metadata(raw_top, len(ids_)),
-                    )
-                )
+            rows = [(prompts[pi].id, j, seq) for (pi, j), seq in zip(batch, seqs, strict=True)]
+            for (pi, _), cand in zip(batch, self._candidates(out, width, rows, params), strict=True):
+                mark_weight_set(cand, weight_set)
+                groups[pi].append(cand)
         return groups
+
+    def _candidates(self, out, width: int, rows: list[tuple[str, int, list[int]]],
+                    params: SamplingParams) -> list[Candidate]:
+        """One candidate per row of a ``generate`` output; ``rows``: (prompt id, index, prompt token ids)."""
+        tok, temp = self.lm.tokenizer, params.logprob_temperature
+        new = out.sequences[:, width:].cpu()
+        # logits[t]: [batch, vocab] raw (before processors) at step t
+        logits = torch.stack(out.logits, dim=1).float().cpu()
+        logp = torch.log_softmax(logits / temp, dim=-1)
+        lp = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        top = logp.topk(params.top_logprobs, dim=-1) if params.top_logprobs else None
+        cands = []
+        for r, (prompt_id, index, seq) in enumerate(rows):
+            raw_ids, raw_lp = new[r].tolist(), lp[r].tolist()
+            raw_top = [] if top is None else [
+                list(zip(i, v, strict=True)) for i, v in zip(top.indices[r].tolist(), top.values[r].tolist(), strict=True)
+            ]
+            ids_, lps, text, finish = finish_completion(
+                tok, raw_ids, raw_lp, stop=params.stop, stop_token_ids=[*self.lm.eos_token_ids, *params.stop_token_ids]
+            )
+            cands.append(Candidate(
+                prompt_id=prompt_id,
+                index=index,
+                text=text,
+                prompt_token_ids=list(seq),
+                token_ids=ids_,
+                logprobs=lps,
+                finish_reason=finish,
+                temperature=temp,
+                generator=self.name,
+                metadata=top_logprobs_metadata(raw_top, len(ids_)),
+            ))
+        return cands
 
 
 def sampler_for(model: LoadedModel) -> Sampler:

@@ -103,7 +103,7 @@ class CannedSampler:
     def __init__(self, texts: list[str]) -> None:
         self.texts = list(texts)
 
-    def sample(self, prompts, params):
+    def sample(self, prompts, params, *, weight_set="policy"):
         out = []
         for p in prompts:
             out.append([Candidate(p.id, j, self.texts.pop(0), [1], [2], [-0.1], "stop", params.temperature)
@@ -121,6 +121,54 @@ def test_near_duplicates_are_marked_not_dropped(tiny_lm):
     div = g[0].metadata["diversity"]
     assert div == {**div, "n": 4, "answered": 4, "distinct_answers": 2, "near_duplicates": 2}
     assert [c.metadata["answer"] for c in g] == ["85", "85", "84", "85"]
+
+
+class RecordingSampler:
+    """Answers every prompt with its weight set's name, recording which set each prompt was asked with."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, str]] = []  # (prompt id, weight set)
+
+    def sample(self, prompts, params, *, weight_set="policy"):
+        self.asked += [(p.id, weight_set) for p in prompts]
+        return [[Candidate(p.id, j, f"{weight_set} {j}", [1], [2], [-0.1], "stop", params.temperature)
+                 for j in range(params.n)] for p in prompts]
+
+
+def test_template_weight_sets_route_templates_to_a_teacher(tiny_lm):
+    gen = DiverseGenerator(tiny_lm, temperatures=(1.0,), templates=(ON_POLICY, "steps", "json"),
+                           template_weight_sets={"steps": "teacher"})
+    gen.sampler = RecordingSampler()
+    p = Prompt(id="p", text="What is 47 plus 38?", metadata={"question": "What is 47 plus 38?"})
+    g = gen.generate([p], SamplingParams(n=6, seed=0))[0]
+    assert sorted(set(gen.sampler.asked)) == [("p::default@1", "policy"), ("p::json@1", "policy"),
+                                             ("p::steps@1", "teacher")]
+    own = tiny_lm.prompt_token_ids(p)
+    for c in g:
+        routed = c.template == "steps"
+        assert c.text.startswith("teacher" if routed else "policy")
+        assert c.metadata.get("weight_set") == ("teacher" if routed else None)
+        assert c.metadata["off_policy"] is (c.template != ON_POLICY)
+        assert (c.metadata.get("policy_prompt_token_ids") == own) is (c.template != ON_POLICY)
+    # the task's own prompt sampled from the teacher is off-policy too: its log-probs are not the policy's
+    gen = DiverseGenerator(tiny_lm, temperatures=(1.0,), templates=(ON_POLICY,), template_weight_sets={ON_POLICY: "ema"})
+    gen.sampler = RecordingSampler()
+    c = gen.generate([p], SamplingParams(n=1))[0][0]
+    assert c.metadata["off_policy"] is True and c.metadata["weight_set"] == "ema"
+    assert c.metadata["policy_prompt_token_ids"] == own
+
+
+def test_template_weight_sets_are_checked(tiny_lm):
+    with pytest.raises(TaoInputError, match=r"template_weight_sets names template\(s\) \['tens'\]"):
+        DiverseGenerator(tiny_lm, templates=(ON_POLICY, "steps"), template_weight_sets={"tens": "teacher"})
+    with pytest.raises(TaoInputError, match="must be weight set names"):
+        DiverseGenerator(tiny_lm, templates=(ON_POLICY, "steps"), template_weight_sets={"steps": 3})
+    gen = DiverseGenerator(tiny_lm, temperatures=(1.0,), templates=(ON_POLICY, "steps"),
+                           template_weight_sets={"steps": "teacher"})
+    with pytest.raises(TaoInputError, match=r"unknown weight set 'teacher'.*Teacher.attach"):
+        gen.generate(ArithmeticTask().train_prompts(1), SamplingParams(n=2, max_new_tokens=2))
 
 
 def test_similarity():

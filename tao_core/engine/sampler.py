@@ -2,7 +2,8 @@
 
 The thin text layer around the token-level engine: chat templating through ``LoadedModel``, stop
 strings checked on an incremental decode of each sample's recent tokens, and the final cut with
-:func:`~tao_core.completion.finish_completion`, shared with the Hugging Face sampler.
+:func:`~tao_core.completion.finish_completion`, shared with the Hugging Face sampler. Weight sets
+registered here are kept and registered again with the engine built when the model is replaced.
 """
 
 from __future__ import annotations
@@ -11,9 +12,13 @@ import dataclasses
 import hashlib
 from collections.abc import Callable, Sequence
 
+import torch
+
 from tao_core.completion import finish_completion, top_logprobs_metadata
 from tao_core.engine.core import Engine, EngineConfig
 from tao_core.engine.scheduler import EngineRequest
+from tao_core.engine.weights import POLICY
+from tao_core.errors import TaoInputError
 from tao_core.models import LoadedModel
 from tao_core.types import Candidate, Prompt, SamplingParams
 
@@ -44,6 +49,23 @@ def prompt_seed(seed: int | None, prompt_id: str) -> int | None:
     return int.from_bytes(digest, "little") >> 1
 
 
+def replaced_model_error(error: TaoInputError, name: str) -> TaoInputError:
+    """``error`` (weight set ``name`` refused by a model that replaced the one it was registered
+    for) with what happened and what to do."""
+    return TaoInputError(
+        f"{error}. Weight set {name!r} was registered before the model was replaced (e.g. wrapped with LoRA "
+        f"adapters), whose parameter names it no longer matches: remove_weight_set({name!r}) and register one "
+        "built from the current model (create the Teacher after the Trainer)"
+    )
+
+
+def mark_weight_set(candidate: Candidate, weight_set: str) -> None:
+    """Record on ``candidate`` that it was drawn from ``weight_set`` when that is not the policy:
+    ``metadata["weight_set"]`` and ``metadata["off_policy"] = True`` (its log-probs are the set's)."""
+    if weight_set != POLICY:
+        candidate.metadata = {**candidate.metadata, "weight_set": weight_set, "off_policy": True}
+
+
 class EngineSampler:
     """Samples with tao's in-process engine (Llama-family models); see :mod:`tao_core.engine`."""
 
@@ -53,24 +75,56 @@ class EngineSampler:
         self.lm = model
         self.config = config or EngineConfig()
         self.engine = Engine(model.model, eos_token_ids=model.eos_token_ids, config=self.config)
+        self._weight_sets: dict[str, dict[str, torch.Tensor]] = {}  # name -> tensors, as registered
 
     def release(self) -> None:
         """Free the KV-cache memory until the next ``sample`` call."""
         self.engine.release_cache()
 
-    def sample(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Candidate]]:
-        params.validate()
-        if self.lm.model is not self.engine.model:  # the model was replaced (e.g. wrapped by peft)
+    def _current_engine(self) -> Engine:
+        """The engine over ``lm.model``: rebuilt, with the weight sets registered again, when the
+        model was replaced (e.g. wrapped by peft)."""
+        if self.lm.model is not self.engine.model:
             self.engine.release_cache()
-            self.engine = Engine(self.lm.model, eos_token_ids=self.lm.eos_token_ids, config=self.config)
+            engine = Engine(self.lm.model, eos_token_ids=self.lm.eos_token_ids, config=self.config)
+            for name, tensors in self._weight_sets.items():
+                try:
+                    engine.add_weight_set(name, tensors)
+                except TaoInputError as e:
+                    raise replaced_model_error(e, name) from None
+            self.engine = engine
+        return self.engine
+
+    @property
+    def weight_sets(self) -> list[str]:
+        return [POLICY, *self._weight_sets]
+
+    def add_weight_set(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Register weight set ``name`` (``{parameter name: tensor}``, held as given, not copied) with
+        the engine; see :meth:`Engine.add_weight_set`."""
+        self._current_engine().add_weight_set(name, tensors)
+        self._weight_sets[name] = dict(tensors)
+
+    def remove_weight_set(self, name: str) -> None:
+        self._current_engine().remove_weight_set(name)
+        del self._weight_sets[name]
+
+    def sample(self, prompts: Sequence[Prompt], params: SamplingParams, *,
+               weight_set: str = POLICY) -> list[list[Candidate]]:
+        params.validate()
+        engine = self._current_engine()
+        if weight_set not in engine.weight_sets:
+            raise TaoInputError(f"unknown weight set {weight_set!r}; the sampler has {', '.join(engine.weight_sets)} "
+                                "(register one with add_weight_set, e.g. Teacher.attach)")
         tok = self.lm.tokenizer
         encoded = [self.lm.prompt_token_ids(p) for p in prompts]
         checker = stop_string_checker(tok, params.stop)
         requests = [
-            EngineRequest(ids, dataclasses.replace(params, seed=prompt_seed(params.seed, p.id)), stop_checker=checker)
+            EngineRequest(ids, dataclasses.replace(params, seed=prompt_seed(params.seed, p.id)), stop_checker=checker,
+                          weight_set=weight_set)
             for p, ids in zip(prompts, encoded, strict=True)
         ]
-        results = self.engine.run(requests)
+        results = engine.run(requests)
         stop_ids = [*self.lm.eos_token_ids, *params.stop_token_ids]
         temp = params.logprob_temperature
         groups: list[list[Candidate]] = []
@@ -99,4 +153,7 @@ class EngineSampler:
                     metadata=top_logprobs_metadata(s.top_logprobs, len(out_ids)),
                 ))
             groups.append(group)
+        for group in groups:
+            for c in group:
+                mark_weight_set(c, weight_set)
         return groups
