@@ -160,6 +160,25 @@ def test_template_weight_sets_route_templates_to_a_teacher(tiny_lm):
     assert c.metadata["policy_prompt_token_ids"] == own
 
 
+def test_voters_sample_from_an_attached_teacher(tiny_lm, prompts):
+    from tao_core.teacher import Teacher
+
+    params = SamplingParams(n=4, temperature=0, max_new_tokens=6)
+    plain = DiverseGenerator(tiny_lm, temperatures=(), templates=(ON_POLICY, "steps")).generate(prompts, params)
+    gen = DiverseGenerator(tiny_lm, temperatures=(), templates=(ON_POLICY, "steps"), template_weight_sets={"steps": "teacher"})
+    teacher = Teacher.frozen(tiny_lm)
+    with torch.no_grad():
+        for t in teacher.tensors.values():
+            if t.dim() > 1:
+                t.mul_(20)  # weights far from the policy's: other greedy tokens
+    teacher.attach(gen.sampler)
+    voted = gen.generate(prompts, params)
+    for before, after in zip(plain, voted, strict=True):
+        for b, a in zip(before, after, strict=True):
+            assert (a.token_ids == b.token_ids) is (a.template == ON_POLICY)
+            assert a.metadata.get("weight_set") == ("teacher" if a.template == "steps" else None)
+
+
 def test_template_weight_sets_are_checked(tiny_lm):
     with pytest.raises(TaoInputError, match=r"template_weight_sets names template\(s\) \['tens'\]"):
         DiverseGenerator(tiny_lm, templates=(ON_POLICY, "steps"), template_weight_sets={"tens": "teacher"})

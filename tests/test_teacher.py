@@ -168,6 +168,8 @@ def test_weight_sets_survive_the_model_being_replaced(tiny_model_dir, teacher_di
     lm.model = get_peft_model(lm.model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     with pytest.raises(TaoInputError, match="registered before the model was replaced"):
         sampler.sample(PROMPTS, GREEDY, weight_set="teacher")
+    sampler.remove_weight_set("teacher")  # as the error says; then the wrapped model samples
+    assert len(tokens(sampler.sample(PROMPTS, GREEDY))) == 2 and sampler.weight_sets == ["policy"]
 
 
 def test_a_lora_teacher_is_a_second_adapter(tiny_model_dir):

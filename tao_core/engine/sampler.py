@@ -106,7 +106,11 @@ class EngineSampler:
         self._weight_sets[name] = dict(tensors)
 
     def remove_weight_set(self, name: str) -> None:
-        self._current_engine().remove_weight_set(name)
+        """Remove weight set ``name`` (also when it no longer fits a model that replaced the old one)."""
+        if name not in self._weight_sets:
+            raise TaoInputError(f"no weight set {name!r}; the sampler has {', '.join(self.weight_sets)}")
+        if self.lm.model is self.engine.model:  # else the engine is rebuilt without it at the next call
+            self.engine.remove_weight_set(name)
         del self._weight_sets[name]
 
     def sample(self, prompts: Sequence[Prompt], params: SamplingParams, *,
