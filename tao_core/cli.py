@@ -245,61 +245,85 @@ def report_cmd(run_dir, sft_dirs) -> None:
     click.echo(f"wrote {md_path} and {html_path}")
 
 
+DEMO_RECIPE = "arithmetic/demo"  # `tao demo` with no RECIPE (a documented alias: the README's demo)
+LABEL_FREE_RECIPE = "arithmetic/label-free"  # `tao demo --label-free`
+
+
 @cli.command("demo")
-@click.argument("recipe", required=False, default="demo", metavar="[RECIPE]")
-@click.option("--label-free", is_flag=True, help="Alias of RECIPE = label-free (the arithmetic task's label-free recipe).")
+@click.argument("recipe", required=False, default=None, metavar="[RECIPE]")
+@click.option("--label-free", is_flag=True, help=f"Alias of RECIPE = {LABEL_FREE_RECIPE}.")
 @click.option("--list", "list_only", is_flag=True, help="List the recipes of the installed tasks and exit.")
 @click.option("--output-dir", default=None,
               help="Run directory [default: the recipe's output_dir]; one an earlier `tao demo` made is "
                    "replaced, any other non-empty one refused.")
-@click.option("--steps", type=int, default=None,
-              help="Optimizer steps in all, spread over the recipe's rounds [default: the recipe's].")
+@click.option("--steps", type=click.IntRange(1, 1_000_000), default=None,
+              help="Optimizer steps in all, a multiple of the recipe's rounds [default: the recipe's].")
 @click.option("--scorer", default=None, help="Alias of --set score.scorer=NAME.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config key, e.g. --set train.lr=1e-5 (value parsed as TOML).")
-def demo_cmd(recipe: str, label_free: bool, list_only: bool, output_dir: str | None, steps: int | None,
+def demo_cmd(recipe: str | None, label_free: bool, list_only: bool, output_dir: str | None, steps: int | None,
              scorer: str | None, overrides: tuple[str, ...]) -> None:
-    """Run a named recipe of a task plugin on the embedded model [default RECIPE: demo].
+    """Run a named recipe of a task plugin on the embedded model [default RECIPE: arithmetic/demo].
 
     `tao demo` is TAO with a verifier on two-digit addition (held-out accuracy before and after);
     `tao demo label-free` (or --label-free) the same without any answer checked. `tao demo --list`
     shows every installed recipe; `tao run FILE` runs a recipe's file as any config.
     """
-    from tao_core import pipeline
-    from tao_core.config import load_config
-    from tao_core.recipes import find_recipe, list_recipes
-    from tao_core.report import write_report
-    from tao_core.rundir import RunDir
+    from tao_core.recipes import find_recipe
 
     if list_only:
-        for r in list_recipes():
-            click.echo(f"{r.qualified:<28} {r.summary()}\n{'':<28} {r.path}")
+        if recipe or label_free or steps or scorer or overrides or output_dir:
+            raise click.UsageError("--list takes no other argument")
+        _list_recipes()
         return
     if label_free:
-        if recipe != "demo":
+        if recipe is not None:
             raise click.UsageError("--label-free names the recipe; give no RECIPE with it")
         if scorer is not None:
             raise click.UsageError("--label-free sets its own scorer; leave out --scorer")
-        recipe = "label-free"
-    found = find_recipe(recipe)
+    found = find_recipe(LABEL_FREE_RECIPE if label_free else recipe or DEMO_RECIPE)
     parsed = parse_overrides(overrides)
     if scorer is not None:
         parsed["score.scorer"] = scorer
     if output_dir is not None:
         parsed["output_dir"] = output_dir
+    _run_recipe(found, parsed, steps)
+
+
+def _list_recipes() -> None:
+    from tao_core.recipes import list_recipes
+
+    recipes, problems = list_recipes(with_problems=True)
+    for r in recipes:
+        click.echo(f"{r.qualified:<28} {r.path}\n    {r.summary()}")
+    for problem in problems:
+        click.echo(f"skipped: {problem}", err=True)
+
+
+def _run_recipe(found, parsed: dict, steps: int | None) -> None:
+    """Check the recipe's config (with overrides) and load the model, then replace an earlier demo's
+    directory and run: nothing on disk changes before both succeeded."""
+    from tao_core import pipeline
+    from tao_core.config import load_config
+    from tao_core.models import load_model
+    from tao_core.report import write_report
+    from tao_core.rundir import RunDir
+
+    cfg = load_config(found.path, parsed)
     if steps is not None:
-        if steps < 1:
-            raise click.UsageError(f"--steps must be >= 1, got {steps}")
-        rounds = int(parsed.get("rounds", load_config(found.path).rounds))
-        parsed["steps_per_round"] = max(1, steps // rounds)
-    cfg = load_config(found.path, parsed)  # validated whole before anything is written
-    # Only now, with the config valid: empty the directory if an earlier `tao demo` made it (its
-    # marker says so); any other non-empty directory is refused, never deleted.
+        if "steps_per_round" in parsed:
+            raise click.UsageError("give --steps or --set steps_per_round, not both")
+        if steps % cfg.rounds:
+            raise click.UsageError(f"--steps {steps} is not a multiple of the recipe's {cfg.rounds} rounds")
+        cfg = load_config(found.path, {**parsed, "steps_per_round": steps // cfg.rounds})
+    lm = load_model(cfg.model, sampler=cfg.generate.sampler)
+    # Only now, with the config valid and the model loaded: empty the directory if an earlier
+    # `tao demo` made it (its marker says so); any other non-empty directory is refused, never deleted.
     RunDir(cfg.output_dir).claim("run", replace=True, info={"recipe": "demo"}).release()
-    click.echo(f"tao demo {found.qualified}: {cfg.task} on {cfg.model}, {cfg.rounds} rounds x {cfg.steps_per_round} "
+    click.echo(f"tao demo {found.qualified}: {cfg.task} on {cfg.model}, {cfg.rounds} round(s) x {cfg.steps_per_round} "
                f"steps of {cfg.prompts_per_step} prompts x {cfg.generate.n} candidates, scorer "
                f"{cfg.score.scorer or 'the task default'}, objective {cfg.train.objective or 'the task default'}")
-    result = pipeline.run(cfg)
+    result = pipeline.run(cfg, lm=lm)
     _print_result(result)
     md, _ = write_report(cfg.output_dir)
     click.echo(f"report: {md}")

@@ -13,6 +13,7 @@ for bit on the CPU, and reuses any candidates and scores already on disk.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import platform
@@ -90,7 +91,7 @@ class Pipeline:
     def __init__(self, cfg: RunConfig, *, lm: LoadedModel | None = None, progress: bool = True,
                  resume: bool = False) -> None:
         validate(cfg)
-        self.cfg = cfg
+        self.cfg = cfg = copy.deepcopy(cfg)  # filled in below with what the run resolves, then saved
         self.progress = progress
         self.task: Task = get_component("tasks", cfg.task)(**cfg.task_options)
         if cfg.prompts_file:
@@ -109,6 +110,10 @@ class Pipeline:
         self.objective = get_component("objectives", self.objective_name)
         self.scorer_name = cfg.score.scorer or self.task.default_scorer
         self.scorer = load_scorer(self.scorer_name, **cfg.score.options)
+        # config.json records the plugins the task's defaults resolved to: a resume (or a plugin
+        # upgrade in between) never picks different ones
+        cfg.train.objective, cfg.score.scorer = self.objective_name, self.scorer_name
+        cfg.generate.generator = cfg.generate.generator or self.task.default_generator
         self.dir = RunDir(cfg.output_dir)
         created = not self.dir.root.exists()
         self.dir.claim("run", resume=resume)
@@ -132,8 +137,7 @@ class Pipeline:
         if train_cfg.total_steps is None:
             train_cfg = dataclasses.replace(train_cfg, total_steps=cfg.rounds * cfg.steps_per_round)
         self.trainer = Trainer(self.lm, train_cfg, objective=self.objective)  # the config's, else the task's default
-        gen_name = cfg.generate.generator or self.task.default_generator
-        self.generator = get_component("generators", gen_name)(self.lm, **cfg.generate.options)
+        self.generator = get_component("generators", cfg.generate.generator)(self.lm, **cfg.generate.options)
         self.limits = ScorerLimits(timeout_s=cfg.score.timeout_s)
         self.guard = Guard(cfg.guard)
         self._best_steps: list[int] = []  # best steps the kept checkpoints refer to (their weights stay)

@@ -27,10 +27,12 @@ def _modules(package: str) -> dict[str, Path]:
 
 
 def _imported(module: str, path: Path, known: set[str]) -> set[str]:
-    """The modules of ``known`` that ``module``'s import statements name, wherever they stand.
+    """The modules of ``known`` that ``module``'s import statements run, wherever they stand.
 
-    ``from pkg import name`` names ``pkg.name`` when that is a module, else ``pkg``. The parent
-    packages Python initializes on the way are not counted: the statement does not name them.
+    ``from pkg import name`` names ``pkg.name`` when that is a module, else ``pkg``. Importing
+    ``a.b.c`` also runs the packages ``a`` and ``a.b`` first (their ``__init__``), so those count
+    too, except the packages ``module`` itself lives in (they are initialized before it, so an import
+    of a sibling through them closes no cycle).
     """
     is_pkg = path.name == "__init__.py"
     out = set()
@@ -46,11 +48,14 @@ def _imported(module: str, path: Path, known: set[str]) -> set[str]:
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
         else:
             continue
+        own = {module.rsplit(".", k)[0] for k in range(1, module.count(".") + 1)} | ({module} if is_pkg else set())
         for t in targets:
             while t and t not in known:
                 t = t.rpartition(".")[0]
-            if t and t != module:
-                out.add(t)
+            while t:
+                if t != module and t not in own:
+                    out.add(t)
+                t = t.rpartition(".")[0]
     return out
 
 
@@ -86,6 +91,18 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_no_import_cycle_in_the_core():
     cycle = _cycle(_graph("tao_core"))
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_an_import_runs_its_packages_too(tmp_path):
+    """``from tao_core.engine.weights import X`` in models.py would run engine/__init__.py, which
+    imports the engine's modules: the graph must show that edge (a cycle otherwise hidden)."""
+    mod = tmp_path / "m.py"
+    mod.write_text("def f():\n    from tao_core.engine.weights import POLICY\n")
+    known = {"tao_core", "tao_core.engine", "tao_core.engine.weights", "tao_core.models"}
+    assert _imported("tao_core.models", mod, known) == {"tao_core.engine", "tao_core.engine.weights"}
+    sibling = tmp_path / "s.py"
+    sibling.write_text("from tao_core.engine import weights\n")
+    assert _imported("tao_core.engine.core", sibling, known) == {"tao_core.engine.weights"}
 
 
 def test_the_cycle_finder_finds_one():

@@ -51,7 +51,7 @@ def test_demo_cli_options():
     result = runner.invoke(cli, ["demo", "--list"])
     assert result.exit_code == 0 and "arithmetic/label-free" in result.output
     result = runner.invoke(cli, ["demo", "--steps", "0"])
-    assert result.exit_code == 2 and "--steps must be >= 1" in result.output
+    assert result.exit_code == 2 and "0 is not in the range 1<=x<=1000000" in result.output
     result = runner.invoke(cli, ["demo", "--set", "train.lr=fast"])
     assert result.exit_code == 2 and "train.lr" in result.output
 
@@ -66,3 +66,46 @@ def test_example_configs_validate():
 def test_the_demo_examples_are_the_recipes_themselves():
     for name, recipe in (("demo.toml", "demo"), ("label-free-arithmetic.toml", "label-free")):
         assert (EXAMPLES / name).resolve() == find_recipe(recipe).path
+
+
+def test_bad_recipe_entries_are_skipped_and_reported(tmp_path, monkeypatch):
+    from tao_core.recipes import _task_recipes
+
+    (tmp_path / "ok.toml").write_text("# A fine recipe. More words.\ntask = 'arithmetic'\n")
+    (tmp_path / "adir.toml").mkdir()
+    mod = tmp_path / "third_party_task.py"
+    mod.write_text("class T:\n    recipes = {'ok': 'ok.toml', 'gone': 'gone.toml', 'dir': 'adir.toml', "
+                   "'../evil': 'ok.toml', '': 'ok.toml', 'none': None}\n")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("third_party_task", mod)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(__import__("sys").modules, "third_party_task", module)
+    spec.loader.exec_module(module)
+    good, problems = _task_recipes("t", module.T)
+    assert [r.name for r in good] == ["ok"] and good[0].summary() == "A fine recipe."
+    assert len(problems) == 5 and any("gone.toml is not a file" in p for p in problems)
+    assert any("'../evil'" in p and "a recipe name is" in p for p in problems)
+    assert _task_recipes("t", type("L", (), {"recipes": ["a.toml"]}))[1] == [
+        "task 't': `recipes` must be a dict {name: path}, got list"]
+
+
+def test_demo_argument_rules():
+    runner = CliRunner()
+    for args, message in ((["demo", "demo", "--label-free"], "--label-free names the recipe"),
+                          (["demo", "--steps", "5"], "not a multiple of the recipe's 2 rounds"),
+                          (["demo", "--steps", "4", "--set", "steps_per_round=3"], "not both"),
+                          (["demo", "--list", "--label-free"], "--list takes no other argument")):
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+
+
+def test_a_failing_demo_leaves_the_earlier_demo_run_alone(tmp_path):
+    from tao_core.rundir import RunDir
+
+    out = tmp_path / "demo-run"
+    RunDir(out).claim("run", info={"recipe": "demo"}).release()
+    (out / "metrics.jsonl").write_text('{"type": "eval"}\n')
+    result = CliRunner().invoke(cli, ["demo", "--output-dir", str(out), "--set", f"model='{tmp_path / 'missing'}'"])
+    assert result.exit_code == 2, result.output
+    assert (out / "metrics.jsonl").read_text() == '{"type": "eval"}\n'  # the model failed before any deletion

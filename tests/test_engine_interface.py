@@ -323,3 +323,39 @@ def test_candidates_carry_top_logprobs_only_when_asked(tiny_model_dir, backend):
         assert (torch.tensor([[lp for _, lp in row] for row in top]) - want.values).abs().max() <= 1e-4
     if backend == "engine":  # the same draws with or without them
         assert [c.token_ids for c in asked] == [c.token_ids for c in plain]
+
+
+@pytest.mark.parametrize("where", ["prefill", "decode"])
+def test_an_interrupted_step_frees_everything_and_the_engine_goes_on(policy, where):
+    """A KeyboardInterrupt or a cancellation inside a step (a callback, the forward) ends every
+    request in flight with an error, frees every block and reservation, and leaves the engine usable."""
+    eng = engine(policy)
+    eng.step()
+    free, reserved = eng.cache.num_free, eng.scheduler.reserved
+    calls = []
+
+    def hang_up(rid, sample, token, logprob):
+        calls.append(token)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    real_forward = eng.runner.forward
+
+    def forward(*args):
+        raise KeyboardInterrupt
+
+    if where == "prefill":
+        eng.runner.forward = forward
+    rid = eng.add_request(EngineRequest(PROMPTS[0], params(1, max_new_tokens=20), on_token=hang_up))
+    other = eng.add_request(EngineRequest(PROMPTS[1], params(2, max_new_tokens=20)))
+    with pytest.raises(KeyboardInterrupt):
+        while eng.has_unfinished():
+            eng.step()
+    eng.runner.forward = real_forward
+    assert not eng.has_unfinished() and (eng.cache.num_free, eng.scheduler.reserved) == (free, reserved)
+    done = {r.request_id: r for r in eng.step()}
+    assert set(done) == {rid, other} and all("interrupted (KeyboardInterrupt)" in r.error for r in done.values())
+    again = eng.run([EngineRequest(PROMPTS[1], params(2, max_new_tokens=20))])
+    fresh = engine(policy).run([EngineRequest(PROMPTS[1], params(2, max_new_tokens=20))])
+    for a, b in zip(samples(again)[0], samples(fresh)[0], strict=True):
+        assert a[0] == b[0] and a[2] == b[2] and a[1] == pytest.approx(b[1], abs=1e-5), (a, b)

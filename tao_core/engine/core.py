@@ -209,6 +209,10 @@ class Engine:
                         self._prefill_chunks(groups)
                 if self.scheduler.running:
                     self._decode()
+        except BaseException as e:  # an interrupt or a cancellation mid-step: keep the engine usable
+            self._in_step = False
+            self._abort_all(f"the engine step was interrupted ({type(e).__name__}); request aborted")
+            raise
         finally:
             self._in_step = False
         for rid in self._pending_aborts:
@@ -245,6 +249,14 @@ class Engine:
         for x in items:
             parts.setdefault(weight_set(x), []).append(x)
         return list(parts.items())
+
+    def _abort_all(self, error: str) -> None:
+        """End every request in flight with ``error`` and free everything it holds: after an
+        exception inside a step, no half-made state (a sample without its token) survives."""
+        for g in list(self._groups.values()):
+            self._stop(g, "abort", error)
+        self._pending_aborts = []
+        self.cache.invalidate()  # a prefill cut short leaves indexed prompt blocks without their K/V
 
     def _stop(self, g: Group, reason: str, error: str | None = None) -> None:
         """End request ``g`` now (abort or failure): free what it holds, record its result."""

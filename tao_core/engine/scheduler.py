@@ -81,6 +81,7 @@ class Group:
     prompt_blocks: list[int] = field(default_factory=list)
     cached_tokens: int = 0  # leading prompt tokens found in the prefix index (not recomputed)
     fork_blocks: list[int] = field(default_factory=list)  # partial-block copies for samples 1..n-1
+    pending_reserved: int = 0  # blocks reserved for it between admission and the fork of its samples
 
     @property
     def prompt(self) -> list[int]:
@@ -176,6 +177,7 @@ class Scheduler:
         g.cached_tokens = hits * bs
         allocated_now = (len(digests) - hits) + (n if partial else 0)
         self.reserved += need - allocated_now
+        g.pending_reserved = need - allocated_now
         cache.stats.prefix_hit_tokens += g.cached_tokens
         cache.stats.prefilled_tokens += prompt_len - g.cached_tokens
 
@@ -199,6 +201,7 @@ class Scheduler:
             held_own = len(blocks) - full
             seqs.append(Sequence(g, j, list(g.prompt), blocks, uniforms[j], reserved=own_total - held_own))
         g.seqs = seqs
+        g.pending_reserved = 0  # now held by the samples (Sequence.reserved)
         return seqs
 
     def grow(self, seq: Sequence) -> None:
@@ -219,7 +222,14 @@ class Scheduler:
 
     def stop_group(self, g: Group, reason: str) -> None:
         """Finish every unfinished sample of running request ``g`` with ``reason`` and drop them
-        from the batch (the engine's abort, or its request failing)."""
+        from the batch (the engine's abort, or its request failing). A request admitted but not yet
+        forked (interrupted in its prefill) gives back its prompt blocks and reservation."""
+        if not g.seqs:
+            for b in [*g.prompt_blocks, *g.fork_blocks]:
+                self.cache.free(b)
+            g.prompt_blocks, g.fork_blocks = [], []
+            self.reserved -= g.pending_reserved
+            g.pending_reserved = 0
         for s in g.seqs:
             if s.finish_reason is None:
                 self.finish(s, reason)
