@@ -32,6 +32,8 @@ def generate(
     """Sample one group of ``params.n`` candidates per prompt: with a registered generator, or with
     none (``generator=None``) straight from the model's sampler (:func:`tao_core.sampler.sampler_for`)."""
     lm = _as_model(model)
+    if isinstance(prompts, str | Prompt):  # one prompt, not a sequence of characters
+        prompts = [prompts]
     ps = [p if isinstance(p, Prompt) else Prompt(id=f"p{i}", text=p) for i, p in enumerate(prompts)]
     if generator is None:
         if generator_options:

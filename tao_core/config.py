@@ -12,6 +12,7 @@ where torch is not installed; ``docs/config.md`` is generated from it by ``scrip
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import os
@@ -348,7 +349,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     except RecursionError:
         raise TaoInputError(f"{path}: invalid TOML: arrays or tables nested too deeply") from None
     try:
-        for dotted, value in (overrides or {}).items():
+        for dotted, value in copy.deepcopy(overrides or {}).items():  # the caller's dicts stay as given
             _override(data, dotted, value)
         cfg = from_dict(RunConfig, data)
     except TaoInputError as e:

@@ -307,3 +307,11 @@ def test_a_config_names_its_task_and_a_task_its_default_objective():
     from tao_core.plugins import get_component
 
     assert get_component("objectives", get_component("tasks", "arithmetic").default_objective)
+
+
+def test_load_config_leaves_the_callers_overrides_alone(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('task = "arithmetic"\noutput_dir = "unused-run-dir"\n')
+    inner = {"lr": 1e-5}
+    cfg = load_config(path, {"train": inner, "train.lr": 2e-5})
+    assert cfg.train.lr == 2e-5 and inner == {"lr": 1e-5}

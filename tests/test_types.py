@@ -149,3 +149,11 @@ def test_generate_api_without_a_generator_uses_the_models_sampler(tiny_model_dir
     assert plain[0][0].generator == "hf-generate" and named[0][0].generator == "sample"
     with pytest.raises(TaoInputError, match="need a generator"):
         generate(["hi"], params, model=lm, templates=["plain"])
+
+
+def test_generate_api_takes_one_prompt_as_a_string(tiny_model_dir):
+    from tao_core.api import generate
+    from tao_core.models import load_model
+
+    groups = generate("hello", SamplingParams(n=1, max_new_tokens=2, seed=0), model=load_model(str(tiny_model_dir)))
+    assert len(groups) == 1 and groups[0][0].prompt_id == "p0"
