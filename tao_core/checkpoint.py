@@ -7,6 +7,8 @@ A checkpoint is a directory::
       optimizer.safetensors   optimizer tensors (``state/<param index>/<name>``) and RNG tensors
       trainer.json            step, optimizer hyper-parameters, RNG states that are plain numbers
       pipeline.json           the pipeline's own state (step, best, guard, ...)
+      pipeline.safetensors    only when the pipeline keeps tensors (a frozen or EMA teacher):
+                              ``pipeline_state["tensors"]`` on write and read
       manifest.json           written last: every other file's size and SHA-256
 
 Nothing in it is pickled, so loading a checkpoint cannot run code; a sharded checkpoint later
@@ -113,15 +115,22 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+PIPELINE_TENSORS = "tensors"  # the pipeline state's key for its tensors, stored in pipeline.safetensors
+
+
 def write(directory: Path, trainer_state: dict[str, Any], pipeline_state: dict[str, Any]) -> None:
     """Write a complete checkpoint into the (new, empty) ``directory``; the manifest comes last."""
     trainable, others, meta = trainer_state_to_parts(trainer_state)
+    pipeline_state = dict(pipeline_state)
+    tensors = pipeline_state.pop(PIPELINE_TENSORS, None)  # e.g. a teacher's weights
     files = {
         "trainable.safetensors": st_save(trainable),
         "optimizer.safetensors": st_save(others),
         "trainer.json": json.dumps(meta).encode(),
         "pipeline.json": json.dumps(pipeline_state, indent=2).encode(),
     }
+    if tensors:
+        files["pipeline.safetensors"] = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
     for name, data in files.items():
         write_file(directory / name, data)
     fault_point("checkpoint.before-manifest")
@@ -172,6 +181,8 @@ def read(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         others = st_load(_verified_bytes(directory, manifest, "optimizer.safetensors"))
         meta = json.loads(_verified_bytes(directory, manifest, "trainer.json"))
         pipeline_state = json.loads(_verified_bytes(directory, manifest, "pipeline.json"))
+        if "pipeline.safetensors" in manifest["files"]:
+            pipeline_state[PIPELINE_TENSORS] = st_load(_verified_bytes(directory, manifest, "pipeline.safetensors"))
         return trainer_state_from_parts(trainable, others, meta), pipeline_state
     except CheckpointError:
         raise

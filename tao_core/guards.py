@@ -45,6 +45,11 @@ class Guard:
         if self.cfg.max_kl is not None and kl is not None and kl > self.cfg.max_kl:
             out.append(self._warn("kl_drift", f"step {record['step']}: KL to the reference {kl:.4f} > "
                                   f"guard.max_kl {self.cfg.max_kl:g}", value=kl))
+        flips = record.get("flip_rate")
+        if self.cfg.max_flip_rate is not None and flips is not None and flips > self.cfg.max_flip_rate:
+            out.append(self._warn("voter_flips", f"step {record['step']}: {flips:.0%} of the revisited prompts changed "
+                                  f"their voter majority > guard.max_flip_rate {self.cfg.max_flip_rate:g}",
+                                  value=flips))
         if record.get("reward_mean") is not None:
             self.rewards.append(float(record["reward_mean"]))
         return out

@@ -26,17 +26,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from tao_core.checkpoint import PIPELINE_TENSORS
 from tao_core.config import RunConfig, from_dict, validate
 from tao_core.errors import PluginError, TaoInputError, TaoWriteError
 from tao_core.fsio import fault_point, write_file
 from tao_core.guards import Guard
 from tao_core.models import LoadedModel, load_model
+from tao_core.monitors import FlipMonitor, gate_groups, group_detail, group_majorities
 from tao_core.plugins import get_component
 from tao_core.promotion import decide
 from tao_core.rundir import KEEP_CHECKPOINTS, RunDir, write_dir
 from tao_core.sampler import sampler_for
 from tao_core.scoring import ScorerLimits, load_scorer, score_groups
 from tao_core.tasks import EvalResult, Task, evaluate
+from tao_core.teacher import Teacher
 from tao_core.train import Trainer
 from tao_core.types import Prompt, SamplingParams
 
@@ -138,10 +141,25 @@ class Pipeline:
             train_cfg = dataclasses.replace(train_cfg, total_steps=cfg.rounds * cfg.steps_per_round)
         self.trainer = Trainer(self.lm, train_cfg, objective=self.objective)  # the config's, else the task's default
         self.generator = get_component("generators", cfg.generate.generator)(self.lm, **cfg.generate.options)
+        self.teacher = self._teacher()
+        self.flips = FlipMonitor()  # share of revisited prompts whose voter majority changed
         self.limits = ScorerLimits(timeout_s=cfg.score.timeout_s)
         self.guard = Guard(cfg.guard)
         self._best_steps: list[int] = []  # best steps the kept checkpoints refer to (their weights stay)
         self._best_items: list[dict[str, Any]] | None = None  # per-item results of the best model (the gate pairs them)
+
+    def _teacher(self) -> Teacher | None:
+        """The voters' weights apart from the policy (``generate.voters``), as the weight set
+        ``teacher`` of the model's sampler; the generator routes its voter templates to it."""
+        voters = self.cfg.generate.voters
+        if voters == "policy":
+            return None
+        teacher = Teacher.frozen(self.lm) if voters == "frozen" else Teacher.ema(self.lm, self.cfg.generate.ema_rate)
+        teacher.attach(sampler_for(self.lm))
+        if "teacher" not in str(self.cfg.generate.options.get("template_weight_sets", {})):
+            tqdm.write(f"warning: generate.voters = {voters!r} but no generator template samples with the "
+                       "'teacher' weights (generate.options.template_weight_sets)")
+        return teacher
 
     # -- pieces --------------------------------------------------------------------------------
     def sampling(self, step: int) -> SamplingParams:
@@ -190,6 +208,10 @@ class Pipeline:
                 raise TaoInputError(f"{ckpt}: checkpoint does not fit this run ({type(e).__name__}: {e})") from None
             self._best_steps = [best["step"]]
             self._best_items = state.get("best_items")  # None in a checkpoint from before the paired gate
+            if "flips" in state:
+                self.flips.load_state_dict(state["flips"])
+            if self.teacher is not None and PIPELINE_TENSORS in state:
+                self.teacher.load_state_dict(state[PIPELINE_TENSORS])
             rd.truncate_metrics_after(start)
             for message in fallbacks:
                 rd.log({"type": "warning", "step": start, "kind": "checkpoint_fallback", "message": message})
@@ -252,7 +274,10 @@ class Pipeline:
                 stopped = stopped or stop_now
             if done % cfg.checkpoint_every == 0 or end_of_round or stopped or done == total_steps:
                 state = {"step": done, "before": before, "best": best, "tuning_seconds": tuning_s,
-                         "guard": self.guard.state_dict(), "best_items": self._best_items}
+                         "guard": self.guard.state_dict(), "best_items": self._best_items,
+                         "flips": self.flips.state_dict()}
+                if self.teacher is not None:
+                    state[PIPELINE_TENSORS] = self.teacher.state_dict()
                 fault_point("checkpoint.before")
                 rd.save_checkpoint(done, self.trainer.state_dict(), state)
                 self._best_steps = [*self._best_steps, best["step"]][-KEEP_CHECKPOINTS:]
@@ -294,8 +319,12 @@ class Pipeline:
                 rd.save_scores(step, scores)
             fault_point("score.after")
         t2 = time.perf_counter()
+        label_free = self._label_free_stats(prompts, scores)
+        train_scores, gated = gate_groups(scores, self.cfg.score.gate)  # the raw scores stay on disk
         fault_point("train.before")
-        metrics = self.trainer.step(prompts, groups, scores)
+        metrics = self.trainer.step(prompts, groups, train_scores, max_new_tokens=self.sampling(step).max_new_tokens)
+        if self.teacher is not None:
+            self.teacher.update()  # EMA voters follow the policy slowly (frozen ones stay)
         fault_point("train.after")
         t3 = time.perf_counter()
         cands = [c for g in groups for c in g]
@@ -310,11 +339,24 @@ class Pipeline:
             "scores_ok": sum(s.status == "ok" for s in flat),
             "scores_abstain": sum(s.status == "abstain" for s in flat),
             "scores_error": sum(s.status == "error" for s in flat),
+            **label_free, **(gated if self.cfg.score.gate is not None else {}),
         }
         problem = next((s.reason for s in flat if s.status != "ok" and s.reason), None)
         if problem is not None:
             record["first_score_problem"] = problem[:200]
         return record, t3 - t0
+
+    def _label_free_stats(self, prompts: list[Prompt], scores) -> dict[str, Any]:
+        """The voter monitors of a step whose scorer reports majorities (``Score.details``)."""
+        majorities = group_majorities(scores)
+        if all(m is None for m in majorities):
+            return {}
+        seen = self.flips.observe([p.id for p in prompts], majorities)
+        margins = [m for g in scores if (m := group_detail(g, "margin")) is not None]
+        out = {"revisited": seen["revisited"], "voter_margin_mean": sum(margins) / len(margins) if margins else None}
+        if seen["flip_rate"] is not None:
+            out["flip_rate"] = seen["flip_rate"]
+        return out
 
     def _evaluate_and_promote(self, done: int, round_index: int, best: dict[str, Any],
                               end_of_round: bool) -> tuple[dict[str, Any], bool]:
@@ -347,6 +389,8 @@ class Pipeline:
             fault_point("round.after-model")
             if not promoted and cfg.guard.rollback:
                 self._restore_best(best["step"])
+            if promoted and self.teacher is not None and cfg.generate.voters == "frozen":
+                self.teacher.refresh()  # frozen voters take the promoted weights
             rd.log({"type": "round", "step": done, "round": round_index, "value": result.value,
                     "promoted": promoted, "rolled_back": (not promoted) and cfg.guard.rollback,
                     "best_value": best["value"], "best_step": best["step"],

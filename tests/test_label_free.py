@@ -1,0 +1,126 @@
+"""Label-free TAO's parts in a run: voters on teacher weights (EMA), gating by voter margin, the
+flip-rate monitor, off-policy voters trained with truncated importance sampling; the teacher and
+the monitor resume bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.test_pipeline import _finish, _tao
+from tests.test_plugins import _fake_dist
+
+# A voting scorer with a margin and a majority, like majority-vote, on the first letter of each
+# answer (a random tiny model writes no numbers): it scores agreement with the voters' majority.
+VOTE_PLUGIN = """
+from collections import Counter
+import tao_core
+from tao_core import Score
+
+class FirstLetterVote:
+    name = "test-vote"
+    version = "1"
+    def score(self, prompt, candidates):
+        key = lambda c: (c.text.strip()[:1] or "?").lower()
+        voters = [c for c in candidates if c.metadata.get("template") == "plain"] or list(candidates)
+        votes = Counter(key(c) for c in voters)
+        top, count = votes.most_common(1)[0]
+        margin = count / len(voters)
+        return [Score.ok(float(key(c) == top), scorer=self.name, details={"margin": margin, "majority": top})
+                for c in candidates]
+
+@tao_core.hookimpl
+def tao_register_scorers(register):
+    register("test-vote", FirstLetterVote)
+"""
+
+
+@pytest.fixture(scope="module")
+def vote_path(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("vote-plugin")
+    _fake_dist(root, "tao-test-vote", "test-vote", "tao_test_vote", VOTE_PLUGIN)
+    return root
+
+
+def _config(tmp_path: Path, model: Path, out: Path, **train: str) -> Path:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "text": t}) + "\n"
+                               for i, t in enumerate(["What is 12 plus 35?", "What is 40 plus 7?"])))
+    extra = "".join(f"{k} = {v}\n" for k, v in train.items())
+    path = tmp_path / f"{out.name}.toml"
+    path.write_text(textwrap.dedent(f"""
+        task = "arithmetic"
+        model = "{model}"
+        prompts_file = "{prompts}"
+        output_dir = "{out}"
+        rounds = 2
+        steps_per_round = 2
+        prompts_per_step = 2
+        eval_limit = 4
+        checkpoint_every = 1
+        seed = 5
+
+        [generate]
+        generator = "diverse"
+        n = 4
+        max_new_tokens = 6
+        voters = "ema"
+        ema_rate = 0.5
+
+        [generate.options]
+        templates = ["default", "plain"]
+        temperatures = [1.0]
+        template_weight_sets = {{ plain = "teacher" }}
+
+        [score]
+        scorer = "test-vote"
+        gate = [0.0, 0.99]
+
+        [guard]
+        max_flip_rate = 0.0
+
+        [train]
+        lr = 3e-3
+        off_policy = "importance"
+        overlong_buffer = 2
+    """) + extra)
+    return path
+
+
+def test_label_free_parts_run_log_and_resume_bit_for_bit(tmp_path, tiny_model_dir, vote_path):
+    full = tmp_path / "full"
+    _finish(_tao(["run", str(_config(tmp_path, tiny_model_dir, full))], vote_path))
+    rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["type"] == "step"]
+    assert len(steps) == 4
+    assert all("is_ratio_mean" in r and "voter_margin_mean" in r and "gate_in_band" in r for r in steps)
+    assert all(r["off_policy_trained"] > 0 for r in steps)  # the voters' completions trained the policy
+    assert [r.get("flip_rate") is not None for r in steps] == [False, True, True, True]  # revisits from step 2
+    assert any(r["type"] == "warning" and r["kind"] == "voter_flips" for r in rows) == any(
+        r.get("flip_rate", 0) > 0 for r in steps)
+    ckpt = sorted((full / "checkpoints").glob("step-*"))[-1]
+    teacher = load_file(str(ckpt / "pipeline.safetensors"))
+    assert teacher and json.loads((ckpt / "manifest.json").read_text())["files"]["pipeline.safetensors"]
+
+    killed = tmp_path / "killed"
+    _config(tmp_path, tiny_model_dir, killed)
+    env = {**os.environ, "PYTHONPATH": str(vote_path), "TQDM_DISABLE": "1"}
+    cli = [sys.executable, "-m", "tao_core.cli", "run"]
+    first = subprocess.run([*cli, str(tmp_path / "killed.toml")], env={**env, "TAO_FAULT": "train.before:3"},
+                           capture_output=True, text=True, timeout=600)  # SIGKILL before step 3 trains
+    assert first.returncode != 0 and not (killed / "final").exists()
+    resumed = subprocess.run([*cli, "--resume", str(killed)], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(str(full / "final" / "model.safetensors"))
+    b = load_file(str(killed / "final" / "model.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a), "resumed weights differ from the uninterrupted run"
+    strip = lambda r: {k: v for k, v in r.items() if k != "time" and not k.endswith(("_s", "seconds"))}  # noqa: E731
+    rows_b = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [strip(r) for r in rows if r["type"] == "step"] == [strip(r) for r in rows_b if r["type"] == "step"]
