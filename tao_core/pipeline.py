@@ -298,26 +298,60 @@ class Pipeline:
                 "tuning_seconds": tuning_s})
         return RunResult(str(rd.root), before, best, done, tuning_s, self.guard.messages(), stopped)
 
-    def _one_step(self, step: int, round_index: int) -> tuple[dict[str, Any], float]:
+    def _sample_and_score(self, step: int, prompts: list[Prompt], part: int = 0):
+        """Candidates and scores of ``prompts`` for ``step`` (``part`` > 0: a dynamic-sampling round),
+        read back from the run directory when a resumed run already made them; (groups, scores,
+        generate seconds, score seconds)."""
         rd = self.dir
-        prompts = step_prompts(self.pool, self.cfg.seed, step, self.cfg.prompts_per_step)
         t0 = time.perf_counter()
-        groups = rd.load_candidates(step, prompts)
+        groups = rd.load_candidates(step, prompts, part)
         if groups is None:
             fault_point("generate.before")
             groups = self.generator.generate(prompts, self.sampling(step))
-            rd.save_step_prompts(step, prompts)
-            rd.save_candidates(step, groups)
+            rd.save_step_prompts(step, prompts, part)
+            rd.save_candidates(step, groups, part)
             fault_point("generate.after")
         t1 = time.perf_counter()
-        scores = rd.load_scores(step, groups)
+        scores = rd.load_scores(step, groups, part)
         if scores is None:
             cache = rd.root / "score-cache" if self.cfg.score.cache else None
             fault_point("score.before")
             scores = score_groups(self.scorer, prompts, groups, cache=cache, limits=self.limits)
             if any(s.status != "error" for g in scores for s in g):  # a resume rescores a step that only failed
-                rd.save_scores(step, scores)
+                rd.save_scores(step, scores, part)
             fault_point("score.after")
+        return groups, scores, t1 - t0, time.perf_counter() - t1
+
+    def _resample(self, step: int, prompts: list[Prompt], groups: list, scores: list) -> dict[str, Any]:
+        """Dynamic sampling (DAPO, Yu et al. 2025, arXiv 2503.14476): replace each group whose ok
+        scores are all equal (no advantage, nothing learned) by the group of a fresh prompt whose
+        scores differ, over at most ``generate.max_resample`` extra rounds; in place. Fresh prompts
+        come from the pool in a seeded order per (step, round), so a resumed run draws the same."""
+        flat = [i for i, g in enumerate(scores) if not _informative(g)]
+        used, replaced, drawn = {p.id for p in prompts}, 0, 0
+        for part in range(1, self.cfg.generate.max_resample + 1):
+            if not flat:
+                break
+            pool = step_prompts(self.pool, self.cfg.seed * 7919 + part, step, min(len(self.pool), 2 * len(flat)))
+            extra = [p for p in dict((p.id, p) for p in pool).values() if p.id not in used][: len(flat)]
+            if not extra:
+                break
+            new_groups, new_scores, _, _ = self._sample_and_score(step, extra, part)
+            used |= {p.id for p in extra}
+            drawn += len(extra)
+            good = [(p, g, sc) for p, g, sc in zip(extra, new_groups, new_scores, strict=True) if _informative(sc)]
+            for i, (p, g, sc) in zip(flat, good, strict=False):
+                prompts[i], groups[i], scores[i] = p, g, sc
+                replaced += 1
+            flat = flat[len(good):]
+        return {"resampled_prompts": drawn, "replaced_groups": replaced, "uninformative_groups": len(flat)}
+
+    def _one_step(self, step: int, round_index: int) -> tuple[dict[str, Any], float]:
+        prompts = step_prompts(self.pool, self.cfg.seed, step, self.cfg.prompts_per_step)
+        t0 = time.perf_counter()
+        groups, scores, gen_s, score_s = self._sample_and_score(step, prompts)
+        dynamic = self._resample(step, prompts, groups, scores) if self.cfg.generate.dynamic_sampling else {}
+        t1 = t0 + gen_s
         t2 = time.perf_counter()
         label_free = self._label_free_stats(prompts, scores)
         train_scores, gated = gate_groups(scores, self.cfg.score.gate)  # the raw scores stay on disk
@@ -339,7 +373,7 @@ class Pipeline:
             "scores_ok": sum(s.status == "ok" for s in flat),
             "scores_abstain": sum(s.status == "abstain" for s in flat),
             "scores_error": sum(s.status == "error" for s in flat),
-            **label_free, **(gated if self.cfg.score.gate is not None else {}),
+            **label_free, **(gated if self.cfg.score.gate is not None else {}), **dynamic,
         }
         problem = next((s.reason for s in flat if s.status != "ok" and s.reason), None)
         if problem is not None:
@@ -397,6 +431,12 @@ class Pipeline:
                     **({} if gate is None else {"gate_p_worse": gate["p_worse"], "gate_wins": gate["wins"],
                                                 "gate_losses": gate["losses"], "gate_method": gate["method"]})})
         return best, stop
+
+
+def _informative(scores) -> bool:
+    """Whether a group's ok scores differ (at least two ok scores, not all equal): it has an advantage."""
+    values = {s.value for s in scores if s.status == "ok"}
+    return sum(s.status == "ok" for s in scores) >= 2 and len(values) > 1
 
 
 def _items(result: EvalResult) -> list[dict[str, Any]]:

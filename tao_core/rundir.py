@@ -249,8 +249,10 @@ class RunDir:
     def metrics_path(self) -> Path:
         return self.root / "metrics.jsonl"
 
-    def step_dir(self, step: int) -> Path:
-        return self.root / "steps" / f"step-{step:05d}"
+    def step_dir(self, step: int, part: int = 0) -> Path:
+        """Where a step's prompts, candidates and scores live; ``part`` > 0: its dynamic-sampling
+        rounds (``step-00002-r1``, ...)."""
+        return self.root / "steps" / (f"step-{step:05d}" + (f"-r{part}" if part else ""))
 
     def round_model_dir(self, round_index: int) -> Path:
         return self.root / "rounds" / f"round-{round_index:03d}" / "model"
@@ -282,14 +284,14 @@ class RunDir:
         write_jsonl(self.metrics_path, kept)
 
     # -- stage artifacts -----------------------------------------------------------------------
-    def save_step_prompts(self, step: int, prompts: list[Prompt]) -> None:
-        write_jsonl(self.step_dir(step) / "prompts.jsonl", prompts)
+    def save_step_prompts(self, step: int, prompts: list[Prompt], part: int = 0) -> None:
+        write_jsonl(self.step_dir(step, part) / "prompts.jsonl", prompts)
 
-    def save_candidates(self, step: int, groups: list[list[Candidate]]) -> None:
-        write_jsonl(self.step_dir(step) / "candidates.jsonl", [c for g in groups for c in g])
+    def save_candidates(self, step: int, groups: list[list[Candidate]], part: int = 0) -> None:
+        write_jsonl(self.step_dir(step, part) / "candidates.jsonl", [c for g in groups for c in g])
 
-    def load_candidates(self, step: int, prompts: list[Prompt]) -> list[list[Candidate]] | None:
-        path = self.step_dir(step) / "candidates.jsonl"
+    def load_candidates(self, step: int, prompts: list[Prompt], part: int = 0) -> list[list[Candidate]] | None:
+        path = self.step_dir(step, part) / "candidates.jsonl"
         if not path.exists():
             return None
         by_prompt: dict[str, list[Candidate]] = {p.id: [] for p in prompts}
@@ -297,11 +299,11 @@ class RunDir:
             by_prompt[c.prompt_id].append(c)
         return [sorted(by_prompt[p.id], key=lambda c: c.index) for p in prompts]
 
-    def save_scores(self, step: int, scores: list[list[Score]]) -> None:
-        write_jsonl(self.step_dir(step) / "scores.jsonl", [s for g in scores for s in g])
+    def save_scores(self, step: int, scores: list[list[Score]], part: int = 0) -> None:
+        write_jsonl(self.step_dir(step, part) / "scores.jsonl", [s for g in scores for s in g])
 
-    def load_scores(self, step: int, groups: list[list[Candidate]]) -> list[list[Score]] | None:
-        path = self.step_dir(step) / "scores.jsonl"
+    def load_scores(self, step: int, groups: list[list[Candidate]], part: int = 0) -> list[list[Score]] | None:
+        path = self.step_dir(step, part) / "scores.jsonl"
         if not path.exists():
             return None
         flat = read_jsonl(path, Score)

@@ -124,3 +124,61 @@ def test_label_free_parts_run_log_and_resume_bit_for_bit(tmp_path, tiny_model_di
     strip = lambda r: {k: v for k, v in r.items() if k != "time" and not k.endswith(("_s", "seconds"))}  # noqa: E731
     rows_b = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [strip(r) for r in rows if r["type"] == "step"] == [strip(r) for r in rows_b if r["type"] == "step"]
+
+
+class _HalfConstant:
+    """Scores candidates of odd-numbered prompts all 1.0 (a group with no advantage) and those of
+    even-numbered prompts by the parity of their length (a group that usually has one)."""
+
+    name, version = "test-half-constant", "1"
+
+    def score(self, prompt, candidates):
+        from tao_core import Score
+
+        odd = int(prompt.id[1:]) % 2 == 1
+        return [Score.ok(1.0 if odd else float(len(c.token_ids) % 2 or c.index % 2)) for c in candidates]
+
+
+class _HalfConstantPlugin:
+    import tao_core as _tao_core
+
+    @_tao_core.hookimpl
+    def tao_register_scorers(self, register):
+        register("test-half-constant", _HalfConstant)
+
+
+def test_dynamic_sampling_replaces_groups_without_an_advantage(tmp_path, tiny_model_dir):
+    from tao_core import pipeline
+    from tao_core.config import load_config
+    from tao_core.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    name = pm.register(_HalfConstantPlugin(), name="test-half-constant-plugin")
+    try:
+        path = _config(tmp_path, tiny_model_dir, tmp_path / "dyn")
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps({"id": f"q{i}", "text": f"What is {i} plus {i + 3}?"}) + "\n"
+                                   for i in range(12)))
+        overrides = {"score.scorer": "test-half-constant", "score.gate": None, "generate.voters": "policy",
+                     "generate.options": {"templates": ["default"], "temperatures": [1.0]},
+                     "generate.dynamic_sampling": True, "generate.max_resample": 3, "rounds": 1,
+                     "train.off_policy": "drop", "train.overlong_buffer": 0, "guard.max_flip_rate": None}
+        pipeline.run(load_config(path, overrides), progress=False)
+        plain = load_config(path, {**overrides, "generate.dynamic_sampling": False, "output_dir": str(tmp_path / "plain")})
+        pipeline.run(plain, progress=False)
+    finally:
+        pm.unregister(name)
+    out = tmp_path / "dyn"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["type"] == "step"]
+    assert sum(r["replaced_groups"] for r in steps) > 0
+    assert sum(r["uninformative_groups"] for r in steps) < sum(r["replaced_groups"] for r in steps)
+    assert any((out / "steps").glob("step-*-r1")), "the resampled prompts and candidates are kept on disk"
+    from tao_core.types import Score, read_jsonl
+
+    flat = []  # without dynamic sampling the odd prompts' groups are trained on although they teach nothing
+    for path in sorted((tmp_path / "plain" / "steps").glob("step-*/scores.jsonl")):
+        values = [s.value for s in read_jsonl(path, Score)]
+        flat += [len(set(values[i:i + 4])) == 1 for i in range(0, len(values), 4)]
+    assert any(flat) and "resampled_prompts" not in json.loads(
+        (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()[1])
