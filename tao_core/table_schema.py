@@ -171,11 +171,15 @@ def migrate(engine: sa.Engine, target: int = SCHEMA_VERSION, where: str = "") ->
     raise AssertionError("unreachable")
 
 
+def tao_home() -> Path:
+    """``$TAO_HOME`` or ``~/.cache/tao``: the same root as :func:`tao_core.models.tao_home` (tested to agree),
+    without importing torch with the model loader."""
+    return Path(os.environ.get("TAO_HOME") or Path.home() / ".cache" / "tao")
+
+
 def resolve_url(url: str | os.PathLike | None) -> str:
     """A SQLAlchemy URL: the default SQLite file under ``$TAO_HOME``, a plain path as a SQLite file, or ``url``."""
     if url is None:
-        from tao_core.models import tao_home
-
         url = tao_home() / DEFAULT_FILE
     text = os.fspath(url)
     if "://" not in text:
