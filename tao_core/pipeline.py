@@ -387,10 +387,8 @@ class Pipeline:
             return {}
         seen = self.flips.observe([p.id for p in prompts], majorities)
         margins = [m for g in scores if (m := group_detail(g, "margin")) is not None]
-        out = {"revisited": seen["revisited"], "voter_margin_mean": sum(margins) / len(margins) if margins else None}
-        if seen["flip_rate"] is not None:
-            out["flip_rate"] = seen["flip_rate"]
-        return out
+        return {"flip_rate": seen["flip_rate"], "revisited": seen["revisited"],  # flip_rate None: nothing revisited
+                "voter_margin_mean": sum(margins) / len(margins) if margins else None}
 
     def _evaluate_and_promote(self, done: int, round_index: int, best: dict[str, Any],
                               end_of_round: bool) -> tuple[dict[str, Any], bool]:

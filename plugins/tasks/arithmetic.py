@@ -224,7 +224,8 @@ class ArithmeticTask:
     default_objective = "grpo"
     default_scorer = "arithmetic-check"
     # run configs shipped with the task (package data), run by `tao demo NAME`: see tao_core.recipes
-    recipes = {"demo": "recipes/demo.toml", "label-free": "recipes/label-free.toml"}
+    recipes = {"demo": "recipes/demo.toml", "label-free": "recipes/label-free.toml",
+               "label-free-teacher": "recipes/label-free-teacher.toml"}
     max_new_tokens = 48  # "47 + 38 = 85.\nAnswer: 85" takes about 15 tokens; room for a short derivation
 
     def __init__(self, level: str = DEFAULT_LEVEL, seed: int = 0, eval_seed: int = 0, n_train: int = 1024,
