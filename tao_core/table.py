@@ -13,7 +13,8 @@ The API a server uses (no web framework needed to import this module)::
         "completion_token_ids": [[...], ...], "completion_logprobs": [[...], ...], "policy_version": "r3",
     })
     table.log_feedback("chatcmpl-1", rating=1.0)   # or preferred_choice=2; TaoInputError on bad values
-    table.stats()                                  # {"written", "queued", "dropped", "rejected", ...}
+    table.stats()   # {"logged", "written", "queued", "dropped", "sampled_out", "rejected",
+                    #  "rejected_reasons", "failed", "last_error", "batches"}
     table.close()                                  # at shutdown: writes everything still queued
 
 A record's keys are the ``exchanges`` columns (:data:`~tao_core.table_schema.EXCHANGE_COLUMNS`), all but
@@ -167,20 +168,32 @@ class InferenceTable:
                 self._reject("missing request_id (a non-empty string)")
             elif not sampled(request_id, self.sample_fraction):
                 self._count("sampled_out")
-            elif self._closed:
-                self._count("dropped")
-                self._last_error = "log() after close(): the record was dropped"
             else:
-                self._start_writer()
-                self._queue.put_nowait((record, time.time()))
-                self._count("logged")
-        except queue.Full:
-            self._count("dropped")
+                self._enqueue(record)
         except Exception as e:  # noqa: BLE001 - logging must never fail a request
             self._reject(f"{type(e).__name__}: {e}")
 
+    def _enqueue(self, record: dict[str, Any]) -> None:
+        """Put on the queue under the lock ``close`` takes, so no record slips in behind the writer's stop."""
+        with self._lock:
+            if self._closed:
+                self._counts["dropped"] += 1
+                self._last_error = "log() after close(): the record was dropped"
+                return
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._run, name="tao-inference-table-writer", daemon=True)
+                self._writer.start()
+                atexit.register(self.close)
+            try:
+                self._queue.put_nowait((record, time.time()))
+                self._counts["logged"] += 1
+            except queue.Full:
+                self._counts["dropped"] += 1
+
     def stats(self) -> dict[str, Any]:
-        """Counters since open: logged, written, queued, dropped, sampled_out, rejected (with reasons), failed."""
+        """Counters since open: ``logged`` (accepted onto the queue), ``written`` (committed), ``queued`` (waiting
+        now), ``dropped`` (queue full, or logged after close), ``sampled_out``, ``rejected`` (malformed; a count
+        per reason in ``rejected_reasons``), ``failed`` (refused by the database; ``last_error``), ``batches``."""
         with self._lock:
             counts = {k: self._counts[k] for k in ("logged", "written", "dropped", "sampled_out", "rejected",
                                                    "failed", "batches")}
@@ -227,15 +240,6 @@ class InferenceTable:
             self._counts["rejected"] += 1
             key = reason if reason in self._reasons or len(self._reasons) < MAX_REASONS else "other"
             self._reasons[key] += 1
-
-    def _start_writer(self) -> None:
-        if self._writer is not None:
-            return
-        with self._lock:
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._run, name="tao-inference-table-writer", daemon=True)
-                self._writer.start()
-                atexit.register(self.close)
 
     def _run(self) -> None:
         """The writer: batches of up to ``batch_size`` records or ``flush_interval`` seconds, one transaction each."""

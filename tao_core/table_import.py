@@ -39,7 +39,7 @@ from tao_core.records import loads, read_records
 from tao_core.table_rows import BodyPolicy, RejectedRecord, encode_record
 from tao_core.table_schema import exchanges, writing
 
-CHUNK_ROWS = 1000  # rows per committed transaction while importing
+CHUNK_ROWS = 500  # rows per committed transaction and per IN list (under SQLite's oldest parameter limit, 999)
 FORMATS = ("openai-chat", "gateway")
 
 
