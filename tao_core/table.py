@@ -205,11 +205,12 @@ class InferenceTable:
         if self._writer is None or not self._writer.is_alive():
             return self._queue.empty()
         marker = _Flush()
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             self._queue.put(marker, timeout=timeout)
         except queue.Full:
             return False
-        return marker.done.wait(timeout)
+        return marker.done.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def close(self, timeout: float | None = 30.0) -> bool:
         """Write everything queued, stop the writer and release the database; True when nothing was left."""
@@ -353,9 +354,10 @@ class InferenceTable:
                                 .order_by(feedback.c.id)).all()
         return [decode_row(r._mapping) for r in rows]
 
-    def prompts(self, **filters: Any) -> TablePrompts:
+    def prompts(self, since: datetime | None = None, tag: str | None = None, model: str | None = None,
+                requester: str | None = None, limit: int | None = None) -> TablePrompts:
         """:func:`read_prompts` on this table, with the rows left out and why."""
-        return read_table_prompts(self.engine, **filters)
+        return read_table_prompts(self.engine, since=since, tag=tag, model=model, requester=requester, limit=limit)
 
     def preference_pairs(self, rating_threshold: float = 0.5) -> list[dict[str, Any]]:
         """:func:`preference_pairs` on this table."""

@@ -344,8 +344,9 @@ def test_sampling_is_a_stable_fraction_by_request_id(url, tables):
         assert {i for i in ids[:200] if again.get(i)} == kept & set(ids[:200])
         assert again.get(sorted(kept)[0])["sampling_fraction"] == 0.3
         unlogged = next(i for i in ids if i not in kept)
-        with pytest.raises(UnknownRequestError, match="sample_fraction"):
-            InferenceTable.open(url, sample_fraction=0.3).log_feedback(unlogged, rating=1)
+    with InferenceTable.open(url, sample_fraction=0.3) as sampling, \
+            pytest.raises(UnknownRequestError, match="sample_fraction is 0.3"):
+        sampling.log_feedback(unlogged, rating=1)
 
 
 # -- schema versions ---------------------------------------------------------------------------------
