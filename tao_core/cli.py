@@ -329,6 +329,11 @@ def _run_recipe(found, parsed: dict, steps: int | None) -> None:
     click.echo(f"report: {md}")
 
 
+from tao_core.table_cli import table_group  # noqa: E402 (its commands import the table lazily)
+
+cli.add_command(table_group)
+
+
 def main() -> None:
     cli(prog_name="tao")
 
