@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import datetime
 import json
 import os
 import re
@@ -189,12 +190,18 @@ class Records:
         except (OSError, pa.ArrowException) as e:
             raise TaoInputError(f"{self.path}: not a readable Parquet file ({e})") from None
         for number, row in enumerate(rows, 1):
+            row = {k: _iso(v) for k, v in row.items()}  # timestamp and date columns as ISO 8601 text
             unstorable = [k for k, v in row.items() if not _json_storable(v)]
             if unstorable:
                 types = ", ".join(f"{k!r} ({type(row[k]).__name__})" for k in unstorable)
                 self.reject(number, f"column(s) {types} hold values JSON cannot store; cast them to strings")
                 continue
             yield number, row
+
+
+def _iso(value: Any) -> Any:
+    """A Parquet ``timestamp`` / ``date`` / ``time`` value as ISO 8601 text (as JSONL or CSV would hold it)."""
+    return value.isoformat() if isinstance(value, datetime.date | datetime.time) else value
 
 
 def loads(text: str) -> Any:

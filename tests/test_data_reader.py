@@ -236,10 +236,16 @@ def test_parquet_bad_values_and_bad_files(tmp_path):
     import pyarrow.parquet as pq
 
     path = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt": ["a", "b"], "when": [None, datetime.date(2024, 1, 2)]}), path)
+    pq.write_table(pa.table({"prompt": ["a", "b"], "when": [None, datetime.date(2024, 1, 2)],
+                             "blob": [None, b"\x00\x01"]}), path)
     report = load_prompts_report(path, on_error="skip")
     assert [p.text for p in report.prompts] == ["a"]
-    assert report.skipped == [(2, "column(s) 'when' (date) hold values JSON cannot store; cast them to strings")]
+    assert report.skipped == [(2, "column(s) 'blob' (bytes) hold values JSON cannot store; cast them to strings")]
+    stamped = tmp_path / "t.parquet"  # typed timestamps (an AI Gateway export) read as ISO 8601 text
+    pq.write_table(pa.table({"prompt": ["a"], "request_time": [datetime.datetime(2026, 5, 1, 12, 30)]}), stamped)
+    from tao_core.records import read_records
+
+    assert [row for _, row in read_records(stamped)] == [{"prompt": "a", "request_time": "2026-05-01T12:30:00"}]
     with pytest.raises(TaoInputError, match=r"not a readable Parquet file"):
         load_prompts(_write(tmp_path / "junk.parquet", b"PAR1 not really"))
 
