@@ -11,6 +11,7 @@ import asyncio
 import json
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -586,3 +587,67 @@ def test_the_serve_package_and_command_import_without_fastapi():
     code = ("import sys; import tao_core.serve, tao_core.serve.cli; "
             "assert 'fastapi' not in sys.modules and 'starlette' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- the inference table and the command -----------------------------------------------------------
+
+def test_the_inference_table_holds_what_was_served(tiny_model_dir, tmp_path):
+    """The real InferenceTable as the logger: its rows match the answers (closed and flushed by the shutdown)."""
+    from tao_core.table import InferenceTable
+
+    table = InferenceTable.open(tmp_path / "inference.db")
+    with running_server(load_model(str(tiny_model_dir)), CONFIG, table) as s:
+        c = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        whole = c.chat.completions.create(model=MODEL, messages=QUESTION, n=2, max_tokens=8, seed=1, logprobs=True)
+        chunks = list(c.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, seed=1, stream=True))
+        refused = httpx.post(f"{s.url}/v1/chat/completions", json={"model": MODEL, "messages": QUESTION, "n": 0})
+    with InferenceTable.open(tmp_path / "inference.db") as reopened:
+        row = reopened.get(whole.id)
+        assert row["status_code"] == 200 and row["response_json"]["choices"][0]["message"]["content"] == \
+            whole.choices[0].message.content
+        assert [len(ids) for ids in row["completion_token_ids"]] == [len(ch.logprobs.content) for ch in whole.choices]
+        assert row["completion_logprobs"][1] == pytest.approx([e.logprob for e in whole.choices[1].logprobs.content])
+        streamed = reopened.get(chunks[0].id)
+        assert streamed["response_json"]["choices"][0]["message"]["content"] == streamed_text(chunks)[0]
+        assert streamed["completion_token_ids"][0] == row["completion_token_ids"][0]  # the same seed, the same tokens
+        error = reopened.get(refused.headers["x-request-id"])
+        assert error["status_code"] == 400 and error["response_json"] == refused.json()
+        assert reopened.summary()["exchanges"] == 3
+
+
+def test_the_serve_command_serves_and_logs_until_terminated(tiny_model_dir, tmp_path):
+    """``tao serve`` in a process of its own: it answers, and SIGTERM shuts it down gracefully with the
+    exchange written to the table."""
+    from tao_core.table import InferenceTable
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    db, log = tmp_path / "inference.db", tmp_path / "serve.log"
+    code = "from tao_core.serve.cli import serve_cmd; serve_cmd()"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", code, str(tiny_model_dir), "--port", str(port), "--served-model",
+                                 MODEL, "--table", str(db), "--threads", "1", "--max-tokens-limit", "32"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        def healthy() -> bool:
+            assert proc.poll() is None, log.read_text()
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(healthy, "tao serve to answer /health", timeout=120)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        r = c.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4)
+        with pytest.raises(openai.BadRequestError):
+            c.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=33)  # --max-tokens-limit 32
+        proc.terminate()
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # uvicorn shuts down gracefully, then exits by the signal it caught
+    assert proc.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in log.read_text(), log.read_text()
+    with InferenceTable.open(db) as table:
+        assert table.get(r.id)["status_code"] == 200
