@@ -106,7 +106,7 @@ def _lifespan(state: ServerState):
             finished = await asyncio.to_thread(state.loop.shutdown, state.config.drain_timeout_s)
             if not finished:
                 log.warning("tao serve: requests still running after %ss were aborted", state.config.drain_timeout_s)
-            state.exchanges.close()
+            await asyncio.to_thread(state.exchanges.close)  # writes what the logger still holds
 
     return lifespan
 

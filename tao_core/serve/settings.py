@@ -30,11 +30,9 @@ class ServeConfig:
     max_running: int = 256  # sequences the engine decodes together at most (EngineConfig.max_running)
 
     def __post_init__(self) -> None:
-        positive = ("port", "max_tokens_limit", "default_max_tokens", "max_n", "max_body_bytes", "max_running")
+        positive = ("port", "max_queue", "max_tokens_limit", "default_max_tokens", "max_n", "max_body_bytes", "max_running")
         problems = [f"{name} must be an integer >= 1, got {getattr(self, name)!r}"
                     for name in positive if not _is_int(getattr(self, name)) or getattr(self, name) < 1]
-        if not _is_int(self.max_queue) or self.max_queue < 0:
-            problems.append(f"max_queue must be an integer >= 0, got {self.max_queue!r}")
         if not _is_int(self.retry_after_s) or self.retry_after_s < 0:
             problems.append(f"retry_after_s must be an integer >= 0, got {self.retry_after_s!r}")
         if not isinstance(self.drain_timeout_s, int | float) or self.drain_timeout_s < 0:
