@@ -144,7 +144,9 @@ def test_informativeness_weights():
     assert informativeness(result_key([], False), c) == 0.0
     assert informativeness(result_key([(6,)], False), c) == c  # a count
     assert informativeness(result_key([(1,)] * 6, False), c) == c  # one value, six rows
-    assert informativeness(result_key([("a", "b")], False), c) == pytest.approx(c + (1 - c) / 2)
+    assert informativeness(result_key([("a", "b")], False), c) == c  # one record, however many columns
+    assert informativeness(result_key([("a", "b"), ("c", "d")], False), c) == pytest.approx(c + (1 - c) * 0.75)
+    assert informativeness(result_key([("a",), ("b",)], False), c, dump=True) == c  # SELECT * dumps a table
     assert informativeness(result_key([("a",), ("b",), ("c",), ("d",)], True), c) == pytest.approx(c + (1 - c) * 0.75)
     assert informativeness(result_key([(None,), (None,)], False), 0.0) == 0.0
 
@@ -153,9 +155,10 @@ def test_query_structure():
     same = ["SELECT Name FROM singer WHERE Age > 40", "select name\n  from SINGER where age > 41 -- older",
             'SELECT "Name" FROM [singer] WHERE Age > 4e1', "SELECT Name FROM singer WHERE Age > 40 /* x */"]
     assert len({query_structure(q) for q in same}) == 1
-    different = ["SELECT count(*) FROM singer", "SELECT count(Name) FROM singer", "SELECT count(*) FROM singer AS s",
+    different = ["SELECT count(*) FROM singer", "SELECT count(Name) FROM singer",
                  "SELECT Name FROM singer WHERE Age < 40", "SELECT Name FROM singer WHERE Country = 'x'"]
     assert len({query_structure(q) for q in different}) == len(different)
+    assert query_structure("SELECT count(*) FROM singer AS s") == query_structure("SELECT count(*) FROM singer")
     assert query_structure("SELECT 'a b c', x'00', 3.5") == {"select", "?"}
 
 
@@ -225,3 +228,4 @@ def test_majority_vote_reports_margin_and_majority_without_changing_values():
     weak = MajorityVoteScorer(min_share=0.9).score(p, group)
     assert all(s.status == "abstain" and s.details["majority"] == "85" for s in weak)
     assert weak[0].details["margin"] == pytest.approx(3 / 5)
+

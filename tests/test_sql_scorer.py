@@ -184,15 +184,20 @@ def distinct_values(db: Path, sql: str) -> int:
         return len({v for row in conn.execute(sql).fetchall() for v in row})
 
 
+def distinct_rows(db: Path, sql: str) -> int:
+    with sqlite3.connect(db) as conn:
+        return len(set(conn.execute(sql).fetchall()))
+
+
 def test_consensus_on_spider_gold_queries(spider, questions):
     """Copies of the gold query win when its result is informative; a single-valued one needs a second
-    structure (``... AS sub``); an empty one never wins. Failed queries score 0, below every query that ran."""
+    structure (``... WHERE 1 NOTNULL``); an empty one never wins. Failed queries score 0, below every query that ran."""
     prompts, groups = [], []
     for i, q in enumerate(questions):
         gold = q["gold_sql"]
         texts = [f"```sql\n{gold}\n```", f"The query is {gold}", f"```sql\n{gold};\n```",
                  "```sql\nSELECT 12345\n```", "```sql\nSELECT * FROM no_such_table\n```", "no idea",
-                 f"SELECT * FROM ({gold}) AS sub"]
+                 f"SELECT * FROM ({gold}) AS sub WHERE 1 NOTNULL"]
         prompts.append(prompt_for(spider, q, i))
         groups.append(cands(texts, f"q{i}"))
     out = score_groups(scorer(), prompts, groups)
@@ -211,8 +216,8 @@ def test_consensus_on_spider_gold_queries(spider, questions):
         assert scores[6].value == (1.0 if wrapped_same else 0.1), gold
         assert scores[0].details["cluster"] == 0 and scores[0].details["cluster_size"] == 3 + wrapped_same
         assert scores[0].details["structures"] == 1 + wrapped_same
-    constant = [i for i, q in enumerate(questions) if distinct_values(spider / f"{q['db']}.sqlite", q["gold_sql"]) == 1]
-    assert constant  # the sample has single-valued answers (counts): without the second structure they lose
+    constant = [i for i, q in enumerate(questions) if distinct_rows(spider / f"{q['db']}.sqlite", q["gold_sql"]) == 1]
+    assert constant  # the sample has single-record answers (counts): without the second structure they lose
     alone = score_groups(scorer(), [prompts[i] for i in constant], [g[:6] for i, g in enumerate(groups) if i in constant])
     assert all([s.value for s in g] == [0.1, 0.1, 0.1, 0.1, 0.0, 0.0] for g in alone)
 
@@ -240,7 +245,8 @@ def test_empty_results_never_win_and_small_or_tied_clusters_abstain(spider, ques
     small = scorer(min_share=0.8).score(prompt_for(spider, q), cands(names))
     assert {s.status for s in small} == {"abstain"} and "< min_share 0.8" in small[0].reason
     assert [s.value for s in scorer().score(prompt_for(spider, q), cands(names))] == [1.0, 1.0, 0.1]
-    tie = scorer().score(prompt_for(spider, q), cands(["SELECT 1, 2", "SELECT 1, 2", "SELECT 3, 4", "SELECT 3, 4"]))
+    two = ["SELECT 1 UNION SELECT 2", "SELECT 1 UNION SELECT 2", "SELECT 3 UNION SELECT 4", "SELECT 3 UNION SELECT 4"]
+    tie = scorer().score(prompt_for(spider, q), cands(two))
     assert {s.status for s in tie} == {"abstain"} and "tie" in tie[0].reason
 
 
@@ -424,3 +430,15 @@ def test_process_isolation_gives_the_forked_child_its_own_workers(spider, questi
     again = score_groups(s, prompts, groups)
     assert [[x.to_dict() for x in g] for g in threaded] == [[x.to_dict() for x in g] for g in forked]
     assert [[x.to_dict() for x in g] for g in threaded] == [[x.to_dict() for x in g] for g in again]
+
+
+def test_table_dumps_and_padded_constants_do_not_win(spider, questions):
+    """A reviewer's attacks: copies of SELECT * (aliased or not) outweighed a narrow correct answer,
+    and a count with a literal column added counted as informative."""
+    q = questions[0]
+    names = "SELECT Name FROM singer WHERE Age > 30"
+    got = scorer().score(prompt_for(spider, q), cands([names] * 4 + ["SELECT * FROM singer", "SELECT * FROM singer AS t"]))
+    assert [s.value for s in got] == [1.0] * 4 + [0.1, 0.1]
+    padded = scorer().score(prompt_for(spider, q), cands(["SELECT count(*) FROM singer"] * 3
+                                                         + ["SELECT count(*), 'n' FROM singer"] * 2))
+    assert {s.status for s in padded} == {"abstain"}  # constants from one structure each: no winner

@@ -176,7 +176,7 @@ class SqlExecScorer:
     ``options`` holds them all, defaults filled in (the cache key)."""
 
     name = "sql-exec"
-    version = "3"
+    version = "4"
 
     def __init__(self, mode: Mode = "consensus", min_share: float = 0.3, constant_weight: float = 0.25,
                  copy_weight: float = 0.25, constant_min_structures: int = 2, valid_value: float = 0.1,

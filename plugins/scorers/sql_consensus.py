@@ -10,20 +10,23 @@ normalized as :func:`tao_plugins.scorers.sql.result_key` does) weighs::
     I = 0                          when the result is empty
     I = c + (1 - c) * (1 - 1/D)    otherwise, c = constant_weight (default 0.25)
 
-so a single constant (one row and one column, e.g. a ``COUNT``, or any result holding one distinct
-value, e.g. ``SELECT 1 FROM t``) weighs ``c``, a row of two distinct values ``c + (1-c)/2``, and a
-column of many distinct names nearly 1. A failed query (an error, no query found) has no result
+so a column of many distinct names weighs nearly 1, while a single record (one distinct row: a
+``COUNT``, ``SELECT 1 FROM t``, or a count with a literal column added) and a table dump (every
+query of the cluster selects ``*``, which answers no question however wide its result) weigh ``c``
+and count as constants below. Without the dump rule, ``SELECT * FROM t`` outweighed every narrow
+correct answer. A failed query (an error, no query found) has no result
 and casts no vote.
 
 **Structure.** A query's structure (:func:`query_structure`) is the set of its tokens, lower-cased,
 comments dropped, string and number literals replaced by ``?`` and quoted identifiers unquoted:
-copies, re-spacings, re-casings, reordered select lists and changed literals are one structure;
+copies, re-spacings, re-casings, reordered select lists, changed literals and ``AS`` aliases are
+one structure;
 ``COUNT(*)`` and ``COUNT(name)`` are two. A cluster (the candidates whose results are equal) of
 ``m`` candidates written in ``S`` distinct structures gets the support ``S + k * (m - S)``,
 ``k = copy_weight`` (default 0.25): a copy counts a quarter of an independent query.
 
 **The vote.** A cluster weighs ``W = I * support``. It may win only when it is non-empty, holds at
-least two candidates, and, when its result holds a single distinct value (a constant), was written
+least two candidates, and, when its result is a constant (a single record or a dump), was written
 in at least ``constant_min_structures`` (default 2) distinct structures: an empty result or a
 constant cannot win alone (on copies of one query). The winner is the eligible cluster of largest
 ``W``; the group has no informative consensus when no cluster is eligible, when two eligible
@@ -66,11 +69,27 @@ _TOKEN = re.compile(
     re.DOTALL)
 
 
+_STAR = re.compile(r"(?is)\bselect\s+(?:distinct\s+|all\s+)?(?:[\w\"`\[\]]+\s*\.\s*)?\*")
+
+
+def is_dump(sql: str) -> bool:
+    """Whether ``sql`` selects ``*`` (a table dumped whole, not an answer to a question)."""
+    return bool(_STAR.search(sql))
+
+
 def query_structure(sql: str) -> frozenset[str]:
-    """The set of ``sql``'s tokens: lower-cased, literals as ``?``, quoted identifiers unquoted, no comments."""
+    """The set of ``sql``'s tokens: lower-cased, literals as ``?``, quoted identifiers unquoted, no
+    comments, no ``AS alias`` (a renaming changes nothing a query computes)."""
     out = set()
+    alias = False
     for tok in _TOKEN.findall(sql):
         if tok.startswith(("--", "/*")):
+            continue
+        if alias:
+            alias = False
+            continue
+        if tok.lower() == "as":
+            alias = True
             continue
         if tok[0] in "'0123456789." or tok[:2].lower() == "x'":
             out.add("?")
@@ -91,10 +110,20 @@ def _distinct_values(key: tuple) -> int:
     return len({v for row in _rows(key) for v in row})
 
 
-def informativeness(key: tuple, constant_weight: float) -> float:
-    """``I`` of a result key (see the module docstring): 0 when empty, else ``c + (1 - c) * (1 - 1/D)``."""
+def is_single_record(key: tuple) -> bool:
+    """At most one distinct row (a ``COUNT``, or a constant with literal columns added)."""
+    return len(set(_rows(key))) <= 1
+
+
+def informativeness(key: tuple, constant_weight: float, dump: bool = False) -> float:
+    """``I`` of a result key (see the module docstring): 0 when empty, ``c`` for a single record or
+    a table dump, else ``c + (1 - c) * (1 - 1/D)``."""
     d = _distinct_values(key)
-    return 0.0 if d == 0 else constant_weight + (1.0 - constant_weight) * (1.0 - 1.0 / d)
+    if d == 0:
+        return 0.0
+    if dump or is_single_record(key):
+        return constant_weight
+    return constant_weight + (1.0 - constant_weight) * (1.0 - 1.0 / d)
 
 
 def _canon(v: Any) -> Any:
@@ -158,7 +187,7 @@ class Cluster:
     structures: int  # structurally distinct queries among the members
     info: float  # I of the result
     weight: float  # W = I * (structures + copy_weight * (members - structures))
-    constant: bool  # the result holds at most one distinct value
+    constant: bool  # a single record, or a table dump (every member selects *): needs distinct structures to win
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,14 +203,16 @@ class Verdict:
 
 def _clusters(ballots: Sequence[Ballot], rules: ConsensusRules) -> dict[tuple, Cluster]:
     members: dict[tuple, list[frozenset[str]]] = {}
+    dumps: dict[tuple, bool] = {}
     for b in ballots:
         members.setdefault(b.key, []).append(query_structure(b.sql))
+        dumps[b.key] = dumps.get(b.key, True) and is_dump(b.sql)  # every member selects *
     out = []
     for key, structs in members.items():
         s, m = len(set(structs)), len(structs)
-        info = informativeness(key, rules.constant_weight)
+        info = informativeness(key, rules.constant_weight, dumps[key])
         out.append(Cluster(-1, key, m, s, info, info * (s + rules.copy_weight * (m - s)),
-                           _distinct_values(key) <= 1))
+                           dumps[key] or is_single_record(key)))
     out.sort(key=lambda c: -c.weight)  # stable: ties keep their order of first appearance
     for i, c in enumerate(out):
         c.id = i
