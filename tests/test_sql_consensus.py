@@ -200,7 +200,7 @@ def test_options_are_keyword_arguments_with_hardening_defaults():
     params = inspect.signature(SqlExecScorer).parameters
     assert {"min_share", "constant_weight", "copy_weight", "constant_min_structures", "valid_value"} <= set(params)
     s = scorer()
-    assert s.version == "3"
+    assert s.version == "4"
     assert {k: s.options[k] for k in ("constant_weight", "copy_weight", "constant_min_structures", "valid_value")} \
         == {"constant_weight": 0.25, "copy_weight": 0.25, "constant_min_structures": 2, "valid_value": 0.1}
     for bad, match in [({"valid_value": 1.0}, "valid_value"), ({"valid_value": 0.0}, "valid_value"),
