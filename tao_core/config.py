@@ -367,7 +367,25 @@ def validate(cfg: RunConfig, where: str = "config") -> None:
     bad = check_values(cfg)
     if any(section in bad for section in ("generate", "score", "train")):
         _raise(where, list(bad.values()))  # the checks below read inside each section
-    _raise(where, [*bad.values(), *_file_problems(cfg, bad), *_plugin_problems(cfg, bad)])
+    _raise(where, [*bad.values(), *_file_problems(cfg, bad), *_plugin_problems(cfg, bad), *_pair_problems(cfg, bad)])
+
+
+def _pair_problems(cfg: RunConfig, bad: dict[str, str]) -> list[str]:
+    """Keys that are valid alone but not together (found here, not at the first step)."""
+    g, t, problems = cfg.generate, cfg.train, []
+    routed = g.options.get("template_weight_sets") if isinstance(g.options, dict) else None
+    if "generate.voters" not in bad:
+        if g.voters == "policy" and routed:
+            problems.append(f"generate.options.template_weight_sets {show(routed)} routes templates to weight sets, "
+                            "but generate.voters = 'policy' makes none: set generate.voters to 'frozen' or 'ema'")
+        elif g.voters != "policy" and not routed:
+            problems.append(f"generate.voters = {g.voters!r} keeps a teacher copy of the weights, but no template "
+                            "samples with it: set generate.options.template_weight_sets (e.g. {tens = \"teacher\"})")
+    if ("train.overlong_buffer" not in bad and "generate.max_new_tokens" not in bad and g.max_new_tokens is not None
+            and t.overlong_buffer > g.max_new_tokens):
+        problems.append(f"train.overlong_buffer = {t.overlong_buffer} exceeds generate.max_new_tokens = "
+                        f"{g.max_new_tokens}: the penalty ramps over the last tokens before the cap")
+    return problems
 
 
 def _file_problems(cfg: RunConfig, bad: dict[str, str]) -> list[str]:

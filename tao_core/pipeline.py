@@ -143,6 +143,7 @@ class Pipeline:
         self.generator = get_component("generators", cfg.generate.generator)(self.lm, **cfg.generate.options)
         self.teacher = self._teacher()
         self.flips = FlipMonitor()  # share of revisited prompts whose voter majority changed
+        self._warned_gate = False
         self.limits = ScorerLimits(timeout_s=cfg.score.timeout_s)
         self.guard = Guard(cfg.guard)
         self._best_steps: list[int] = []  # best steps the kept checkpoints refer to (their weights stay)
@@ -327,7 +328,7 @@ class Pipeline:
         scores are all equal (no advantage, nothing learned) by the group of a fresh prompt whose
         scores differ, over at most ``generate.max_resample`` extra rounds; in place. Fresh prompts
         come from the pool in a seeded order per (step, round), so a resumed run draws the same."""
-        flat = [i for i, g in enumerate(scores) if not _informative(g)]
+        flat = [i for i, g in enumerate(scores) if not self._trains(groups[i], g)]
         used, replaced, drawn = {p.id for p in prompts}, 0, 0
         for part in range(1, self.cfg.generate.max_resample + 1):
             if not flat:
@@ -339,12 +340,20 @@ class Pipeline:
             new_groups, new_scores, _, _ = self._sample_and_score(step, extra, part)
             used |= {p.id for p in extra}
             drawn += len(extra)
-            good = [(p, g, sc) for p, g, sc in zip(extra, new_groups, new_scores, strict=True) if _informative(sc)]
+            good = [(p, g, sc) for p, g, sc in zip(extra, new_groups, new_scores, strict=True) if self._trains(g, sc)]
             for i, (p, g, sc) in zip(flat, good, strict=False):
                 prompts[i], groups[i], scores[i] = p, g, sc
                 replaced += 1
             flat = flat[len(good):]
         return {"resampled_prompts": drawn, "replaced_groups": replaced, "uninformative_groups": len(flat)}
+
+    def _trains(self, candidates: list, scores: list) -> bool:
+        """Whether a group will teach anything: after the gate, its scores of the candidates the
+        trainer uses (off-policy ones only with ``train.off_policy = "importance"``) differ."""
+        gated = gate_groups([scores], self.cfg.score.gate)[0][0]
+        used = [s for c, s in zip(candidates, gated, strict=True)
+                if self.cfg.train.off_policy == "importance" or not c.metadata.get("off_policy")]
+        return _informative(used)
 
     def _one_step(self, step: int, round_index: int) -> tuple[dict[str, Any], float]:
         prompts = step_prompts(self.pool, self.cfg.seed, step, self.cfg.prompts_per_step)
@@ -355,8 +364,14 @@ class Pipeline:
         t2 = time.perf_counter()
         label_free = self._label_free_stats(prompts, scores)
         train_scores, gated = gate_groups(scores, self.cfg.score.gate)  # the raw scores stay on disk
+        if self.cfg.score.gate is not None and gated["gate_no_margin"] == gated["gate_groups"] and not self._warned_gate:
+            self._warned_gate = True
+            tqdm.write(f"warning: score.gate is set but scorer {self.scorer_name!r} reports no voter margin "
+                       "(Score.details['margin']): the gate keeps every group")
         fault_point("train.before")
-        metrics = self.trainer.step(prompts, groups, train_scores, max_new_tokens=self.sampling(step).max_new_tokens)
+        params = self.sampling(step)
+        metrics = self.trainer.step(prompts, groups, train_scores, max_new_tokens=params.max_new_tokens,
+                                    policy_temperature=params.temperature if params.temperature > 0 else None)
         if self.teacher is not None:
             self.teacher.update()  # EMA voters follow the policy slowly (frozen ones stay)
         fault_point("train.after")
@@ -419,10 +434,11 @@ class Pipeline:
         if end_of_round:
             write_dir(rd.round_model_dir(round_index), self.trainer.save_pretrained)
             fault_point("round.after-model")
-            if not promoted and cfg.guard.rollback:
+            rolled_back = not promoted and cfg.guard.rollback
+            if rolled_back:
                 self._restore_best(best["step"])
-            if promoted and self.teacher is not None and cfg.generate.voters == "frozen":
-                self.teacher.refresh()  # frozen voters take the promoted weights
+            if self.teacher is not None and (rolled_back or (best["step"] == done and cfg.generate.voters == "frozen")):
+                self.teacher.refresh()  # voters take the best weights: after a rollback, or frozen ones a new best
             rd.log({"type": "round", "step": done, "round": round_index, "value": result.value,
                     "promoted": promoted, "rolled_back": (not promoted) and cfg.guard.rollback,
                     "best_value": best["value"], "best_step": best["step"],

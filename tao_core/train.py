@@ -226,7 +226,8 @@ class Trainer:
         return rewards, mask, prompts, metrics
 
     def _segments(self, groups: Sequence[Sequence[Candidate]], scores: Sequence[Sequence[Score]],
-                  max_new_tokens: int | None = None) -> tuple[list[Segment], dict[str, float]]:
+                  max_new_tokens: int | None = None,
+                  policy_temperature: float | None = None) -> tuple[list[Segment], dict[str, float]]:
         rewards, mask, prompts, stats = self._rewards(groups, scores, max_new_tokens)
         adv = self.advantage_fn(rewards, mask)
         if not isinstance(adv, torch.Tensor) or adv.shape != rewards.shape or not torch.isfinite(adv).all():
@@ -243,7 +244,12 @@ class Trainer:
         for g, picks in enumerate(selection):
             by_prompt: dict[tuple, list[tuple[int, float]]] = {}
             for i, a in picks:
-                by_prompt.setdefault((tuple(prompts[g, i]), groups[g][i].temperature), []).append((i, a))
+                c = groups[g][i]
+                # an off-policy candidate trains the policy as it samples its own prompt: at the policy's
+                # temperature, not the one it was drawn at (its log-probs stay the behaviour policy's)
+                moved = policy_temperature is not None and c.metadata.get("off_policy") and self.cfg.off_policy == "importance"
+                temperature = policy_temperature if moved else c.temperature
+                by_prompt.setdefault((tuple(prompts[g, i]), temperature), []).append((i, a))
             if unit > 1 and len(by_prompt) > 1:
                 skipped += 1  # a pair must share its prompt
                 continue
@@ -270,13 +276,15 @@ class Trainer:
 
     def step(
         self, prompts: Sequence[Prompt], groups: Sequence[Sequence[Candidate]], scores: Sequence[Sequence[Score]],
-        *, max_new_tokens: int | None = None,
+        *, max_new_tokens: int | None = None, policy_temperature: float | None = None,
     ) -> dict[str, float]:
         """One optimizer update over the whole batch (``ppo_epochs`` updates when above 1).
 
         ``groups[i]`` are the candidates sampled for ``prompts[i]`` and ``scores[i]`` their scores;
         ``max_new_tokens`` is the sampling cap they were drawn under (needed by
-        ``train.overlong_buffer``). Returns float metrics: loss, reward and advantage statistics,
+        ``train.overlong_buffer``); ``policy_temperature`` the temperature the policy samples its own
+        prompt at (off-policy candidates under ``train.off_policy = "importance"`` train at it; None:
+        each candidate's own). Returns float metrics: loss, reward and advantage statistics,
         kl / entropy / clip_fraction when the objective reports them, grad_norm, tokens, skipped
         groups, seconds, tokens_per_s; with the options of :mod:`tao_core.offpolicy` also their
         metrics (``is_ratio_*``, ``sampler_trainer_kl``, ``off_policy_trained``,
@@ -288,7 +296,7 @@ class Trainer:
                                 "train it with optimize(parts, loss_fn, units), or build it without custom_loss")
         if not len(prompts) == len(groups) == len(scores):
             raise TaoInputError(f"step got {len(prompts)} prompts, {len(groups)} groups, {len(scores)} score lists")
-        segments, metrics = self._segments(groups, scores, max_new_tokens)
+        segments, metrics = self._segments(groups, scores, max_new_tokens, policy_temperature)
         longest = max((len(c) for s in segments for c in s.completions), default=1)
         lcfg = resolve_loss_config(self.cfg, self.objective, longest)
         pad = self.lm.tokenizer.pad_token_id or 0

@@ -315,3 +315,14 @@ def test_load_config_leaves_the_callers_overrides_alone(tmp_path):
     inner = {"lr": 1e-5}
     cfg = load_config(path, {"train": inner, "train.lr": 2e-5})
     assert cfg.train.lr == 2e-5 and inner == {"lr": 1e-5}
+
+
+def test_keys_that_only_fail_together_are_caught_before_the_run():
+    base = {"task": "arithmetic", "output_dir": "unused-run-dir"}
+    with pytest.raises(TaoInputError, match="generate.voters = 'policy' makes none"):
+        validate(from_dict(RunConfig, {**base, "generate": {"generator": "diverse", "options": {
+            "templates": ["default", "plain"], "template_weight_sets": {"plain": "teacher"}}}}))
+    with pytest.raises(TaoInputError, match="no template samples with it"):
+        validate(from_dict(RunConfig, {**base, "generate": {"voters": "ema"}}))
+    with pytest.raises(TaoInputError, match="train.overlong_buffer = 64 exceeds generate.max_new_tokens = 6"):
+        validate(from_dict(RunConfig, {**base, "generate": {"max_new_tokens": 6}, "train": {"overlong_buffer": 64}}))

@@ -203,3 +203,56 @@ def test_the_teacher_recipe_trains_the_embedded_model_and_logs_ratios_and_flips(
         assert any("ratio" in k for k in r) and any("flip" in k for k in r), sorted(r)
         assert r["off_policy_trained"] + r["off_policy_dropped"] >= 0 and "sampler_trainer_kl" in r
     assert (out / "final" / "model.safetensors").exists()
+
+
+def test_a_rollback_resets_the_teacher_to_the_best_weights(tmp_path, tiny_model_dir, vote_path, monkeypatch):
+    """Evaluations faked so that round 2 is significantly worse than round 1: the policy is rolled
+    back to round 1's weights, and the EMA teacher with it (the voters leave the rejected path)."""
+    import sys
+
+    from tao_core import pipeline
+    from tao_core.config import load_config
+    from tao_core.tasks import EvalResult
+
+    monkeypatch.syspath_prepend(str(vote_path))
+    sys.modules.pop("tao_test_vote", None)
+    import importlib
+
+    from tao_core.plugins import get_plugin_manager, get_registry
+
+    pm = get_plugin_manager()
+    name = None
+    if "test-vote" not in get_registry().names("scorers"):  # not found by entry point in this process yet
+        name = pm.register(importlib.import_module("tao_test_vote"), name="test-vote-rollback")
+    values = iter([[0] * 16, [1] * 16, [1] * 4 + [0] * 12])  # before, round 1 (best), round 2 (12 items lost)
+    seen = {}
+
+    def fake_evaluate(self):
+        rows = [{"prompt_id": f"e{i}", "completion": "", "value": float(v)} for i, v in enumerate(next(values))]
+        value = sum(r["value"] for r in rows) / len(rows)
+        return EvalResult("arithmetic", "accuracy", value, 0.0, 1.0, len(rows), rows)
+
+    real_restore = pipeline.Pipeline._restore_best
+
+    def restore(self, step):
+        real_restore(self, step)
+        seen["best"] = {n: p.detach().clone() for n, p in self._trainable().items()}
+
+    monkeypatch.setattr(pipeline.Pipeline, "evaluate", fake_evaluate)
+    monkeypatch.setattr(pipeline.Pipeline, "_restore_best", restore)
+    try:
+        cfg = load_config(_config(tmp_path, tiny_model_dir, tmp_path / "rb"), {"score.gate": None})
+        pipe = pipeline.Pipeline(cfg, progress=False)
+        pipe.run()
+    finally:
+        if name is not None:
+            pm.unregister(name)
+    rounds = [json.loads(line) for line in (tmp_path / "rb" / "metrics.jsonl").read_text().splitlines()
+              if '"round"' in line and '"type": "round"' in line]
+    assert [r["rolled_back"] for r in rounds] == [False, True]
+    teacher = pipe.teacher.state_dict()
+    assert teacher and all(torch_equal(teacher[n], seen["best"][n]) for n in teacher)
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all())

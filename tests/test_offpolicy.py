@@ -328,3 +328,18 @@ def test_the_diverse_generators_voters_train_the_plain_prompt(tiny_lm):
     assert metrics["is_ratio_max"] == pytest.approx(float(log_ratio.exp().max()), rel=1e-4)
     assert metrics["is_clipped_fraction"] == pytest.approx(float((log_ratio.exp() > 3.0).double().mean()))
     assert abs(metrics["sampler_trainer_kl"]) < 1e-4
+
+
+def test_off_policy_candidates_train_at_the_policys_temperature():
+    """A voter drawn at T=0.3 trains the plain prompt at the policy's own temperature (its log-probs
+    stay the behaviour policy's, so the ratio is pi(T=1) / mu(T=0.3)); on-policy ones keep theirs."""
+    lm = tiny_lm()
+    trainer = Trainer(lm, TrainConfig(objective="grpo", off_policy="importance"))
+    _, groups, scores, _ = mixed_group(lm)
+    for c in groups[0][2:]:
+        c.temperature = 0.3
+    segments, _ = trainer._segments(groups, scores, policy_temperature=TEMPERATURE)
+    assert {s.temperature for s in segments} == {TEMPERATURE}
+    assert sum(len(s.completions) for s in segments) == 4 and len(segments) == 1  # one shared prompt
+    segments, _ = trainer._segments(groups, scores)  # no policy temperature given: each candidate's own
+    assert sorted(s.temperature for s in segments) == sorted({0.3, TEMPERATURE})
