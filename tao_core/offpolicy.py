@@ -19,8 +19,10 @@ was without them):
   of the step and ``C = is_cap``. The weight multiplies the token's advantage, which equals
   weighting the clipped surrogate: for ``w >= 0``,
   ``w min(r A, clip(r) A) = min(r (wA), clip(r) (wA))``, and the clip decision does not depend on
-  ``A``. The KL penalty to the reference is not weighted (TRL weights the whole per-token loss; here
-  the KL stays a regularizer of the policy's own distribution on every trained token). An objective
+  ``A``. The KL penalty to the reference is not weighted (TRL weights the whole per-token loss). On
+  an off-policy token the sampled k1/k2/k3 term is then evaluated at a token drawn from ``mu``, not
+  from the policy, so it is a penalty on those tokens rather than an estimate of KL(pi || ref); with
+  ``kl_estimator = "exact"`` it is the exact KL at every trained position either way. An objective
   whose loss ignores the advantages (``online_dpo``, ``best_of_n_sft``) trains such candidates on
   the plain prompt unweighted.
 * ``overlong_buffer = L_cache > 0``: DAPO's soft overlong penalty (Yu et al. 2025,

@@ -73,9 +73,13 @@ def paired_test(old: Sequence[float], new: Sequence[float]) -> PairedTest:
         totals = signs @ np.abs(nz)
         p = float((totals <= observed + 1e-12).mean())
         return PairedTest(**stats, p_worse=p, method="exact-sign-flip")
-    rng = np.random.default_rng(MONTE_CARLO_SEED)
-    totals = (rng.integers(0, 2, size=(MONTE_CARLO_DRAWS, m)) * 2 - 1) @ np.abs(nz)
-    p = (1 + int((totals <= observed + 1e-12).sum())) / (1 + MONTE_CARLO_DRAWS)
+    rng, hits, left = np.random.default_rng(MONTE_CARLO_SEED), 0, MONTE_CARLO_DRAWS
+    chunk = max(1, (1 << 22) // m)  # sign draws in blocks of ~4M entries: memory stays flat in m
+    while left:
+        k = min(chunk, left)
+        totals = (rng.integers(0, 2, size=(k, m), dtype=np.int8) * 2 - 1) @ np.abs(nz)
+        hits, left = hits + int((totals <= observed + 1e-12).sum()), left - k
+    p = (1 + hits) / (1 + MONTE_CARLO_DRAWS)
     return PairedTest(**stats, p_worse=float(p), method="monte-carlo-sign-flip")
 
 
