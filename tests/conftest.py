@@ -97,3 +97,14 @@ def tao_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("TAO_HOME", str(home))
     return home
 
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny
+    models gain nothing from threads, and a shared CPU makes idle OpenMP threads spin."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

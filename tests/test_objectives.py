@@ -23,13 +23,7 @@ REWARDS = torch.tensor([[1.0, 0.0, 0.0, X], [2.0, 2.0, 2.0, 2.0], [5.0, X, X, X]
 MASK = torch.tensor([[True, True, True, False], [True, True, True, True], [True, False, False, False]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and a shared CPU makes idle OpenMP threads spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_group_norm_hand_computed():

@@ -21,12 +21,7 @@ TEMPERATURE = 0.8
 STRUCTURED = [11, 12, 13]  # the template tokens a structured prompt puts before the question
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def policy_logprobs(lm, prompt: list[int], tokens: list[int]) -> torch.Tensor:
