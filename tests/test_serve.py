@@ -651,3 +651,32 @@ def test_the_serve_command_serves_and_logs_until_terminated(tiny_model_dir, tmp_
     assert proc.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in log.read_text(), log.read_text()
     with InferenceTable.open(db) as table:
         assert table.get(r.id)["status_code"] == 200
+
+
+def test_feedback_is_stored_beside_the_exchange_and_bad_feedback_is_refused(tiny_model_dir, tmp_path):
+    """POST /v1/feedback on a served answer: stored in the table next to it, and it becomes a
+    preference pair; an unknown id is a 404, a bad value or field a 400 naming it."""
+    from tao_core.table import InferenceTable, preference_pairs
+
+    db = tmp_path / "inference.db"
+    table = InferenceTable.open(db)
+    with running_server(load_model(str(tiny_model_dir)), CONFIG, table) as s:
+        c = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        answer = c.chat.completions.create(model=MODEL, messages=QUESTION, n=2, max_tokens=8, seed=3)
+        ok = httpx.post(f"{s.url}/v1/feedback", json={"request_id": answer.id, "preferred_choice": 1,
+                                                       "comment": "the second is right", "source": "test"})
+        assert ok.status_code == 200 and ok.json()["request_id"] == answer.id
+        unknown = httpx.post(f"{s.url}/v1/feedback", json={"request_id": "chatcmpl-nope", "rating": 1.0})
+        bad_choice = httpx.post(f"{s.url}/v1/feedback", json={"request_id": answer.id, "preferred_choice": 7})
+        extra = httpx.post(f"{s.url}/v1/feedback", json={"request_id": answer.id, "stars": 5})
+        nothing = httpx.post(f"{s.url}/v1/feedback", json={"request_id": answer.id})
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "request_id"
+    assert bad_choice.status_code == 400 and bad_choice.json()["error"]["param"] == "preferred_choice"
+    assert extra.status_code == 400 and extra.json()["error"]["param"] == "stars"
+    assert nothing.status_code == 400
+    pairs = preference_pairs(str(db))
+    texts = [ch.message.content for ch in answer.choices]
+    if texts[0] != texts[1]:
+        assert [(p["chosen"], p["rejected"]) for p in pairs] == [(texts[1], texts[0])]
+    with InferenceTable.open(db) as reopened:
+        assert reopened.summary()["feedback"] == 1

@@ -1,7 +1,7 @@
 """The FastAPI application of ``tao serve``: routes, error shapes, and the engine loop's lifespan.
 
 Routes stay thin: ``/v1/chat/completions`` and ``/v1/completions`` hand the request to
-:func:`tao_core.serve.completions.answer`; ``/v1/models``, ``/health`` and ``/metrics`` report state.
+:func:`tao_core.serve.completions.answer`, ``/v1/feedback`` to :mod:`tao_core.serve.feedback`; ``/v1/models``, ``/health`` and ``/metrics`` report state.
 Every error, the framework's own 404 and 405 included, is in OpenAI's error-object shape. The
 lifespan starts the engine loop, and at shutdown drains it (requests in flight finish, for up to
 ``ServeConfig.drain_timeout_s``) and closes the exchange logger after the last request.
@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from tao_core.engine import Engine, EngineConfig, unsupported_reason
 from tao_core.errors import TaoInputError
 from tao_core.models import LoadedModel
+from tao_core.serve import feedback as feedback_route
 from tao_core.serve.completions import ServerState, answer, error_response
 from tao_core.serve.engine_loop import EngineLoop
 from tao_core.serve.exchange import ExchangeLogger, Exchanges
@@ -69,6 +70,14 @@ def create_app(lm: LoadedModel, config: ServeConfig | None = None, *, logger: Ex
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await answer(state, request, "completion")
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> Response:
+        try:
+            return await feedback_route.store(state.exchanges.logger,
+                                              await feedback_route.parse(request, config.max_body_bytes))
+        except ApiError as e:
+            return error_response(e)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
