@@ -16,8 +16,13 @@ def rm_group() -> None:
 
 
 @rm_group.command("train")
-@click.option("--pairs", required=True, type=click.Path(dir_okay=False),
+@click.option("--pairs", default=None, type=click.Path(dir_okay=False),
               help='JSONL of {"prompt" or "messages", "chosen", "rejected"} rows.')
+@click.option("--from-table", "from_table", default=None, metavar="URL",
+              help="Instead of --pairs: the preference pairs the feedback in this inference table makes "
+                   "(a SQLAlchemy URL or SQLite file; `tao serve`'s default is $TAO_HOME/inference.db).")
+@click.option("--rating-threshold", "rating_threshold", type=float, default=0.5, show_default=True,
+              help="--from-table: a choice rated above it is preferred over one rated below it.")
 @click.option("--base", required=True, help="Causal LM to start from: alias, cache name, GGUF file or HF directory.")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Directory to write the reward model to.")
 @click.option("--epochs", type=int, default=1, show_default=True, help="Passes over the training pairs.")
@@ -41,19 +46,28 @@ def rm_group() -> None:
 @click.option("--skip-bad-rows", "skip_bad_rows", is_flag=True, help="Leave out bad rows (listed) instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def rm_train(pairs: str, base: str, output: str, skip_bad_rows: bool, overwrite: bool, as_json: bool,
-             **settings) -> None:
+def rm_train(pairs: str | None, from_table: str | None, rating_threshold: float, base: str, output: str,
+             skip_bad_rows: bool, overwrite: bool, as_json: bool, **settings) -> None:
     """Train a Bradley-Terry reward model on preference pairs and report held-out pairwise accuracy."""
+    import tempfile
+
     from tao_plugins.reward_training import RMTrainConfig, train_reward_model
 
-    try:
-        result = train_reward_model(pairs, base, output, RMTrainConfig(**settings), skip_bad_rows=skip_bad_rows,
-                                    overwrite=overwrite, progress=not as_json)
-    except TaoError as e:
-        raise click.ClickException(str(e)) from None
+    if (pairs is None) == (from_table is None):
+        raise click.UsageError("give --pairs FILE or --from-table URL (one of them)")
+    with tempfile.TemporaryDirectory(prefix="tao-rm-pairs-") as tmp:
+        try:
+            if from_table is not None:
+                pairs = _table_pairs(from_table, rating_threshold, tmp)
+            result = train_reward_model(pairs, base, output, RMTrainConfig(**settings), skip_bad_rows=skip_bad_rows,
+                                        overwrite=overwrite, progress=not as_json)
+        except TaoError as e:
+            raise click.ClickException(str(e)) from None
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
+    if from_table is not None:
+        click.echo(f"{result.n_train + result.n_eval} preference pairs from the feedback in {from_table}")
     for line, why in result.skipped:
         click.echo(f"skipped {pairs}:{line}: {why}", err=True)
 
@@ -65,3 +79,19 @@ def rm_train(pairs: str, base: str, output: str, skip_bad_rows: bool, overwrite:
     click.echo(f"held-out pairwise accuracy ({result.n_eval} pairs): {pct(result.accuracy_before)} before -> "
                f"{pct(result.accuracy)} after")
     click.echo(f"wrote {result.output}  (use it with the reward-model scorer: path={result.output})")
+
+
+def _table_pairs(url: str, rating_threshold: float, tmp: str) -> str:
+    """The feedback of inference table ``url`` as a pairs JSONL file in ``tmp``; an error when it makes none."""
+    from tao_core.errors import TaoInputError
+    from tao_core.table import preference_pairs
+    from tao_core.types import write_jsonl
+
+    rows = preference_pairs(url, rating_threshold)
+    if not rows:
+        raise TaoInputError(f"{url}: its feedback makes no preference pair (a preferred choice of a request with "
+                            f"n > 1, or two choices rated above and below {rating_threshold}); send feedback to "
+                            "POST /v1/feedback first")
+    path = f"{tmp}/pairs.jsonl"
+    write_jsonl(path, rows)
+    return path

@@ -317,3 +317,29 @@ def test_every_setting_has_a_flag_with_the_same_default():
         RMTrainConfig(precision="fp16").validate()
     with pytest.raises(TaoInputError, match="micro_batch_tokens must be >= 1"):
         RMTrainConfig(micro_batch_tokens=0).validate()
+
+
+def test_cli_train_from_the_inference_table(tmp_path, tiny_base):
+    """`tao rm train --from-table`: feedback logged beside served exchanges becomes the training pairs."""
+    from tao_core.table import InferenceTable
+
+    db = tmp_path / "inference.db"
+    args = ["train", "--from-table", str(db), "--base", str(tiny_base), "--output", str(tmp_path / "rm"),
+            "--epochs", "1", "--lr", "1e-3", "--batch-size", "4", "--max-length", "96", "--json"]
+    with InferenceTable.open(db) as table:
+        for i, row in enumerate(synthetic_pairs(8, seed=5)):
+            messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
+            table.log({"request_id": f"r{i}", "request_json": {"messages": messages},
+                       "response_json": {"choices": [{"index": 0, "message": {"role": "assistant", "content": row["rejected"]}},
+                                                     {"index": 1, "message": {"role": "assistant", "content": row["chosen"]}}]}})
+        assert table.flush(timeout=30)
+        empty = CliRunner().invoke(rm_group, args)
+        assert empty.exit_code != 0 and "makes no preference pair" in empty.output
+        for i in range(8):
+            table.log_feedback(f"r{i}", preferred_choice=1, source="test")
+    res = CliRunner().invoke(rm_group, args)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["n_train"] + json.loads(res.stdout)["n_eval"] == 8
+    assert (tmp_path / "rm" / "model.safetensors").is_file()
+    both = CliRunner().invoke(rm_group, [*args, "--pairs", str(tmp_path / "x.jsonl")])
+    assert both.exit_code == 2 and "one of them" in both.output
