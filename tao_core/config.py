@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tao_core import fields
 from tao_core.errors import PluginError, TaoInputError
 from tao_core.fields import Rule, between, check_fields, field_hints, hint_name, one_of, show, type_ok
 
@@ -154,6 +155,20 @@ class TrainConfig:
 
 
 @dataclass
+class TableConfig:
+    """Prompts from the inference table (``tao serve``'s log) instead of the task's; see tao_core.table_prompts."""
+
+    url: str | None = None  # SQLAlchemy URL or SQLite file of the table; None: not used
+    since: str | None = None  # only exchanges at or after this ISO 8601 date/time (UTC)
+    tag: str | None = None  # only exchanges with this tag
+    model: str | None = None  # only exchanges answered by this served model
+    requester: str | None = None  # only this requester's (API key id's) exchanges
+    near_duplicate: float = 0.9  # prompts whose word-trigram Jaccard similarity reaches this are one; 1: off
+    max_key_share: float = 0.2  # no requester contributes more than this share of the prompts
+    holdout: float = 0.1  # share of prompts (a stable slice by text hash) held out of training
+
+
+@dataclass
 class RunConfig:
     """A TAO run: rounds of generate -> score -> train -> evaluate."""
 
@@ -174,6 +189,7 @@ class RunConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    table: TableConfig = field(default_factory=TableConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -203,6 +219,14 @@ RULES: dict[str, Rule] = {
     "checkpoint_every": between(1),
     "threads": between(1, MAX_THREADS),
     "generate.n": between(2, MAX_GROUP),
+    "table.url": NON_EMPTY,
+    "table.since": fields.ISO_TIME,
+    "table.tag": NON_EMPTY,
+    "table.model": NON_EMPTY,
+    "table.requester": NON_EMPTY,
+    "table.near_duplicate": between(0, 1, lo_open=True),
+    "table.max_key_share": between(0, 1, lo_open=True),
+    "table.holdout": between(0, 1, hi_open=True),
     "generate.sampler": one_of(*SAMPLERS),
     "generate.temperature": between(0),
     "generate.top_k": between(0),
@@ -381,6 +405,8 @@ def _pair_problems(cfg: RunConfig, bad: dict[str, str]) -> list[str]:
         elif g.voters != "policy" and not routed:
             problems.append(f"generate.voters = {g.voters!r} keeps a teacher copy of the weights, but no template "
                             "samples with it: set generate.options.template_weight_sets (e.g. {tens = \"teacher\"})")
+    if cfg.table.url is not None and cfg.prompts_file is not None:
+        problems.append("prompts_file and table.url both name the training prompts; keep one")
     if ("train.overlong_buffer" not in bad and "generate.max_new_tokens" not in bad and g.max_new_tokens is not None
             and t.overlong_buffer > g.max_new_tokens):
         problems.append(f"train.overlong_buffer = {t.overlong_buffer} exceeds generate.max_new_tokens = "

@@ -13,6 +13,7 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 INT64 = 2**63  # every other integer fits in a signed 64-bit integer (torch tensors, RNG seeds)
@@ -111,3 +112,14 @@ def check_fields(cfg: Any, rules: dict[str, Rule], prefix: str = "") -> dict[str
         elif value is not None and rule is not None and not rule.test(value):
             problems[key] = f"{key} must be {rule.text}, got {show(value)}"
     return problems
+
+
+def _iso(v: str) -> bool:
+    try:
+        datetime.fromisoformat(v)
+    except ValueError:
+        return False
+    return True
+
+
+ISO_TIME = Rule("an ISO 8601 date or time (2026-05-01, 2026-05-01T12:00:00+00:00)", _iso)

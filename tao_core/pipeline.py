@@ -97,10 +97,13 @@ class Pipeline:
         self.cfg = cfg = copy.deepcopy(cfg)  # filled in below with what the run resolves, then saved
         self.progress = progress
         self.task: Task = get_component("tasks", cfg.task)(**cfg.task_options)
+        self.table_counts: dict[str, int] | None = None
         if cfg.prompts_file:
             from tao_core.data import load_prompts
 
             self.pool = load_prompts(cfg.prompts_file, column=cfg.prompt_column, task=cfg.task)
+        elif cfg.table.url:
+            self.pool = self._table_pool()
         else:
             self.pool = self.task.train_prompts()
         if not self.pool:
@@ -148,6 +151,15 @@ class Pipeline:
         self.guard = Guard(cfg.guard)
         self._best_steps: list[int] = []  # best steps the kept checkpoints refer to (their weights stay)
         self._best_items: list[dict[str, Any]] | None = None  # per-item results of the best model (the gate pairs them)
+
+    def _table_pool(self) -> list[Prompt]:
+        """The training prompts of the inference table (``[table]``, :mod:`tao_core.table_prompts`)."""
+        from tao_core.table_prompts import from_table
+
+        prepared = from_table(self.cfg.table)
+        self.table_counts, self.held_out_prompts = {**prepared.counts, "train": len(prepared.train)}, prepared.held_out
+        tqdm.write(f"table {self.cfg.table.url}: " + ", ".join(f"{k} {v}" for k, v in self.table_counts.items()))
+        return prepared.train
 
     def _teacher(self) -> Teacher | None:
         """The voters' weights apart from the policy (``generate.voters``), as the weight set
@@ -223,6 +235,8 @@ class Pipeline:
                        "from step 0 (finished generation and scoring on disk are reused)")
             rd.truncate_metrics_after(-1)
         write_file(rd.root / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        if self.table_counts is not None:
+            rd.log({"type": "prompts", "step": 0, "source": "table", **self.table_counts})
         write_file(rd.root / "versions.json", json.dumps(_versions(), indent=2))
         fault_point("eval.before")
         result = self.evaluate()
