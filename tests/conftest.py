@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.table_support import tables, url  # noqa: E402, F401 (fixtures of the inference-table tests)
+
 REPO = Path(__file__).resolve().parents[1]
 
 CHAT_TEMPLATE = (
