@@ -99,7 +99,8 @@ class ServerState:
 async def answer(state: ServerState, request: Request, kind: str) -> Response:
     """The route body of ``/v1/chat/completions`` (``kind`` "chat") and ``/v1/completions`` ("completion")."""
     endpoint, prefix = ENDPOINTS[kind]
-    ex = state.exchanges.begin(endpoint, prefix, request.headers.get("x-client-request-id"))
+    ex = state.exchanges.begin(endpoint, prefix, request.headers.get("x-client-request-id"),
+                               requester=request.scope.get("state", {}).get("key_id"))  # set by AuthMiddleware
     try:
         return await _answer(state, request, kind, ex)
     except ApiError as e:

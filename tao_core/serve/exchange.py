@@ -15,7 +15,7 @@ columns (``tao_core.table_schema.EXCHANGE_COLUMNS``):
 | ``request_json`` | the request body as parsed JSON (its text when it is not JSON; None when unread) |
 | ``response_json`` | the response object; for a stream the assembled completion object; the error object on an error; None at 499 |
 | ``served_model``, ``model_version`` | the model id clients send, and the version answering (``ServeConfig``) |
-| ``requester`` | the API key id of the caller (None: the server has no keys) |
+| ``requester`` | the API key id of the caller (None: the loopback server is open, with no API key) |
 | ``tag`` | ``ServeConfig.tag`` (e.g. an A/B arm), or None |
 | ``prompt_token_ids`` | the tokens the model was conditioned on (None before they were known) |
 | ``completion_token_ids`` | one list per choice, a final stop token included (None unless 200) |
@@ -56,6 +56,7 @@ class Exchange:
     endpoint: str  # "/v1/chat/completions" or "/v1/completions"
     request_id: str
     client_request_id: str | None
+    requester: str | None = None  # the caller's API key id (tao_core.serve.auth); None: the open loopback mode
     request_time: datetime = field(default_factory=lambda: datetime.now(UTC))
     started: float = field(default_factory=time.perf_counter)
     request_json: Any = None
@@ -75,8 +76,9 @@ class Exchanges:
         self.tag = tag
         self.log_failures = 0  # records the logger raised on (each is also in the server log)
 
-    def begin(self, endpoint: str, id_prefix: str, client_request_id: str | None) -> Exchange:
-        return Exchange(endpoint, f"{id_prefix}-{uuid.uuid4().hex}", client_request_id)
+    def begin(self, endpoint: str, id_prefix: str, client_request_id: str | None,
+              requester: str | None = None) -> Exchange:
+        return Exchange(endpoint, f"{id_prefix}-{uuid.uuid4().hex}", client_request_id, requester)
 
     def end(self, ex: Exchange, status: int, response: Any = None, choices: Sequence[Choice] | None = None) -> None:
         """Count and log ``ex`` answered with ``status`` (once; later calls do nothing)."""
@@ -97,7 +99,7 @@ class Exchanges:
             "response_json": response,
             "served_model": self.served_model,
             "model_version": self.model_version,
-            "requester": None,
+            "requester": ex.requester,
             "tag": self.tag,
             "prompt_token_ids": ex.prompt_token_ids,
             "completion_token_ids": None if choices is None else [list(c.token_ids) for c in choices],
