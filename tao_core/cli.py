@@ -330,10 +330,12 @@ def _run_recipe(found, parsed: dict, steps: int | None) -> None:
 
 
 from tao_core.serve.cli import serve_cmd  # noqa: E402 (torch and FastAPI load when it runs)
+from tao_core.serve.keys_cli import keys_group  # noqa: E402 (no torch or FastAPI)
 from tao_core.table_cli import table_group  # noqa: E402 (its commands import the table lazily)
 
 cli.add_command(serve_cmd)
 cli.add_command(table_group)
+cli.add_command(keys_group)
 
 
 def main() -> None:
