@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.pg_server import postgres_url  # noqa: F401 (the session PostgreSQL server of the table tests)
 from tests.table_support import tables, url  # noqa: E402, F401 (fixtures of the inference-table tests)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,11 +1,10 @@
-"""Shared pieces of the inference-table tests: the ``url`` fixture (SQLite, and PostgreSQL when
-``TAO_TEST_POSTGRES_URL`` is set), the ``tables`` fixture and the exchanges they log. The fixtures
+"""Shared pieces of the inference-table tests: the ``url`` fixture (SQLite, and PostgreSQL on the
+server tests/pg_server.py starts), the ``tables`` fixture and the exchanges they log. The fixtures
 are registered in tests/conftest.py."""
 
 from __future__ import annotations
 
 import json
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -13,30 +12,31 @@ import pytest
 import sqlalchemy as sa
 
 from tao_core.table import InferenceTable
-from tao_core.table_schema import metadata
 
 REPO = Path(__file__).resolve().parents[1]
-PG_URL = os.environ.get("TAO_TEST_POSTGRES_URL")
 T0 = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
 def _empty_database(url: str) -> None:
+    """Drop every table in the database, the table's own and any a test made (a frozen v1 schema)."""
     engine = sa.create_engine(url)
-    metadata.drop_all(engine)
+    found = sa.MetaData()
+    found.reflect(engine)
+    found.drop_all(engine)
     engine.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def url(request, tmp_path):
+    """A database emptied before and after the test: a SQLite file in tmp_path, or the session's
+    PostgreSQL database (tests/pg_server.py: the server the session starts, or ``TAO_TEST_POSTGRES_URL``)."""
     if request.param == "sqlite":
         yield str(tmp_path / "inference.db")
         return
-    if not PG_URL:
-        pytest.skip("TAO_TEST_POSTGRES_URL is not set; set it to an empty PostgreSQL database "
-                    "(postgresql+psycopg://user@host:port/db) to run this test on PostgreSQL")
-    _empty_database(PG_URL)
-    yield PG_URL
-    _empty_database(PG_URL)
+    pg_url = request.getfixturevalue("postgres_url")
+    _empty_database(pg_url)
+    yield pg_url
+    _empty_database(pg_url)
 
 
 @pytest.fixture
