@@ -2,6 +2,8 @@
 
 Routes stay thin: ``/v1/chat/completions`` and ``/v1/completions`` hand the request to
 :func:`tao_core.serve.completions.answer`, ``/v1/feedback`` to :mod:`tao_core.serve.feedback`; ``/v1/models``, ``/health`` and ``/metrics`` report state.
+:class:`~tao_core.serve.auth.AuthMiddleware` wraps every route: a bearer key on ``/v1/*`` (unless bound
+to loopback with no API key in the store), an admin key on ``/admin/*``, a rate per caller.
 Every error, the framework's own 404 and 405 included, is in OpenAI's error-object shape. The
 lifespan starts the engine loop, and at shutdown drains it (requests in flight finish, for up to
 ``ServeConfig.drain_timeout_s``) and closes the exchange logger after the last request.
@@ -25,9 +27,11 @@ from tao_core.engine import Engine, EngineConfig, unsupported_reason
 from tao_core.errors import TaoInputError
 from tao_core.models import LoadedModel
 from tao_core.serve import feedback as feedback_route
+from tao_core.serve.auth import AuthMiddleware, Guard, check_binding, is_loopback
 from tao_core.serve.completions import ServerState, answer, error_response
 from tao_core.serve.engine_loop import EngineLoop
 from tao_core.serve.exchange import ExchangeLogger, Exchanges
+from tao_core.serve.keys import KeyStore, LiveKeys
 from tao_core.serve.metrics import Metrics
 from tao_core.serve.protocol import ApiError
 from tao_core.serve.settings import ServeConfig
@@ -36,9 +40,17 @@ log = logging.getLogger(__name__)
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def create_app(lm: LoadedModel, config: ServeConfig | None = None, *, logger: ExchangeLogger | None = None) -> FastAPI:
-    """The server over ``lm`` (a Llama-family model tao's engine runs); ``logger`` receives every exchange."""
+def create_app(lm: LoadedModel, config: ServeConfig | None = None, *, logger: ExchangeLogger | None = None,
+               admin_token: str | None = None) -> FastAPI:
+    """The server over ``lm`` (a Llama-family model tao's engine runs); ``logger`` receives every exchange.
+
+    Keys come from the store ``config.keys`` (reread when it changes); ``admin_token``, a secret held in
+    memory only, is accepted on ``/admin/*`` besides the store's admin keys. A ``config.host`` beyond
+    loopback with no API key in the store is refused (TaoInputError).
+    """
     config = config or ServeConfig()
+    keys = LiveKeys(KeyStore(config.keys))
+    check_binding(config.host, keys)
     reason = unsupported_reason(lm.model)
     if reason is not None:
         raise TaoInputError(f"tao serve samples with tao's engine, which cannot run model {lm.name}: {reason}")
@@ -59,6 +71,8 @@ def create_app(lm: LoadedModel, config: ServeConfig | None = None, *, logger: Ex
     )
     app = FastAPI(title="tao serve", lifespan=_lifespan(state), docs_url=None, redoc_url=None, openapi_url=None)
     app.state.tao = state
+    app.add_middleware(AuthMiddleware, guard=Guard(keys, loopback=is_loopback(config.host),
+                                                   rate_limit=config.rate_limit, admin_token=admin_token))
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
     created = int(time.time())

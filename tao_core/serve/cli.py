@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import ipaddress
-
 import click
 
+from tao_core.errors import TaoInputError
+from tao_core.serve.auth import check_binding
+from tao_core.serve.keys import KeyStore, LiveKeys, parse_rate_limit
 from tao_core.serve.settings import ServeConfig
 
 _D = ServeConfig  # the defaults shown by --help are the dataclass's
@@ -13,7 +14,8 @@ _D = ServeConfig  # the defaults shown by --help are the dataclass's
 
 @click.command("serve")
 @click.argument("model")
-@click.option("--host", default=_D.host, show_default=True, help="Address to bind (loopback: this machine only).")
+@click.option("--host", default=_D.host, show_default=True,
+              help="Address to bind (loopback: this machine only; any other needs an API key in the key store).")
 @click.option("--port", type=int, default=_D.port, show_default=True)
 @click.option("--max-queue", type=int, default=_D.max_queue, show_default=True,
               help="Requests waiting for the engine at most; one more is answered 429 with Retry-After.")
@@ -37,10 +39,15 @@ _D = ServeConfig  # the defaults shown by --help are the dataclass's
 @click.option("--table-sample", type=float, default=1.0, show_default=True, help="Share of exchanges logged.")
 @click.option("--table-no-bodies", is_flag=True, help="Log token ids and metadata, not request/response bodies.")
 @click.option("--tag", default=None, help="Tag every logged exchange (e.g. an A/B arm).")
+@click.option("--keys", "keys_path", default=None, help="The API key store (default: $TAO_HOME/keys.json; tao keys).")
+@click.option("--rate-limit", default=f"{_D.rate_limit}/min", show_default=True,
+              help="Requests per minute per API key (per client address when open), unless the key has its own; "
+                   "0: unlimited.")
 def serve_cmd(model: str, host: str, port: int, max_queue: int, max_tokens_limit: int, threads: int | None,
               served_model: str | None, model_version: str, max_n: int, default_max_tokens: int, max_body_bytes: int,
               max_kv_tokens: int | None, dtype: str, device: str, table_url: str | None, no_table: bool,
-              table_sample: float, table_no_bodies: bool, tag: str | None) -> None:
+              table_sample: float, table_no_bodies: bool, tag: str | None, keys_path: str | None,
+              rate_limit: str) -> None:
     """Serve MODEL over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions) and continuous batching."""
     try:
         import uvicorn
@@ -61,10 +68,14 @@ def serve_cmd(model: str, host: str, port: int, max_queue: int, max_tokens_limit
     config = ServeConfig(host=host, port=port, served_model=served_model or model, model_version=model_version,
                          tag=tag, max_queue=max_queue, max_tokens_limit=max_tokens_limit,
                          default_max_tokens=min(default_max_tokens, max_tokens_limit), max_n=max_n,
-                         max_body_bytes=max_body_bytes, max_kv_tokens=max_kv_tokens)
-    if not _loopback(host):
-        click.echo(f"warning: binding {host}: tao serve checks no API key, so anyone who can reach this address "
-                   "can use the model", err=True)
+                         max_body_bytes=max_body_bytes, max_kv_tokens=max_kv_tokens, keys=keys_path,
+                         rate_limit=_rate(rate_limit))
+    store = KeyStore(keys_path)
+    try:
+        check_binding(host, store)  # before the model loads; create_app checks again
+        keyed = LiveKeys(store).has_api_key()
+    except TaoInputError as e:
+        raise click.ClickException(str(e)) from None
     lm = load_model(model, dtype=dtype, device=device)
     table = None if no_table else InferenceTable.open(table_url, sample_fraction=table_sample,
                                                       store_bodies=not table_no_bodies)
@@ -75,14 +86,14 @@ def serve_cmd(model: str, host: str, port: int, max_queue: int, max_tokens_limit
             table.close()
         raise
     where = "no table" if table is None else f"table {table.url}"
-    click.echo(f"serving {config.served_model!r} (version {model_version}) at http://{host}:{port}/v1; {where}", err=True)
+    access = f"API keys of {store.path}" if keyed else f"open to this machine until {store.path} holds an API key"
+    click.echo(f"serving {config.served_model!r} (version {model_version}) at http://{host}:{port}/v1; {where}; "
+               f"{access}", err=True)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=int(config.drain_timeout_s))
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+def _rate(text: str) -> int:
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        return parse_rate_limit(text, "--rate-limit") or 0
+    except TaoInputError as e:
+        raise click.BadParameter(str(e), param_hint="--rate-limit") from None

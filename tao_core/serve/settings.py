@@ -28,6 +28,8 @@ class ServeConfig:
     drain_timeout_s: float = 30.0  # on shutdown, in-flight requests get this long to finish, then are aborted
     max_kv_tokens: int | None = None  # the engine's KV-cache capacity in tokens (None: EngineConfig's default)
     max_running: int = 256  # sequences the engine decodes together at most (EngineConfig.max_running)
+    keys: str | None = None  # the API key store (tao keys); None: $TAO_HOME/keys.json
+    rate_limit: int = 600  # /v1 requests per minute per key (per client address when open); a key's own limit wins; 0: none
 
     def __post_init__(self) -> None:
         positive = ("port", "max_queue", "max_tokens_limit", "default_max_tokens", "max_n", "max_body_bytes", "max_running")
@@ -35,6 +37,8 @@ class ServeConfig:
                     for name in positive if not _is_int(getattr(self, name)) or getattr(self, name) < 1]
         if not _is_int(self.retry_after_s) or self.retry_after_s < 0:
             problems.append(f"retry_after_s must be an integer >= 0, got {self.retry_after_s!r}")
+        if not _is_int(self.rate_limit) or self.rate_limit < 0:
+            problems.append(f"rate_limit must be requests per minute >= 0 (0: unlimited), got {self.rate_limit!r}")
         if not isinstance(self.drain_timeout_s, int | float) or self.drain_timeout_s < 0:
             problems.append(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s!r}")
         if self.max_kv_tokens is not None and (not _is_int(self.max_kv_tokens) or self.max_kv_tokens < 1):
