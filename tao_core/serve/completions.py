@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.background import BackgroundTask
@@ -32,6 +32,7 @@ from tao_core.serve.protocol import ApiError, GenerationRequest, parse_request
 from tao_core.serve.responses import Shapes, TokenSlice, usage
 from tao_core.serve.settings import ServeConfig
 from tao_core.serve.text import Choice, TextStream, finish_sample, text_offsets
+from tao_core.serve.versions import ModelVersions
 from tao_core.types import Prompt
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class ClientGone(Exception):
 
 @dataclass
 class ServerState:
-    """What every request needs: the model, the engine loop, the settings, the exchange log."""
+    """What every request needs: the model, the engine loop, the settings, the exchange log, the versions."""
 
     lm: LoadedModel
     loop: EngineLoop
@@ -55,6 +56,11 @@ class ServerState:
     checker_tokenizer: Any  # a copy of the tokenizer for the engine thread's stop-string checks
     context_length: int  # the model's positions: prompt + completion
     vocab_size: int
+    versions: ModelVersions = field(init=False)  # the served model version, reload and rollback
+
+    def __post_init__(self) -> None:
+        self.versions = ModelVersions(self.loop, self.lm.model, version=self.config.model_version,
+                                      model_dir=self.lm.path, exchanges=self.exchanges)
 
     def prompt_ids(self, req: GenerationRequest) -> list[int]:
         """The tokens the model is conditioned on; 400 naming ``messages`` or ``prompt`` when there are none
@@ -89,7 +95,7 @@ class ServerState:
 
     def shapes(self, req: GenerationRequest, ex: Exchange) -> Shapes:
         return Shapes(req.kind, self.lm.tokenizer, request_id=ex.request_id, created=int(time.time()),
-                      model=self.served_model, version=self.config.model_version,
+                      model=self.served_model, version=ex.model_version,
                       top_logprobs=req.params.top_logprobs, include_usage=req.include_usage)
 
     def finish(self, samples: Sequence[Any], req: GenerationRequest) -> list[Choice]:
@@ -134,7 +140,10 @@ async def _answer(state: ServerState, request: Request, kind: str, ex: Exchange)
         raise ApiError(429, str(e), code="queue_full", headers={"Retry-After": str(state.config.retry_after_s)}) from None
     except Closed as e:
         raise ApiError(503, str(e), code="shutting_down", headers={"Retry-After": str(state.config.retry_after_s)}) from None
-    first = await _first_event(state.loop, sub, request)
+    try:
+        first = await _first_event(state.loop, sub, request)
+    finally:
+        ex.model_version = sub.version or ex.model_version  # the version the engine loop admitted it under
     if isinstance(first, Finished) and (problem := _failure(first)) is not None:
         raise problem
     shapes = state.shapes(req, ex)

@@ -10,6 +10,13 @@ go to its asyncio queue in one ``call_soon_threadsafe``, then its result when it
 Admission: at most ``max_queue`` requests may wait (accepted, no token sampled yet); the next one is
 refused with :class:`Overloaded`. Shutdown refuses new requests (:class:`Closed`), lets those in flight
 finish (``engine.start_drain``), and aborts what is left after a timeout.
+
+Model versions (:class:`WeightRouter`, this thread only): each request is admitted under the version
+served when its ``add`` command is applied (``Submission.version``) and runs on that version's weights to
+its end. A :class:`Swap` command registers the new version's tensors as an engine weight set and sends
+every later request to it; once no request in flight uses the model's own parameters, the new tensors are
+copied into them in place and new requests run on the parameters again; the weight set is removed when
+its last request finishes. Two copies of the weights exist during a swap, one before and after.
 """
 
 from __future__ import annotations
@@ -18,10 +25,16 @@ import asyncio
 import logging
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from tao_core.engine import Engine, EngineRequest, EngineResult
+from tao_core.engine.weights import POLICY
 from tao_core.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -63,6 +76,96 @@ class Submission:
     first_token_at: float | None = None
     pending: list[TokenEvent] = field(default_factory=list)  # this step's tokens (loop thread)
     group: Any = None  # the engine's in-flight request, read for streamed top log-probs
+    version: str | None = None  # the model version it was admitted under, set by the loop thread
+
+
+@dataclass(eq=False)
+class Swap:
+    """A command: serve ``tensors`` (every parameter of the model by name, shaped, typed and placed like
+    it: :func:`tao_core.serve.versions.read_weights`) as model version ``version``."""
+
+    version: str
+    tensors: dict[str, torch.Tensor]  # handed to the engine when applied; the command keeps no reference
+    applied: Future = field(default_factory=Future)  # done when requests admitted from now on get ``version``
+    settled: Future = field(default_factory=Future)  # done when the old weights are gone (one copy again)
+
+
+class WeightRouter:
+    """Which weights each request runs on, and the swap from one model version to the next (loop thread
+    only; see the module docstring)."""
+
+    def __init__(self, engine: Engine, version: str = "0") -> None:
+        self.engine = engine
+        self.version = version  # new requests are admitted under this version
+        self.policy_version = version  # the model's own parameters hold this version
+        self._sets: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}  # version -> (engine weight set, tensors)
+        self._settled: list[Future] = []
+        self._swaps = 0
+
+    def name(self, version: str) -> None:
+        """Name the version the model's parameters hold (before the loop starts)."""
+        if self._swaps:
+            raise RuntimeError("name() names the weights the engine starts with; use a Swap to change them")
+        self.version = self.policy_version = version
+
+    def route(self, sub: Submission) -> None:
+        sub.version = self.version
+        sub.request.weight_set = POLICY if self.version == self.policy_version else self._sets[self.version][0]
+
+    def begin(self, swap: Swap) -> None:
+        """Apply ``swap``: requests admitted from now on run on its tensors."""
+        tensors, swap.tensors = swap.tensors, {}
+        if self._sets or swap.version == self.version:  # tao_core.serve.versions waits for the last swap to settle
+            _resolve(swap.applied, RuntimeError(
+                f"cannot swap to version {swap.version!r}: version {self.version!r} is served and the swap to it "
+                f"has not settled (weight sets {sorted(self._sets)}); wait for the previous swap's `settled`"))
+            return
+        name = f"serve-version-{self._swaps}"
+        self._swaps += 1
+        try:
+            self.engine.add_weight_set(name, tensors)
+        except Exception as e:
+            _resolve(swap.applied, e)
+            return
+        self._sets[swap.version] = (name, tensors)
+        self.version = swap.version
+        self._settled.append(swap.settled)
+        _resolve(swap.applied)
+
+    def settle(self, live: Iterable[Submission]) -> None:
+        """Fold the served version into the model's parameters once nobody runs on the old ones, and drop
+        the weight sets nobody uses any more."""
+        users = Counter(sub.request.weight_set for sub in live)
+        if self.policy_version != self.version and not users[POLICY]:
+            params = dict(self.engine.model.named_parameters())
+            with torch.no_grad():
+                for name, tensor in self._sets[self.version][1].items():
+                    params[name].copy_(tensor)
+            self.policy_version = self.version  # the engine drops cached prefixes of the old weights
+        for version, (name, _) in list(self._sets.items()):
+            if (version != self.version or version == self.policy_version) and not users[name]:
+                self.engine.remove_weight_set(name)
+                del self._sets[version]
+        if not self._sets:
+            for f in self._settled:
+                _resolve(f)
+            self._settled = []
+
+    def fail_pending(self, reason: str) -> None:
+        for f in self._settled:
+            _resolve(f, Closed(reason))
+        self._settled = []
+
+
+def _resolve(f: Future, error: BaseException | None = None) -> None:
+    """Complete ``f`` from the loop thread, unless whoever waited for it gave up (cancelled it)."""
+    try:
+        if error is None:
+            f.set_result(None)
+        else:
+            f.set_exception(error)
+    except InvalidStateError:
+        pass
 
 
 class EngineLoop:
@@ -72,8 +175,9 @@ class EngineLoop:
         self.engine = engine
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
+        self.weights = WeightRouter(engine)  # the loop thread's; name its first version before start()
         self._cond = threading.Condition()
-        self._inbox: list[tuple[str, Submission | None]] = []  # commands, applied in order by the thread
+        self._inbox: list[tuple[str, Any]] = []  # commands, applied in order by the thread
         self._live: dict[int, Submission] = {}  # engine id -> submission (loop thread only)
         self._stepped: set[int] = set()  # requests that got a token in the current step (loop thread only)
         self._waiting = 0  # accepted, no token yet (under _cond)
@@ -98,6 +202,14 @@ class EngineLoop:
                                  f"queues (tao serve --max-queue {self.max_queue}); retry later")
             self._waiting += 1
             self._inbox.append(("add", sub))
+            self._cond.notify()
+
+    def swap(self, swap: Swap) -> None:
+        """Queue a model version swap (:class:`Swap`); :class:`Closed` when shutting down."""
+        with self._cond:
+            if self._closed:
+                raise Closed("the server is shutting down")
+            self._inbox.append(("swap", swap))
             self._cond.notify()
 
     def cancel(self, sub: Submission) -> None:
@@ -148,20 +260,22 @@ class EngineLoop:
                     self._cond.wait()
                 commands, self._inbox = self._inbox, []
                 if not commands and not self._live:
+                    self.weights.fail_pending("the server shut down before the model version swap settled")
                     return  # drained
             try:
                 for op, sub in commands:
                     self._apply(op, sub)
                 if self._live:
                     self._step()
+                self.weights.settle(self._live.values())
             except Exception as e:  # a bug here must not leave handlers waiting forever
                 log.exception("tao serve: the engine loop failed")
                 self._fail_all(f"the engine loop failed: {type(e).__name__}: {e}")
 
-    def _apply(self, op: str, sub: Submission | None) -> None:
+    def _apply(self, op: str, sub: Any) -> None:
         if op == "add":
-            assert sub is not None
             sub.request.on_token = self._on_token
+            self.weights.route(sub)
             try:
                 sub.request_id = self.engine.add_request(sub.request)
             except Exception as e:  # a bad request gets an error result; this is a bug: fail it alone
@@ -173,8 +287,9 @@ class EngineLoop:
             if sub.stream and sub.request.params.top_logprobs:
                 # on_token carries no top log-probs: read them from the engine's request, found once
                 sub.group = self.engine.scheduler.find(sub.request_id)
+        elif op == "swap":
+            self.weights.begin(sub)
         elif op == "cancel":
-            assert sub is not None
             if sub.request_id in self._live:
                 self.engine.abort(sub.request_id)
         elif op == "drain":

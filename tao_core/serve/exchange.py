@@ -14,13 +14,13 @@ columns (``tao_core.table_schema.EXCHANGE_COLUMNS``):
 | ``execution_ms`` | from arrival to the answer's last byte, in milliseconds |
 | ``request_json`` | the request body as parsed JSON (its text when it is not JSON; None when unread) |
 | ``response_json`` | the response object; for a stream the assembled completion object; the error object on an error; None at 499 |
-| ``served_model``, ``model_version`` | the model id clients send, and the version answering (``ServeConfig``) |
+| ``served_model``, ``model_version`` | the model id clients send, and the version that answered: the one the request was admitted under (:mod:`tao_core.serve.versions`; the served one when no model ran) |
 | ``requester`` | the API key id of the caller (None: the loopback server is open, with no API key) |
 | ``tag`` | ``ServeConfig.tag`` (e.g. an A/B arm), or None |
 | ``prompt_token_ids`` | the tokens the model was conditioned on (None before they were known) |
 | ``completion_token_ids`` | one list per choice, a final stop token included (None unless 200) |
 | ``completion_logprobs`` | one list per choice: each token's log-prob, ``log_softmax(logits / T)`` before truncation |
-| ``policy_version`` | the version of the weights that sampled the tokens (the model version answering) |
+| ``policy_version`` | the version of the weights that sampled the tokens (the same as ``model_version``) |
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ class Exchange:
     started: float = field(default_factory=time.perf_counter)
     request_json: Any = None
     prompt_token_ids: list[int] | None = None
+    model_version: str = ""  # the version answering: the served one at arrival, then the one it was admitted under
     ended: bool = False
 
 
@@ -72,13 +73,14 @@ class Exchanges:
         self.logger = logger
         self.metrics = metrics
         self.served_model = served_model
-        self.model_version = model_version
+        self.model_version = model_version  # the served version (tao_core.serve.versions keeps it current)
         self.tag = tag
         self.log_failures = 0  # records the logger raised on (each is also in the server log)
 
     def begin(self, endpoint: str, id_prefix: str, client_request_id: str | None,
               requester: str | None = None) -> Exchange:
-        return Exchange(endpoint, f"{id_prefix}-{uuid.uuid4().hex}", client_request_id, requester)
+        return Exchange(endpoint, f"{id_prefix}-{uuid.uuid4().hex}", client_request_id, requester,
+                        model_version=self.model_version)
 
     def end(self, ex: Exchange, status: int, response: Any = None, choices: Sequence[Choice] | None = None) -> None:
         """Count and log ``ex`` answered with ``status`` (once; later calls do nothing)."""
@@ -98,13 +100,13 @@ class Exchanges:
             "request_json": ex.request_json,
             "response_json": response,
             "served_model": self.served_model,
-            "model_version": self.model_version,
+            "model_version": ex.model_version,
             "requester": ex.requester,
             "tag": self.tag,
             "prompt_token_ids": ex.prompt_token_ids,
             "completion_token_ids": None if choices is None else [list(c.token_ids) for c in choices],
             "completion_logprobs": None if choices is None else [[finite(float(x)) for x in c.logprobs] for c in choices],
-            "policy_version": self.model_version,
+            "policy_version": ex.model_version,
         }
         try:
             self.logger.log(record)
