@@ -329,6 +329,7 @@ def _run_recipe(found, parsed: dict, steps: int | None) -> None:
     click.echo(f"report: {md}")
 
 
+from tao_core.flywheel import flywheel_cmd  # noqa: E402 (torch, FastAPI and plugins load when it runs)
 from tao_core.serve.cli import serve_cmd  # noqa: E402 (torch and FastAPI load when it runs)
 from tao_core.serve.keys_cli import keys_group  # noqa: E402 (no torch or FastAPI)
 from tao_core.table_cli import table_group  # noqa: E402 (its commands import the table lazily)
@@ -336,6 +337,7 @@ from tao_core.table_cli import table_group  # noqa: E402 (its commands import th
 cli.add_command(serve_cmd)
 cli.add_command(table_group)
 cli.add_command(keys_group)
+cli.add_command(flywheel_cmd)
 
 
 def main() -> None:
