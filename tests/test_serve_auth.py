@@ -39,7 +39,8 @@ from tao_core.table import InferenceTable  # noqa: E402
 from tests.test_serve import MODEL, QUESTION, RecordingLogger, wait_until  # noqa: E402
 
 ADMIN_TOKEN = "flywheel-token-" + "x" * 32
-CONFIG = ServeConfig(served_model=MODEL, model_version="v1", max_tokens_limit=16, default_max_tokens=4)
+CONFIG = ServeConfig(served_model=MODEL, model_version="v1", max_tokens_limit=16, default_max_tokens=4,
+                     max_body_bytes=4096)
 
 
 def keys_cli(*args: str) -> str:
@@ -199,6 +200,25 @@ def test_token_buckets_refill_at_the_rate_and_say_how_long_to_wait():
     now[0] = 10.0
     assert buckets.take("k", 6) == 0.0 and buckets.take("other", 6) == 0.0
     assert all(buckets.take("k", 0) == 0.0 for _ in range(100))  # 0: unlimited
+
+
+# --- the other bounds -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/feedback"])
+def test_a_body_over_the_limit_is_a_413_whether_declared_or_streamed(keyed, path):
+    """``--max-body-bytes`` holds for a declared length and for a chunked body that never says its size."""
+    body = json.dumps({"model": MODEL, "prompt": "x" * CONFIG.max_body_bytes}).encode()
+    headers = {"Authorization": f"Bearer {keyed['keys']['alice'][1]}", "content-type": "application/json"}
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(body), 1024):
+            yield body[i:i + 1024]
+
+    declared = httpx.post(f"{keyed['url']}{path}", content=body, headers=headers)
+    streamed = httpx.post(f"{keyed['url']}{path}", content=chunks(), headers=headers)
+    for response in (declared, streamed):
+        assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    assert "content-length" not in streamed.request.headers
 
 
 # --- the open loopback mode ------------------------------------------------------------------------
