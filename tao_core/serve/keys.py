@@ -181,6 +181,8 @@ class LiveKeys:
             seen: tuple[int, ...] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         except FileNotFoundError:
             seen = ()
+        except OSError as e:
+            raise TaoInputError(f"cannot read the key store {self.store.path}: {e.strerror or e}") from None
         if seen != self._seen:
             self._keys = self.store.load()
             self._seen = seen
