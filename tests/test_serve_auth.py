@@ -176,6 +176,16 @@ def test_admin_routes_take_admin_keys_or_the_admin_token_only(keyed):
         chat(client(keyed["url"], ADMIN_TOKEN))  # the admin token is for /admin only
 
 
+def test_the_product_admin_routes_are_guarded_too(keyed):
+    """POST /admin/rollback (tao_core.serve.admin): refused without an admin key; reached with one (409:
+    there is no earlier version to roll back to)."""
+    url, keys = f"{keyed['url']}/admin/rollback", keyed["keys"]
+    assert httpx.post(url).status_code == 401
+    assert httpx.post(url, headers={"Authorization": f"Bearer {keys['alice'][1]}"}).status_code == 403
+    reached = httpx.post(url, headers={"Authorization": f"Bearer {keys['ops'][1]}"})
+    assert reached.status_code == 409 and reached.json()["error"]["code"] == "no_previous_version"
+
+
 # --- rate limits ---------------------------------------------------------------------------------
 
 def test_a_key_over_its_rate_limit_is_a_429_with_retry_after(keyed):

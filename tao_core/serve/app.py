@@ -27,6 +27,7 @@ from tao_core.engine import Engine, EngineConfig, unsupported_reason
 from tao_core.errors import TaoInputError
 from tao_core.models import LoadedModel
 from tao_core.serve import feedback as feedback_route
+from tao_core.serve.admin import register_admin_routes
 from tao_core.serve.auth import AuthMiddleware, Guard, check_binding, is_loopback
 from tao_core.serve.completions import ServerState, answer, error_response
 from tao_core.serve.engine_loop import EngineLoop
@@ -116,6 +117,7 @@ def create_app(lm: LoadedModel, config: ServeConfig | None = None, *, logger: Ex
         return PlainTextResponse(metrics.render(running=state.loop.running, waiting=state.loop.waiting),
                                  media_type=PROMETHEUS_TEXT)
 
+    register_admin_routes(app, state)
     return app
 
 
