@@ -38,6 +38,7 @@ class Segment:
     temperature: float  # the temperature of ``old_logprobs`` (Candidate.temperature)
     off_policy: list[bool] | None = None  # per completion: sampled by another policy (another prompt
     # or weights), so ``old_logprobs`` are that behaviour policy's; None: every completion on-policy
+    group: int | None = None  # index of its prompt's group in the step (the rank serving that prompt trains it)
 
     @property
     def n_tokens(self) -> int:

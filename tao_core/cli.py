@@ -184,14 +184,20 @@ def _print_result(result) -> None:
               help="Override a config key, e.g. --set train.lr=1e-5 (value parsed as TOML).")
 @click.option("--output-dir", default=None, help="Run directory (overrides output_dir).")
 def run_cmd(config, resume_dir, overrides, output_dir) -> None:
-    """Run TAO from a TOML config: rounds of generate -> score -> train -> evaluate."""
+    """Run TAO from a TOML config: rounds of generate -> score -> train -> evaluate.
+
+    Under torchrun (`torchrun --nproc-per-node N -m tao_core.cli run CONFIG`) each process is one
+    rank of a data-parallel run (docs/distributed.md)."""
     from tao_core import pipeline
     from tao_core.config import load_config
+    from tao_core.distributed import main_process
 
     if resume_dir:
         if config or overrides:
             raise click.UsageError("--resume takes the run's saved config; give no CONFIG or --set")
-        _print_result(pipeline.resume(resume_dir))
+        result = pipeline.resume(resume_dir)
+        if main_process():
+            _print_result(result)
         return
     if not config:
         raise click.UsageError("give a CONFIG file or --resume RUN_DIR")
@@ -199,8 +205,10 @@ def run_cmd(config, resume_dir, overrides, output_dir) -> None:
     if output_dir is not None:
         parsed["output_dir"] = output_dir
     cfg = load_config(config, parsed)
-    _print_result(pipeline.run(cfg))
-    click.echo(f"report: tao report {cfg.output_dir}")
+    result = pipeline.run(cfg)  # under torchrun: every rank runs, rank 0 alone prints
+    if main_process():
+        _print_result(result)
+        click.echo(f"report: tao report {cfg.output_dir}")
 
 
 @cli.command("sft")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import os
 import stat
 import tomllib
@@ -24,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from tao_core import fields
-from tao_core.errors import PluginError, TaoInputError
+from tao_core.config_plugins import OPTIONS, PLUGINS, plugin_problems  # noqa: F401 (OPTIONS, PLUGINS: read here by the docs and tests)
+from tao_core.errors import TaoInputError
 from tao_core.fields import Rule, between, check_fields, field_hints, hint_name, one_of, show, type_ok
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -36,6 +36,7 @@ LOSS_AGGS = ("token_mean", "seq_mean", "fixed_length")
 OLD_LOGPROBS = ("sampled", "current")
 VOTERS = ("policy", "frozen", "ema")
 OFF_POLICY = ("drop", "importance")
+BACKENDS = ("auto", "gloo", "nccl")  # torch.distributed backends of [distributed]
 SAMPLERS = ("auto", "engine", "hf")  # tao_core.models.SAMPLER_BACKENDS (that module imports torch)
 
 # Upper bounds on the values that size an allocation (a bigger one is a typo, not a plan).
@@ -169,6 +170,14 @@ class TableConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Several processes under torchrun (see docs/distributed.md); read only when the launcher's environment is set."""
+
+    backend: str = "auto"  # "auto" (nccl on CUDA GPUs, gloo on the CPU) | "gloo" | "nccl"
+    timeout_s: float = 600.0  # a rank that dies or stops answering ends the run after at most this many seconds
+
+
+@dataclass
 class RunConfig:
     """A TAO run: rounds of generate -> score -> train -> evaluate."""
 
@@ -190,6 +199,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     table: TableConfig = field(default_factory=TableConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -278,16 +288,9 @@ RULES: dict[str, Rule] = {
     "train.overlong_penalty": between(0),
     "train.layout": one_of(*LAYOUTS),
     "train.seed": between(0, MAX_SEED),
+    "distributed.backend": one_of(*BACKENDS),
+    "distributed.timeout_s": between(0, lo_open=True),
 }
-
-# Fields naming a registered component: key -> registry kind.
-PLUGINS = {"task": "tasks", "generate.generator": "generators", "score.scorer": "scorers",
-           "train.objective": "objectives", "train.advantage": "advantages"}
-# Keyword options of a component's factory: key -> (the key naming the component, the attribute of
-# the task factory naming its default when that key is None, positional arguments the caller passes).
-OPTIONS = {"task_options": ("task", None, 0),
-           "generate.options": ("generate.generator", "default_generator", 1),  # factory(model, **options)
-           "score.options": ("score.scorer", "default_scorer", 0)}
 
 
 def check_values(cfg: Any, prefix: str = "", rules: dict[str, Rule] | None = None) -> dict[str, str]:
@@ -391,7 +394,7 @@ def validate(cfg: RunConfig, where: str = "config") -> None:
     bad = check_values(cfg)
     if any(section in bad for section in ("generate", "score", "train")):
         _raise(where, list(bad.values()))  # the checks below read inside each section
-    _raise(where, [*bad.values(), *_file_problems(cfg, bad), *_plugin_problems(cfg, bad), *_pair_problems(cfg, bad)])
+    _raise(where, [*bad.values(), *_file_problems(cfg, bad), *plugin_problems(cfg, bad), *_pair_problems(cfg, bad)])
 
 
 def _pair_problems(cfg: RunConfig, bad: dict[str, str]) -> list[str]:
@@ -439,59 +442,3 @@ def _probe(path: str) -> str:
     except (OSError, ValueError) as e:
         return f"unusable ({getattr(e, 'strerror', None) or e})"
     return "a file" if stat.S_ISREG(mode) else "a directory" if stat.S_ISDIR(mode) else "something else"
-
-
-def _get(cfg: Any, key: str) -> Any:
-    for part in key.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
-
-
-def _plugin_problems(cfg: RunConfig, bad: dict[str, str]) -> list[str]:
-    """Named plugins are registered and their options are keywords of their factories, for the
-    keys whose values passed :func:`check_values`."""
-    from tao_core.plugins import get_registry
-
-    reg = get_registry()
-    problems, factories = [], {}
-    if cfg.task is None and "task" not in bad:
-        problems.append(f"task is not set; name a registered task: {', '.join(reg.names('tasks'))}")
-    for key, kind in PLUGINS.items():
-        name = _get(cfg, key)
-        if name is None or key in bad:
-            continue
-        try:
-            factories[key] = reg.entry(kind, name).obj
-        except PluginError:
-            problems.append(f"{key} = {show(name)} is not a registered {kind[:-1]}; "
-                            f"available: {', '.join(reg.names(kind))}")
-    for key, (name_key, task_default, positional) in OPTIONS.items():
-        name = _get(cfg, name_key)
-        if name is None and task_default is not None:
-            name = getattr(factories.get("task"), task_default, None)  # a class attribute of the task factory
-        if not isinstance(name, str) or name_key in bad or key in bad:
-            continue
-        try:
-            factory = reg.entry(PLUGINS[name_key], name).obj
-        except PluginError:
-            continue  # reported above, or a task's missing default (reported when the task is built)
-        problems += _option_problems(key, _get(cfg, key), f"{PLUGINS[name_key][:-1]} {name!r}", factory, positional)
-    return problems
-
-
-def _option_problems(key: str, options: dict[str, Any], what: str, factory: Any, positional: int) -> list[str]:
-    """``options`` against the keyword parameters of ``factory`` (after ``positional`` ones)."""
-    try:
-        params = list(inspect.signature(factory).parameters.values())[positional:]
-    except (TypeError, ValueError):  # no signature to read (a builtin): the factory checks its options
-        return []
-    keywords = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    problems = []
-    if not any(p.kind is p.VAR_KEYWORD for p in params):
-        accepted = ", ".join(p.name for p in keywords) or "none"
-        problems += [f"{key}.{k} is not an option of {what}; it accepts: {accepted}"
-                     for k in options if k not in {p.name for p in keywords}]
-    missing = [p.name for p in keywords if p.default is p.empty and p.name not in options]
-    if missing:
-        problems.append(f"{key} lacks {', '.join(missing)}, required by {what}")
-    return problems

@@ -162,6 +162,15 @@ class ImportanceTally:
     on_tokens: int = 0  # on-policy tokens trained
     kl_sum: float = 0.0  # sum over them of (sampled log-prob - trainer log-prob)
 
+    @classmethod
+    def merged(cls, tallies: list[ImportanceTally]) -> ImportanceTally:
+        """One tally of several ranks' (one rank's: itself)."""
+        if len(tallies) == 1:
+            return tallies[0]
+        return cls(sum(t.off_tokens for t in tallies), sum(t.ratio_sum for t in tallies),
+                   max(t.ratio_max for t in tallies), sum(t.clipped for t in tallies),
+                   sum(t.on_tokens for t in tallies), sum(t.kl_sum for t in tallies))
+
     def metrics(self, importance: bool) -> dict[str, float]:
         """``sampler_trainer_kl``: mean over on-policy tokens of ``log mu - log pi``, the k1 estimate
         of KL(mu || pi), the sampler/trainer mismatch (nan with no on-policy token); with

@@ -17,8 +17,6 @@ import copy
 import dataclasses
 import json
 import platform
-import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,22 +26,22 @@ from tqdm.auto import tqdm
 
 from tao_core.checkpoint import PIPELINE_TENSORS
 from tao_core.config import RunConfig, from_dict, validate
-from tao_core.errors import PluginError, TaoInputError, TaoWriteError
+from tao_core.distributed import Dist, DistributedError
+from tao_core.errors import TaoInputError, TaoWriteError
 from tao_core.fsio import fault_point, write_file
 from tao_core.guards import Guard
 from tao_core.models import LoadedModel, load_model
-from tao_core.monitors import FlipMonitor, gate_groups, group_detail, group_majorities
+from tao_core.monitors import FlipMonitor
+from tao_core.pipeline_step import StepStages, step_prompts  # noqa: F401 (tao sft and tests import it here)
 from tao_core.plugins import get_component
 from tao_core.promotion import decide
-from tao_core.rundir import KEEP_CHECKPOINTS, RunDir, write_dir
+from tao_core.rundir import KEEP_CHECKPOINTS, RunDir
 from tao_core.sampler import sampler_for
-from tao_core.scoring import ScorerLimits, load_scorer, score_groups
-from tao_core.tasks import EvalResult, Task, evaluate
+from tao_core.scoring import ScorerLimits, load_scorer
+from tao_core.tasks import EvalResult, Task, evaluate, wilson_interval
 from tao_core.teacher import Teacher
 from tao_core.train import Trainer
 from tao_core.types import Prompt, SamplingParams
-
-MAX_UNSCORED_STEPS = 3  # consecutive steps in which the scorer scored nothing before the run stops
 
 
 @dataclass
@@ -69,21 +67,8 @@ def _versions() -> dict[str, Any]:
     return out
 
 
-def step_prompts(pool: list[Prompt], seed: int, step: int, k: int) -> list[Prompt]:
-    """The ``k`` prompts of a step: epochs over ``pool`` in a seeded order, no repeats within one."""
-    out: list[Prompt] = []
-    pos = step * k
-    while len(out) < k:
-        epoch, offset = divmod(pos, len(pool))
-        order = list(range(len(pool)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        take = order[offset : offset + (k - len(out))]
-        out.extend(pool[i] for i in take)
-        pos += len(take)
-    return out
 
-
-class Pipeline:
+class Pipeline(StepStages):
     """Holds the model, task, generator, scorer and trainer of one run directory.
 
     Order of work: the config is validated, the task built and the prompts read; only then is
@@ -96,6 +81,7 @@ class Pipeline:
         validate(cfg)
         self.cfg = cfg = copy.deepcopy(cfg)  # filled in below with what the run resolves, then saved
         self.progress = progress
+        self.dist = Dist.from_env(cfg.distributed)  # one process, or this rank of torchrun's
         self.task: Task = get_component("tasks", cfg.task)(**cfg.task_options)
         self.table_counts: dict[str, int] | None = None
         if cfg.prompts_file:
@@ -120,7 +106,7 @@ class Pipeline:
         # upgrade in between) never picks different ones
         cfg.train.objective, cfg.score.scorer = self.objective_name, self.scorer_name
         cfg.generate.generator = cfg.generate.generator or self.task.default_generator
-        self.dir = RunDir(cfg.output_dir)
+        self.dir = RunDir(cfg.output_dir, writes=self.dist.is_main)
         created = not self.dir.root.exists()
         self.dir.claim("run", resume=resume)
         try:
@@ -136,13 +122,13 @@ class Pipeline:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        self.lm = lm or load_model(cfg.model, sampler=cfg.generate.sampler)
+        self.lm = lm or load_model(cfg.model, sampler=cfg.generate.sampler, device=self.dist.device)
         if cfg.generate.sampler != "auto":  # a model passed in samples with the backend the config declares
             self.lm.sampler_backend = cfg.generate.sampler
         train_cfg = cfg.train
         if train_cfg.total_steps is None:
             train_cfg = dataclasses.replace(train_cfg, total_steps=cfg.rounds * cfg.steps_per_round)
-        self.trainer = Trainer(self.lm, train_cfg, objective=self.objective)  # the config's, else the task's default
+        self.trainer = Trainer(self.lm, train_cfg, objective=self.objective, dist=self.dist)  # the config's, else the task's default
         self.generator = get_component("generators", cfg.generate.generator)(self.lm, **cfg.generate.options)
         self.teacher = self._teacher()
         self.flips = FlipMonitor()  # share of revisited prompts whose voter majority changed
@@ -158,7 +144,7 @@ class Pipeline:
 
         prepared = from_table(self.cfg.table)
         self.table_counts, self.held_out_prompts = {**prepared.counts, "train": len(prepared.train)}, prepared.held_out
-        tqdm.write(f"table {self.cfg.table.url}: " + ", ".join(f"{k} {v}" for k, v in self.table_counts.items()))
+        self._say(f"table {self.cfg.table.url}: " + ", ".join(f"{k} {v}" for k, v in self.table_counts.items()))
         return prepared.train
 
     def _teacher(self) -> Teacher | None:
@@ -170,7 +156,7 @@ class Pipeline:
         teacher = Teacher.frozen(self.lm) if voters == "frozen" else Teacher.ema(self.lm, self.cfg.generate.ema_rate)
         teacher.attach(sampler_for(self.lm))
         if "teacher" not in str(self.cfg.generate.options.get("template_weight_sets", {})):
-            tqdm.write(f"warning: generate.voters = {voters!r} but no generator template samples with the "
+            self._say(f"warning: generate.voters = {voters!r} but no generator template samples with the "
                        "'teacher' weights (generate.options.template_weight_sets)")
         return teacher
 
@@ -184,13 +170,18 @@ class Pipeline:
         )
 
     def evaluate(self) -> EvalResult:
-        return evaluate(self.task, sampler_for(self.lm), self.eval_examples)  # the generator's sampler, shared
+        """The held-out evaluation with the generator's sampler; each rank greedy-decodes its shard."""
+        if self.dist.world_size == 1:
+            return evaluate(self.task, sampler_for(self.lm), self.eval_examples)
+        mine = self.dist.shard(len(self.eval_examples))
+        local = evaluate(self.task, sampler_for(self.lm), self.eval_examples[mine.start:mine.stop]) if mine else None
+        return _evaluation(self.task, self.dist.gather("evaluation", local.per_example if local else []))
 
     def _trainable(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.lm.model.named_parameters() if p.requires_grad}
 
     def _restore_best(self, step: int) -> None:
-        best = self.dir.load_best(step)
+        best = self.dist.broadcast("best weights", self.dir.load_best(step) if self.dist.is_main else None)
         with torch.no_grad():
             for n, p in self._trainable().items():
                 p.copy_(best[n])
@@ -199,7 +190,14 @@ class Pipeline:
     def run(self, *, resume: bool = False) -> RunResult:
         """Run to the end (resuming from the newest valid checkpoint when ``resume``); releases the directory."""
         try:
-            return self._run(resume)
+            result = self._run(resume)
+            self.dist.close()
+            return result
+        except DistributedError as e:
+            last = self.dir.latest_checkpoint()
+            raise DistributedError(f"{e}. The run stopped on every rank; the last valid checkpoint is "
+                                   f"{last or 'none (the run restarts from step 0)'}: continue with `torchrun "
+                                   f"--nproc-per-node N -m tao_core.cli run --resume {self.dir.root}` (any N)") from None
         except TaoWriteError as e:
             raise TaoWriteError(e.errno, f"{e}; the run stopped, and what it wrote before is intact: free the "
                                 f"space or fix the disk, then `tao run --resume {self.dir.root}`") from e
@@ -210,7 +208,7 @@ class Pipeline:
         """(first step, the evaluation before tuning, the best so far, tuning seconds so far):
         from the newest valid checkpoint when resuming, else from a first evaluation at step 0."""
         cfg, rd = self.cfg, self.dir
-        found = rd.load_checkpoint() if resume else None
+        found = self.dist.broadcast("checkpoint", rd.load_checkpoint() if self.dist.is_main else None) if resume else None
         if found is not None:
             ckpt, trainer_state, state, fallbacks = found
             try:
@@ -228,16 +226,16 @@ class Pipeline:
             rd.truncate_metrics_after(start)
             for message in fallbacks:
                 rd.log({"type": "warning", "step": start, "kind": "checkpoint_fallback", "message": message})
-                tqdm.write(f"warning: {message}")
+                self._say(f"warning: {message}")
             return start, before, best, tuning_s
         if resume:
-            tqdm.write(f"warning: {rd.root}: no checkpoint was written before the run stopped; starting again "
+            self._say(f"warning: {rd.root}: no checkpoint was written before the run stopped; starting again "
                        "from step 0 (finished generation and scoring on disk are reused)")
             rd.truncate_metrics_after(-1)
-        write_file(rd.root / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        rd.write_text("config.json", json.dumps(cfg.to_dict(), indent=2))
         if self.table_counts is not None:
             rd.log({"type": "prompts", "step": 0, "source": "table", **self.table_counts})
-        write_file(rd.root / "versions.json", json.dumps(_versions(), indent=2))
+        rd.write_text("versions.json", json.dumps(_versions(), indent=2))
         fault_point("eval.before")
         result = self.evaluate()
         self._best_items = _items(result)
@@ -246,30 +244,13 @@ class Pipeline:
         rd.save_best(self._trainable(), before)
         return 0, before, before, 0.0
 
-    def _check_scored(self, record: dict[str, Any], step: int, failed_steps: int) -> int:
-        """Warn about a step whose candidates were all unscored; stop the run after
-        ``MAX_UNSCORED_STEPS`` such steps in a row. Returns the new count of those steps."""
-        if record["scores_ok"] > 0:
-            return 0
-        all_errors = record["scores_abstain"] == 0  # abstaining is a verdict; errors are not
-        failed_steps = failed_steps + 1 if all_errors else 0
-        message = (f"step {step + 1}: scorer {self.scorer_name!r} scored none of the step's candidates "
-                   f"({record['scores_error']} errors, {record['scores_abstain']} abstentions; first: "
-                   f"{record.get('first_score_problem')!r}); the step trained on nothing")
-        self.dir.log({"type": "warning", "step": step + 1, "kind": "no_scores", "message": message})
-        tqdm.write(f"warning: {message}")
-        if failed_steps >= MAX_UNSCORED_STEPS:
-            raise PluginError(f"scorer {self.scorer_name!r} scored no candidate in {failed_steps} steps in a "
-                              f"row (last: {record.get('first_score_problem')!r}); stopping. The checkpoints are "
-                              f"kept and failed scores are not: fix the scorer, then `tao run --resume {self.dir.root}`")
-        return failed_steps
-
     def _run(self, resume: bool) -> RunResult:
         cfg, rd = self.cfg, self.dir
         total_steps = cfg.rounds * cfg.steps_per_round
         start, before, best, tuning_s = self._start(resume)
         stopped, done, failed_steps = False, start, 0
-        bar = tqdm(total=total_steps, initial=start, desc="tao run", disable=not self.progress, unit="step")
+        bar = tqdm(total=total_steps, initial=start, desc="tao run", disable=not (self.progress and self.dist.is_main),
+                   unit="step")
         for step in range(start, total_steps):
             round_index = step // cfg.steps_per_round + 1
             record, elapsed = self._one_step(step, round_index)
@@ -280,8 +261,9 @@ class Pipeline:
             bar.set_postfix(reward=f"{record.get('reward_mean', float('nan')):.3f}", loss=f"{record.get('loss', 0):.4f}")
             for w in self.guard.observe_step(record):
                 rd.log({"type": "warning", "step": step + 1, **w})
-                tqdm.write(f"warning: {w['message']}")
+                self._say(f"warning: {w['message']}")
                 stopped = stopped or cfg.guard.stop_on_collapse
+            stopped = self.dist.broadcast("stop", stopped)  # rank 0's guard decides for every rank
             done = step + 1
             end_of_round = done % cfg.steps_per_round == 0
             if (cfg.guard.eval_every and done % cfg.guard.eval_every == 0) or end_of_round or stopped:
@@ -294,10 +276,11 @@ class Pipeline:
                 if self.teacher is not None:
                     state[PIPELINE_TENSORS] = self.teacher.state_dict()
                 fault_point("checkpoint.before")
-                rd.save_checkpoint(done, self.trainer.state_dict(), state)
+                if self.dist.is_main:
+                    rd.save_checkpoint(done, self.trainer.state_dict(), state)
                 self._best_steps = [*self._best_steps, best["step"]][-KEEP_CHECKPOINTS:]
             if stopped:
-                tqdm.write("stopping: a collapse guard fired (guard.stop_on_collapse); keeping the best weights")
+                self._say("stopping: a collapse guard fired (guard.stop_on_collapse); keeping the best weights")
                 break
         bar.close()
         self._restore_best(best["step"])
@@ -307,117 +290,11 @@ class Pipeline:
             self.trainer.save_pretrained(tmp)
             write_file(tmp / "tao_run.json", json.dumps({"best": best, "before": before}, indent=2))
 
-        write_dir(rd.root / "final", final)
+        rd.write_dir(rd.root / "final", final)
         fault_point("final.after")
         rd.log({"type": "final", "step": best["step"], "before": before["value"], "after": best["value"],
                 "tuning_seconds": tuning_s})
         return RunResult(str(rd.root), before, best, done, tuning_s, self.guard.messages(), stopped)
-
-    def _sample_and_score(self, step: int, prompts: list[Prompt], part: int = 0):
-        """Candidates and scores of ``prompts`` for ``step`` (``part`` > 0: a dynamic-sampling round),
-        read back from the run directory when a resumed run already made them; (groups, scores,
-        generate seconds, score seconds)."""
-        rd = self.dir
-        t0 = time.perf_counter()
-        groups = rd.load_candidates(step, prompts, part)
-        if groups is None:
-            fault_point("generate.before")
-            groups = self.generator.generate(prompts, self.sampling(step))
-            rd.save_step_prompts(step, prompts, part)
-            rd.save_candidates(step, groups, part)
-            fault_point("generate.after")
-        t1 = time.perf_counter()
-        scores = rd.load_scores(step, groups, part)
-        if scores is None:
-            cache = rd.root / "score-cache" if self.cfg.score.cache else None
-            fault_point("score.before")
-            scores = score_groups(self.scorer, prompts, groups, cache=cache, limits=self.limits)
-            if any(s.status != "error" for g in scores for s in g):  # a resume rescores a step that only failed
-                rd.save_scores(step, scores, part)
-            fault_point("score.after")
-        return groups, scores, t1 - t0, time.perf_counter() - t1
-
-    def _resample(self, step: int, prompts: list[Prompt], groups: list, scores: list) -> dict[str, Any]:
-        """Dynamic sampling (DAPO, Yu et al. 2025, arXiv 2503.14476): replace each group whose ok
-        scores are all equal (no advantage, nothing learned) by the group of a fresh prompt whose
-        scores differ, over at most ``generate.max_resample`` extra rounds; in place. Fresh prompts
-        come from the pool in a seeded order per (step, round), so a resumed run draws the same."""
-        flat = [i for i, g in enumerate(scores) if not self._trains(groups[i], g)]
-        used, replaced, drawn = {p.id for p in prompts}, 0, 0
-        for part in range(1, self.cfg.generate.max_resample + 1):
-            if not flat:
-                break
-            pool = step_prompts(self.pool, self.cfg.seed * 7919 + part, step, min(len(self.pool), 2 * len(flat)))
-            extra = [p for p in dict((p.id, p) for p in pool).values() if p.id not in used][: len(flat)]
-            if not extra:
-                break
-            new_groups, new_scores, _, _ = self._sample_and_score(step, extra, part)
-            used |= {p.id for p in extra}
-            drawn += len(extra)
-            good = [(p, g, sc) for p, g, sc in zip(extra, new_groups, new_scores, strict=True) if self._trains(g, sc)]
-            for i, (p, g, sc) in zip(flat, good, strict=False):
-                prompts[i], groups[i], scores[i] = p, g, sc
-                replaced += 1
-            flat = flat[len(good):]
-        return {"resampled_prompts": drawn, "replaced_groups": replaced, "uninformative_groups": len(flat)}
-
-    def _trains(self, candidates: list, scores: list) -> bool:
-        """Whether a group will teach anything: after the gate, its scores of the candidates the
-        trainer uses (off-policy ones only with ``train.off_policy = "importance"``) differ."""
-        gated = gate_groups([scores], self.cfg.score.gate)[0][0]
-        used = [s for c, s in zip(candidates, gated, strict=True)
-                if self.cfg.train.off_policy == "importance" or not c.metadata.get("off_policy")]
-        return _informative(used)
-
-    def _one_step(self, step: int, round_index: int) -> tuple[dict[str, Any], float]:
-        prompts = step_prompts(self.pool, self.cfg.seed, step, self.cfg.prompts_per_step)
-        t0 = time.perf_counter()
-        groups, scores, gen_s, score_s = self._sample_and_score(step, prompts)
-        dynamic = self._resample(step, prompts, groups, scores) if self.cfg.generate.dynamic_sampling else {}
-        t1 = t0 + gen_s
-        t2 = time.perf_counter()
-        label_free = self._label_free_stats(prompts, scores)
-        train_scores, gated = gate_groups(scores, self.cfg.score.gate)  # the raw scores stay on disk
-        if self.cfg.score.gate is not None and gated["gate_no_margin"] == gated["gate_groups"] and not self._warned_gate:
-            self._warned_gate = True
-            tqdm.write(f"warning: score.gate is set but scorer {self.scorer_name!r} reports no voter margin "
-                       "(Score.details['margin']): the gate keeps every group")
-        fault_point("train.before")
-        params = self.sampling(step)
-        metrics = self.trainer.step(prompts, groups, train_scores, max_new_tokens=params.max_new_tokens,
-                                    policy_temperature=params.temperature if params.temperature > 0 else None)
-        if self.teacher is not None:
-            self.teacher.update()  # EMA voters follow the policy slowly (frozen ones stay)
-        fault_point("train.after")
-        t3 = time.perf_counter()
-        cands = [c for g in groups for c in g]
-        flat = [s for g in scores for s in g]
-        new_tokens = sum(len(c.token_ids) for c in cands)
-        record = {
-            **{f"trainer_{k}" if k == "step" else k: v for k, v in metrics.items()},
-            "type": "step", "step": step + 1, "round": round_index,
-            "generate_s": t1 - t0, "score_s": t2 - t1, "train_s": t3 - t2,
-            "completion_len_mean": new_tokens / max(1, len(cands)),
-            "generate_tokens_per_s": new_tokens / max(1e-9, t1 - t0),
-            "scores_ok": sum(s.status == "ok" for s in flat),
-            "scores_abstain": sum(s.status == "abstain" for s in flat),
-            "scores_error": sum(s.status == "error" for s in flat),
-            **label_free, **(gated if self.cfg.score.gate is not None else {}), **dynamic,
-        }
-        problem = next((s.reason for s in flat if s.status != "ok" and s.reason), None)
-        if problem is not None:
-            record["first_score_problem"] = problem[:200]
-        return record, t3 - t0
-
-    def _label_free_stats(self, prompts: list[Prompt], scores) -> dict[str, Any]:
-        """The voter monitors of a step whose scorer reports majorities (``Score.details``)."""
-        majorities = group_majorities(scores)
-        if all(m is None for m in majorities):
-            return {}
-        seen = self.flips.observe([p.id for p in prompts], majorities)
-        margins = [m for g in scores if (m := group_detail(g, "margin")) is not None]
-        return {"flip_rate": seen["flip_rate"], "revisited": seen["revisited"],  # flip_rate None: nothing revisited
-                "voter_margin_mean": sum(margins) / len(margins) if margins else None}
 
     def _evaluate_and_promote(self, done: int, round_index: int, best: dict[str, Any],
                               end_of_round: bool) -> tuple[dict[str, Any], bool]:
@@ -427,12 +304,12 @@ class Pipeline:
         fault_point("eval.after")
         rec = {**result.to_dict(), "step": done, "round": round_index}
         rd.log({"type": "eval", **rec})
-        tqdm.write(f"step {done}: held-out {result.metric} = {result.value:.3f} "
+        self._say(f"step {done}: held-out {result.metric} = {result.value:.3f} "
                    f"[{result.ci_low:.3f}, {result.ci_high:.3f}] (best {best['value']:.3f})")
         warnings = self.guard.observe_eval(rec, best)
         for w in warnings:
             rd.log({"type": "warning", "step": done, **w})
-            tqdm.write(f"warning: {w['message']}")
+            self._say(f"warning: {w['message']}")
         stop = bool(warnings) and cfg.guard.stop_on_collapse
         items = _items(result)
         if self._best_items is not None:  # the promotion gate: no task regresses, by a paired test
@@ -441,12 +318,13 @@ class Pipeline:
             promoted, gate = decision.promoted, decision.to_dict()["tasks"][result.task]
         else:  # resumed from a checkpoint that kept no per-item results: compare the means
             promoted, gate = result.value >= best["value"] - cfg.guard.promote_tolerance, None
+        promoted, gate, stop = self.dist.broadcast("promotion", (promoted, gate, stop))  # rank 0's decision
         if promoted and result.value >= best["value"]:
             best, self._best_items = rec, items
             rd.save_best(self._trainable(), best, keep_steps=set(self._best_steps))
             fault_point("best.after")
         if end_of_round:
-            write_dir(rd.round_model_dir(round_index), self.trainer.save_pretrained)
+            rd.write_dir(rd.round_model_dir(round_index), self.trainer.save_pretrained)
             fault_point("round.after-model")
             rolled_back = not promoted and cfg.guard.rollback
             if rolled_back:
@@ -461,10 +339,13 @@ class Pipeline:
         return best, stop
 
 
-def _informative(scores) -> bool:
-    """Whether a group's ok scores differ (at least two ok scores, not all equal): it has an advantage."""
-    values = {s.value for s in scores if s.status == "ok"}
-    return sum(s.status == "ok" for s in scores) >= 2 and len(values) > 1
+def _evaluation(task: Task, rows: list[dict[str, Any]]) -> EvalResult:
+    """The held-out result of every example's row (the ranks' shards gathered), as :func:`evaluate` makes it."""
+    total = 0.0
+    for row in rows:
+        total += row["value"]
+    lo, hi = wilson_interval(total, len(rows))
+    return EvalResult(task.name, task.metric, total / len(rows) if rows else 0.0, lo, hi, len(rows), rows)
 
 
 def _items(result: EvalResult) -> list[dict[str, Any]]:

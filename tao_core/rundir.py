@@ -23,12 +23,17 @@ appended and fsynced). Checkpoints are whole directories renamed into place; ``c
 names the newest, and resume verifies each checkpoint's manifest, falling back to the previous one
 with a warning. Whole directories (``final/``, round models) are written beside their place and
 renamed in.
+
+Under several ranks (:mod:`tao_core.distributed`) rank 0 alone writes: the others open the
+directory with ``writes=False``, and every writing method (marked ``@_writer``) then returns
+without touching the disk; what they need from it reaches them from rank 0.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import json
 import math
 import os
@@ -158,9 +163,20 @@ def run_kind(root: Path) -> str | None:
     return marker["kind"] if marker else (_legacy_kind(root) if root.is_dir() else None)
 
 
+def _writer(method: Callable) -> Callable:
+    """A method that writes: in a RunDir opened with ``writes=False`` it returns None, touching nothing."""
+
+    @functools.wraps(method)
+    def wrapper(self: RunDir, *args: Any, **kwargs: Any) -> Any:
+        return method(self, *args, **kwargs) if self.writes else None
+
+    return wrapper
+
+
 class RunDir:
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, *, writes: bool = True) -> None:
         self.root = Path(root)
+        self.writes = writes  # False: a rank other than 0 of a distributed run (it reads what rank 0 sends)
         self._lock_fd: int | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -174,6 +190,8 @@ class RunDir:
         """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if not self.writes:
+            return self
         root = self.root
         if root.exists() and not root.is_dir():
             raise TaoInputError(f"{root} is a file, not a directory; choose another output directory")
@@ -231,6 +249,7 @@ class RunDir:
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
 
+    @_writer
     def remove_unstarted(self) -> None:
         """Remove this directory when it holds nothing but its marker and lock (a run that never began)."""
         if self.root.is_dir() and {p.name for p in self.root.iterdir()} <= {MARKER, LOCK}:
@@ -266,6 +285,7 @@ class RunDir:
         return self.root / "best"
 
     # -- metrics -------------------------------------------------------------------------------
+    @_writer
     def log(self, record: dict[str, Any]) -> None:
         """Append one metrics line (fsynced): steps, evaluations, rounds, warnings."""
         record = {"time": round(time.time(), 3), **record}
@@ -278,15 +298,28 @@ class RunDir:
             return []
         return [r for _, r in read_records(self.metrics_path, tolerate_torn_tail=True)]
 
+    @_writer
     def truncate_metrics_after(self, step: int) -> None:
         """Drop metric lines of steps after ``step`` (they are redone after a resume)."""
         kept = [r for r in self.read_metrics() if r.get("step", 0) <= step]
         write_jsonl(self.metrics_path, kept)
 
+    @_writer
+    def write_text(self, name: str, text: str) -> None:
+        """A small file of the run (``config.json``, ``versions.json``), written whole."""
+        write_file(self.root / name, text)
+
+    @_writer
+    def write_dir(self, dest: Path, fill: Callable[[Path], Any]) -> None:
+        """A whole directory of the run (``final/``, a round's model): :func:`write_dir`."""
+        write_dir(dest, fill)
+
     # -- stage artifacts -----------------------------------------------------------------------
+    @_writer
     def save_step_prompts(self, step: int, prompts: list[Prompt], part: int = 0) -> None:
         write_jsonl(self.step_dir(step, part) / "prompts.jsonl", prompts)
 
+    @_writer
     def save_candidates(self, step: int, groups: list[list[Candidate]], part: int = 0) -> None:
         write_jsonl(self.step_dir(step, part) / "candidates.jsonl", [c for g in groups for c in g])
 
@@ -299,6 +332,7 @@ class RunDir:
             by_prompt[c.prompt_id].append(c)
         return [sorted(by_prompt[p.id], key=lambda c: c.index) for p in prompts]
 
+    @_writer
     def save_scores(self, step: int, scores: list[list[Score]], part: int = 0) -> None:
         write_jsonl(self.step_dir(step, part) / "scores.jsonl", [s for g in scores for s in g])
 
@@ -314,6 +348,7 @@ class RunDir:
         return out
 
     # -- checkpoints ---------------------------------------------------------------------------
+    @_writer
     def save_checkpoint(self, step: int, trainer_state: dict[str, Any], pipeline_state: dict[str, Any],
                         keep: int = KEEP_CHECKPOINTS) -> Path:
         """Write checkpoint ``step`` (see :mod:`tao_core.checkpoint`), point ``latest`` at it, keep the last ``keep``."""
@@ -386,6 +421,7 @@ class RunDir:
     def best_path(self, step: int) -> Path:
         return self.best_dir / f"step-{step:05d}.safetensors"
 
+    @_writer
     def save_best(self, trainable: dict[str, torch.Tensor], info: dict[str, Any], keep_steps: set[int] = frozenset()) -> None:
         """Store the best weights under their step; files of steps not in ``keep_steps`` | {this} are pruned."""
         from safetensors.torch import save

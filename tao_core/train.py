@@ -36,19 +36,18 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from tao_core.batching import Segment, final_hidden, pack, plan_micro_batches
+from tao_core.batching import final_hidden, pack, plan_micro_batches
 from tao_core.config import TrainConfig
+from tao_core.distributed import Dist
 from tao_core.errors import PluginError, TaoInputError
 from tao_core.models import LoadedModel
 from tao_core.objectives import LossConfig, LossOutput, Objective
 from tao_core.offpolicy import (
     ImportanceTally,
-    drop_truncated,
-    overlong_penalties,
     start_of_step,
-    trained_prompt,
 )
 from tao_core.onednn import onednn_linears
+from tao_core.train_segments import SegmentBuilder
 from tao_core.types import Candidate, Prompt, Score
 
 P = TypeVar("P")
@@ -122,7 +121,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class Trainer:
+class Trainer(SegmentBuilder):
     """Owns the optimizer and (when needed) the reference; ``step`` is one update of ``lm.model``.
 
     With ``cfg.lora`` the model is wrapped by peft in place: ``lm.model`` becomes the ``PeftModel``,
@@ -131,8 +130,9 @@ class Trainer:
     """
 
     def __init__(self, lm: LoadedModel, cfg: TrainConfig | None = None, *, objective: Objective | None = None,
-                 custom_loss: bool = False) -> None:
+                 custom_loss: bool = False, dist: Dist | None = None) -> None:
         self.lm = lm
+        self.dist = dist or Dist()  # the ranks whose gradients each update sums (one process by default)
         self.cfg = cfg = cfg or TrainConfig()
         cfg.validate()
         self.objective: Objective | None = None
@@ -184,99 +184,9 @@ class Trainer:
 
     # -- the step ---------------------------------------------------------------------------------
 
-    def _rewards(self, groups: Sequence[Sequence[Candidate]], scores: Sequence[Sequence[Score]],
-                 max_new_tokens: int | None) -> tuple[torch.Tensor, torch.Tensor, dict, dict[str, float]]:
-        """[G, n] rewards (the scores, plus the overlong penalty when set), the mask of candidates
-        that count (ok score, tokens, a prompt to train under), each one's trained prompt, and metrics.
-
-        ``reward_mean`` / ``reward_std`` are the scorers' values, before any penalty."""
-        n_groups, width = len(groups), max((len(g) for g in groups), default=0)
-        rewards = torch.zeros(n_groups, width)
-        mask = torch.zeros(n_groups, width, dtype=torch.bool)
-        prompts: dict[tuple[int, int], list[int]] = {}
-        off_policy = empty = 0
-        for g, (cands, scs) in enumerate(zip(groups, scores, strict=True)):
-            if len(cands) != len(scs):
-                raise TaoInputError(f"group {g}: {len(cands)} candidates but {len(scs)} scores")
-            for i, (c, s) in enumerate(zip(cands, scs, strict=True)):
-                if not s.is_ok:
-                    continue
-                prompt = trained_prompt(c, self.cfg.off_policy)
-                if prompt is None:
-                    off_policy += 1  # sampled under another prompt or weights, and not trained here
-                elif not c.token_ids:
-                    empty += 1  # no token to learn from
-                else:
-                    rewards[g, i] = s.value
-                    mask[g, i] = True
-                    prompts[g, i] = prompt
-        ok = rewards[mask]
-        metrics = {
-            "reward_mean": float(ok.mean()) if ok.numel() else float("nan"),
-            "reward_std": float(ok.std()) if ok.numel() > 1 else 0.0,
-            "scored": float(ok.numel()),
-            "off_policy_dropped": float(off_policy),
-            "empty_dropped": float(empty),
-        }
-        if self.cfg.overlong_buffer > 0:
-            penalties, counts = overlong_penalties(groups, mask, max_new_tokens, self.cfg.overlong_buffer,
-                                                   self.cfg.overlong_penalty)
-            rewards = rewards + penalties
-            metrics.update(counts)
-        return rewards, mask, prompts, metrics
-
-    def _segments(self, groups: Sequence[Sequence[Candidate]], scores: Sequence[Sequence[Score]],
-                  max_new_tokens: int | None = None,
-                  policy_temperature: float | None = None) -> tuple[list[Segment], dict[str, float]]:
-        rewards, mask, prompts, stats = self._rewards(groups, scores, max_new_tokens)
-        adv = self.advantage_fn(rewards, mask)
-        if not isinstance(adv, torch.Tensor) or adv.shape != rewards.shape or not torch.isfinite(adv).all():
-            raise PluginError(
-                f"advantage estimator {self.advantage_name!r} must return a finite tensor of shape "
-                f"{tuple(rewards.shape)}, got {getattr(adv, 'shape', type(adv).__name__)}"
-            )
-        unit = self.objective.unit
-        selection = self.objective.select(rewards, mask, adv)
-        if self.cfg.mask_truncated:
-            selection, masked = drop_truncated(groups, selection, unit)
-            stats["truncated_masked"] = float(masked)
-        segments, seq_adv, skipped, off_trained = [], [], int((mask.sum(1) < 2).sum()), 0
-        for g, picks in enumerate(selection):
-            by_prompt: dict[tuple, list[tuple[int, float]]] = {}
-            for i, a in picks:
-                c = groups[g][i]
-                # an off-policy candidate trains the policy as it samples its own prompt: at the policy's
-                # temperature, not the one it was drawn at (its log-probs stay the behaviour policy's)
-                moved = policy_temperature is not None and c.metadata.get("off_policy") and self.cfg.off_policy == "importance"
-                temperature = policy_temperature if moved else c.temperature
-                by_prompt.setdefault((tuple(prompts[g, i]), temperature), []).append((i, a))
-            if unit > 1 and len(by_prompt) > 1:
-                skipped += 1  # a pair must share its prompt
-                continue
-            for (prompt_ids, temperature), items in by_prompt.items():
-                cands = [groups[g][i] for i, _ in items]
-                off = [bool(c.metadata.get("off_policy")) for c in cands]
-                segments.append(Segment(list(prompt_ids), [list(c.token_ids) for c in cands],
-                                        [list(c.logprobs) for c in cands], [a for _, a in items],
-                                        [float(rewards[g, i]) for i, _ in items], float(temperature),
-                                        off if any(off) else None))
-                seq_adv.extend(a for _, a in items)
-                off_trained += sum(off)
-        sa = torch.tensor(seq_adv) if seq_adv else torch.zeros(1)
-        stats.update({
-            "adv_mean": float(sa.mean()),
-            "adv_std": float(sa.std()) if sa.numel() > 1 else 0.0,
-            "adv_abs_mean": float(sa.abs().mean()),
-            "skipped_groups": float(skipped),
-            "sequences": float(len(seq_adv)),
-        })
-        if self.cfg.off_policy == "importance":
-            stats["off_policy_trained"] = float(off_trained)
-        return segments, stats
-
     def step(
         self, prompts: Sequence[Prompt], groups: Sequence[Sequence[Candidate]], scores: Sequence[Sequence[Score]],
-        *, max_new_tokens: int | None = None, policy_temperature: float | None = None,
+        *, max_new_tokens: int | None = None, policy_temperature: float | None = None, local: range | None = None,
     ) -> dict[str, float]:
         """One optimizer update over the whole batch (``ppo_epochs`` updates when above 1).
 
@@ -289,6 +199,11 @@ class Trainer:
         groups, seconds, tokens_per_s; with the options of :mod:`tao_core.offpolicy` also their
         metrics (``is_ratio_*``, ``sampler_trainer_kl``, ``off_policy_trained``,
         ``overlong_penalized``, ``truncated_masked``, ...).
+
+        Under several ranks every rank passes the whole step's groups and ``local``, the indices of
+        the groups it serves: the advantages and metrics are the whole batch's, the rank trains on its
+        own groups' micro-batches weighted by the global loss units, and :meth:`_update` sums the
+        gradients over ranks, so the update equals the one-process one (:mod:`tao_core.distributed`).
         """
         start = time.perf_counter()
         if self.objective is None:
@@ -300,17 +215,14 @@ class Trainer:
         longest = max((len(c) for s in segments for c in s.completions), default=1)
         lcfg = resolve_loss_config(self.cfg, self.objective, longest)
         pad = self.lm.tokenizer.pad_token_id or 0
-        plan = plan_micro_batches(segments, self.cfg.micro_batch_tokens, self.objective.unit)
+        mine = segments if local is None else [s for s in segments if s.group in local]
+        plan = plan_micro_batches(mine, self.cfg.micro_batch_tokens, self.objective.unit)
         packed = [pack(mb, self.cfg.layout, pad) for mb in plan]
         units = [self.objective.batch_units(b, lcfg) for _, b in packed]
-        total = sum(units)
-        metrics.update(
-            step=float(self.step_count + 1),
-            tokens=float(sum(b.n_tokens for _, b in packed)),
-            row_tokens=float(sum(i.input_ids.numel() for i, _ in packed)),
-            micro_batches=float(len(packed)),
-            lr=self._advance(),
-        )
+        total, tokens, row_tokens, micro_batches = self.dist.sum("step sizes", [
+            sum(units), sum(b.n_tokens for _, b in packed), sum(i.input_ids.numel() for i, _ in packed), len(packed)])
+        metrics.update(step=float(self.step_count + 1), tokens=tokens, row_tokens=row_tokens,
+                       micro_batches=micro_batches, lr=self._advance())
         tally = ImportanceTally()
         if total == 0:  # nothing to learn from: no update, the step still counts
             metrics.update(loss=0.0, grad_norm=0.0, updated=0.0)
@@ -322,6 +234,7 @@ class Trainer:
                                                 f"objective {self.objective.name!r}"))
             metrics["updated"] = 1.0
         if self._uses_current:
+            tally = ImportanceTally.merged(self.dist.gather("importance tally", [tally]))
             metrics.update(tally.metrics(importance=self.cfg.off_policy == "importance"))
         metrics["seconds"] = time.perf_counter() - start
         metrics["tokens_per_s"] = metrics["tokens"] * self.cfg.ppo_epochs / metrics["seconds"]
@@ -386,10 +299,20 @@ class Trainer:
             loss_sum += float(out.loss.detach()) * u / total
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * u / total
+        self.dist.reduce_gradients("gradients", self.params)
+        loss_sum, sums = self._summed(loss_sum, sums)
         clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         self.optimizer.step()
         return {"loss": loss_sum, "grad_norm": float(grad_norm), **sums}
+
+    def _summed(self, loss_sum: float, sums: dict[str, float]) -> tuple[float, dict[str, float]]:
+        """The loss and metric sums over ranks: each rank's are its micro-batches' shares of the global mean."""
+        if self.dist.world_size == 1:
+            return loss_sum, sums
+        names = sorted({k for part in self.dist.gather("metric names", [sorted(sums)]) for k in part})
+        total = self.dist.sum("loss", [loss_sum, *(sums.get(k, 0.0) for k in names)])
+        return total[0], dict(zip(names, total[1:], strict=True))
 
     @property
     def _uses_current(self) -> bool:
