@@ -19,6 +19,7 @@ removes the dir, so no server outlives the test run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import re
@@ -29,8 +30,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -130,7 +133,7 @@ def _as_server_user() -> dict:
 def _run(cmd: list[str], cwd: Path, timeout_s: float) -> None:
     try:
         done = subprocess.run(cmd, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=timeout_s, **_as_server_user())
+                              timeout=timeout_s, start_new_session=True, **_as_server_user())
     except subprocess.TimeoutExpired:
         raise PostgresUnavailable(f"`{' '.join(cmd)}` did not finish within {timeout_s:.0f} s") from None
     if done.returncode != 0:
@@ -143,21 +146,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop_and_remove(bindir: Path, root: Path) -> None:
-    """Stop the server whose cluster lies in ``root/data`` (fast shutdown; its postmaster is killed
-    when that fails) and remove ``root``."""
-    pid_file = root / "data" / "postmaster.pid"
+def _running_postmaster(pid_file: Path) -> int | None:
+    """The pid of the server whose pid file this is; None when there is none (or a single-user
+    backend of initdb, which writes its pid negated)."""
     try:
-        if pid_file.exists():
+        pid = int(pid_file.read_text().split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pid if pid > 0 else None
+
+
+def stop_and_remove(bindir: Path, root: Path, timeout_s: float = START_TIMEOUT_S + STOP_TIMEOUT_S) -> None:
+    """Stop the server whose cluster lies in ``root/data`` (fast shutdown; its postmaster is killed
+    when that fails) and remove ``root``, again while an interrupted initdb still writes into it."""
+    deadline = time.monotonic() + timeout_s
+    failed = None
+    while root.exists() and time.monotonic() < deadline:
+        pid = _running_postmaster(root / "data" / "postmaster.pid")
+        if pid:
             try:
                 _run([str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "fast", "-w", "-t", str(STOP_TIMEOUT_S),
                       "stop"], root, STOP_TIMEOUT_S + 10)
-            except PostgresUnavailable:
-                if pid_file.exists():
-                    os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
-                raise
-    finally:
+            except PostgresUnavailable as err:
+                failed = err
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         shutil.rmtree(root, ignore_errors=True)
+        if root.exists():
+            time.sleep(0.2)
+    if root.exists():
+        raise PostgresUnavailable(f"{root} could not be removed within {timeout_s:.0f} s")
+    if failed:
+        raise failed
 
 
 class PostgresServer:
@@ -256,6 +276,14 @@ def _watch(bindir: Path, root: Path) -> int:
     return 0
 
 
+def give_up(err: PostgresUnavailable) -> NoReturn:
+    """Fail the test under ``CI=true``, skip it elsewhere, with the reason."""
+    reason = f"PostgreSQL tests need a server: {err}"
+    if is_ci():
+        pytest.fail(f"{reason} (CI=true: failing instead of skipping)", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def postgres_url():
     """The SQLAlchemy URL of an empty PostgreSQL database for this session: ``TAO_TEST_POSTGRES_URL``
@@ -267,10 +295,7 @@ def postgres_url():
     try:
         server = PostgresServer.start(ensure_bindir())
     except PostgresUnavailable as err:
-        reason = f"PostgreSQL tests need a server: {err}"
-        if is_ci():
-            pytest.fail(f"{reason} (CI=true: failing instead of skipping)", pytrace=False)
-        pytest.skip(reason)
+        give_up(err)
     try:
         yield server.url()
     finally:
