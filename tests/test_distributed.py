@@ -136,3 +136,21 @@ def _cmdline(proc: Path) -> bytes:
         return (proc / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_two_nodes_through_a_c10d_rendezvous(tmp_path, one_process, plugin_path):  # noqa: F811
+    """Two launchers of one rank each (as on two machines) meet at a c10d rendezvous on loopback."""
+    cfg, ref = one_process
+    out, port = tmp_path / "nodes", _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "tao-test",
+           "-m", "tao_core.cli", "run", str(cfg), "--output-dir", str(out)]
+    nodes = [subprocess.Popen(cmd, env=_env(plugin_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [node.communicate(timeout=400) for node in nodes]
+    for node, (_, err) in zip(nodes, results, strict=True):
+        assert node.returncode == 0, err[-4000:]
+    assert sum(o.count("run directory:") for o, _ in results) == 1  # one launcher's rank 0 printed
+    assert [r["world_size"] for r in _steps(out)] == [2, 2, 2]
+    assert [r["loss"] for r in _steps(out)] == pytest.approx([r["loss"] for r in _steps(ref)], rel=RTOL, abs=1e-7)
+    assert _close(_final(ref), _final(out)) < RTOL
