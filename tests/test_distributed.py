@@ -4,8 +4,11 @@ death is a named error within the timeout, and a 2-rank checkpoint resumes on 1 
 Tolerance: the two runs sample the same tokens (seeds come from the prompt ids, never the rank) and
 train on the same global loss, but not bit for bit: each rank packs only its own groups into
 micro-batches, so the matrix shapes (and the float rounding of every matmul) differ, and the
-gradient is a sum over ranks added in another order than one process's accumulation. Losses agree
-to 1e-5 relative and final weights to 1e-5 relative (their norm of differences over their norm).
+gradient is a sum over ranks added in another order than one process's accumulation. Measured on
+this machine: gradient norms agree to 2e-7 relative, final weights to 1.1e-6 relative (norm of the
+difference over the norm), losses to 5e-6 relative. The bounds: 1e-5 for gradient norms and
+weights; 1e-4 relative (or 1e-8 absolute) for losses, which are small means of nearly cancelling
+terms (step 1's, where every ratio is 1, is 2e-9: rounding noise).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from safetensors.torch import load_file
 
 from tests.test_pipeline import _config, plugin_path  # noqa: F401 (a fixture)
 
-RTOL = 1e-5
+RTOL = 1e-5  # gradient norms and final weights
+LOSS_RTOL, LOSS_ATOL = 1e-4, 1e-8
 TIMEOUT_S = 30  # distributed.timeout_s of these runs
 # the pipeline test's config, 1 round x 3 steps of 3 prompts (2 ranks serve 2 and 1), 5 held-out examples
 CHANGES = {"rounds = 2": "rounds = 1", "steps_per_round = 2": "steps_per_round = 3",
@@ -102,7 +106,7 @@ def test_two_ranks_equal_one_process(tmp_path, one_process, plugin_path):  # noq
     for a, b in zip(one, two, strict=True):
         assert a["reward_mean"] == b["reward_mean"] and a["sequences"] == b["sequences"]  # the same samples
         assert a["tokens"] == b["tokens"]
-        assert b["loss"] == pytest.approx(a["loss"], rel=RTOL, abs=1e-7)
+        assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_RTOL, abs=LOSS_ATOL)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=RTOL)
         assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-8)
     assert _close(_final(ref), _final(out)) < RTOL
@@ -152,5 +156,6 @@ def test_two_nodes_through_a_c10d_rendezvous(tmp_path, one_process, plugin_path)
         assert node.returncode == 0, err[-4000:]
     assert sum(o.count("run directory:") for o, _ in results) == 1  # one launcher's rank 0 printed
     assert [r["world_size"] for r in _steps(out)] == [2, 2, 2]
-    assert [r["loss"] for r in _steps(out)] == pytest.approx([r["loss"] for r in _steps(ref)], rel=RTOL, abs=1e-7)
+    assert [r["loss"] for r in _steps(out)] == pytest.approx([r["loss"] for r in _steps(ref)], rel=LOSS_RTOL,
+                                                                  abs=LOSS_ATOL)
     assert _close(_final(ref), _final(out)) < RTOL
