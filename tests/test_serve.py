@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import re
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,8 +35,10 @@ from tao_core.types import Prompt  # noqa: E402
 from tests.conftest import completion_logprobs  # noqa: E402
 
 MODEL = "tiny"
+# an empty key store of its own (open on loopback), never the developer's $TAO_HOME/keys.json
+KEYS = Path(tempfile.mkdtemp(prefix="tao-serve-keys-")) / "keys.json"
 CONFIG = ServeConfig(served_model=MODEL, model_version="v1", tag="test", max_queue=8, max_tokens_limit=64,
-                     default_max_tokens=24, max_n=4, max_body_bytes=16_384)
+                     default_max_tokens=24, max_n=4, max_body_bytes=16_384, keys=str(KEYS), rate_limit=0)
 QUESTION = [{"role": "user", "content": "What is 12 plus 35?"}]
 
 

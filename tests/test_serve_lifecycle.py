@@ -162,7 +162,8 @@ def test_the_serve_command_serves_and_logs_until_terminated(tiny_model_dir, tmp_
     code = "from tao_core.serve.cli import serve_cmd; serve_cmd()"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-c", code, str(tiny_model_dir), "--port", str(port), "--served-model",
-                                 MODEL, "--table", str(db), "--threads", "1", "--max-tokens-limit", "32"],
+                                 MODEL, "--table", str(db), "--threads", "1", "--max-tokens-limit", "32",
+                                 "--keys", str(tmp_path / "keys.json")],  # not the developer's own key store
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
         def healthy() -> bool:
