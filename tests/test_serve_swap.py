@@ -212,11 +212,14 @@ def test_rollback_serves_the_previous_version_again(dirs, offline):
         assert admin(s, "reload", {"model": str(dirs["new"]), "version": "round-1"}).status_code == 200
         r = complete(s, 0)
         check_answered_by(s, r.id, r.system_fingerprint, "round-1", offline["new"][0])
+        assert httpx.get(f"{s.url}/health").json()["model_version"] == "round-1"
+        assert [m.version for m in client(s).models.list().data] == ["round-1"]
         back = admin(s, "rollback")
         assert back.status_code == 200, back.text
         assert back.json() == {"version": "1", "previous": "round-1", "model": str(dirs["old"].resolve())}
         r = complete(s, 0)
         check_answered_by(s, r.id, r.system_fingerprint, "1", offline["old"][0])
+        assert httpx.get(f"{s.url}/health").json()["model_version"] == "1"
         again = admin(s, "rollback")  # nothing before the first version
         assert again.status_code == 409 and again.json()["error"]["code"] == "no_previous_version"
         assert s.state.versions.current == "1"

@@ -1,9 +1,10 @@
 """The inference table: writer (bounded queue, one writer, loss bound), options and schema
 migrations; feedback, reading, maintenance, importers and commands are in tests/test_table_data.py.
 
-Every test taking ``url`` runs on a SQLite file in tmp_path and, when ``TAO_TEST_POSTGRES_URL`` names
-a PostgreSQL database (``postgresql+psycopg://user@host:port/db``, emptied before and after each
-test), on PostgreSQL too; without it those runs are skipped with the reason.
+Every test taking ``url`` runs on a SQLite file in tmp_path and on PostgreSQL: the session's own
+server (tests/pg_server.py starts one, installing the Debian package when missing), or the database
+``TAO_TEST_POSTGRES_URL`` names; emptied before and after each test. When no server can be had those
+runs are skipped with the reason, and fail under ``CI=true``.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ Layers, in the order a request passes through them:
 | ``engine_loop`` | the one thread that owns the engine: continuous batching, tokens back to each request's queue |
 | ``text``, ``responses`` | tokens to text (stop strings cut as tao's samplers cut them), OpenAI's response shapes |
 | ``exchange``, ``metrics`` | every exchange for the inference table (:class:`~tao_core.serve.exchange.ExchangeLogger`), ``/metrics`` |
+| ``auth``, ``keys`` | bearer API keys (``tao keys``), admin keys, per-key rate limits, the loopback-open mode |
+| ``versions``, ``admin`` | model versions swapped with no dropped request; ``POST /admin/reload`` and ``/admin/rollback`` |
 | ``settings``, ``cli`` | :class:`ServeConfig` and the ``tao serve`` command |
 
 Only ``app`` and ``completions`` import FastAPI/Starlette; importing this package does not.

@@ -96,19 +96,19 @@ def create_app(lm: LoadedModel, config: ServeConfig | None = None, *, logger: Ex
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [_model_card(served, created)]}
+        return {"object": "list", "data": [_model_card(served, created, state.versions.current)]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> Response:
         if model_id != served:
             return error_response(ApiError(404, f"The model `{model_id}` does not exist; this server serves `{served}`",
                                            param="model", code="model_not_found"))
-        return JSONResponse(_model_card(served, created))
+        return JSONResponse(_model_card(served, created, state.versions.current))
 
     @app.get("/health")
     async def health() -> Response:
         ok = state.loop.alive
-        body = {"status": "ok" if ok else "unavailable", "model": served, "model_version": config.model_version,
+        body = {"status": "ok" if ok else "unavailable", "model": served, "model_version": state.versions.current,
                 "running": state.loop.running, "waiting": state.loop.waiting}
         return JSONResponse(body, status_code=200 if ok else 503)
 
@@ -136,8 +136,8 @@ def _lifespan(state: ServerState):
     return lifespan
 
 
-def _model_card(name: str, created: int) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": created, "owned_by": "tao"}
+def _model_card(name: str, created: int, version: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "tao", "version": version}
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:

@@ -24,7 +24,8 @@ _D = ServeConfig  # the defaults shown by --help are the dataclass's
 @click.option("--threads", type=int, default=None, help="CPU threads for the engine (torch.set_num_threads).")
 @click.option("--served-model", default=None, help="Model id clients send (default: MODEL as given).")
 @click.option("--model-version", default=_D.model_version, show_default=True,
-              help="Version written to every logged exchange.")
+              help="Version of MODEL, the first one served (POST /admin/reload serves the next); every logged "
+                   "exchange names the version that answered it.")
 @click.option("--max-n", type=int, default=_D.max_n, show_default=True, help="Largest n per request.")
 @click.option("--default-max-tokens", type=int, default=_D.default_max_tokens, show_default=True,
               help="max_tokens of a chat request that gives none.")

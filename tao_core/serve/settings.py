@@ -17,7 +17,7 @@ class ServeConfig:
     host: str = "127.0.0.1"  # loopback: only this machine can connect
     port: int = 8000  # TCP port
     served_model: str = ""  # the model id clients send; "" serves it under the MODEL argument as given
-    model_version: str = "0"  # written to every logged exchange (model_version and policy_version)
+    model_version: str = "0"  # the starting model's version (POST /admin/reload serves the next); logged per exchange
     tag: str | None = None  # written to every logged exchange (e.g. an A/B arm), for filtering rounds
     max_queue: int = 256  # requests accepted but not generating yet; one more is answered 429 + Retry-After
     max_tokens_limit: int = 4096  # the largest max_tokens a request may ask for (400 above)
