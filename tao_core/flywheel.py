@@ -165,8 +165,8 @@ def flywheel_cmd(config: str) -> None:
         logging.getLogger(name).setLevel(logging.INFO)
     flywheel = Flywheel(cfg)
     c, t = flywheel.serve_config, cfg.trigger
-    when = " or ".join(x for x in (t.min_new_prompts and f"{t.min_new_prompts} new prompts",
-                                   t.interval_s and f"every {t.interval_s:g} s") if x)
+    when = " or ".join(([f"{t.min_new_prompts} new prompts"] if t.min_new_prompts else [])
+                       + ([f"{t.interval_s:g} s with a new prompt"] if t.interval_s else []))
     click.echo(f"flywheel {cfg.output_dir}: serving {c.served_model!r} version {flywheel.served.version} at "
                f"http://{c.host}:{c.port}/v1, table {flywheel.table.url}; a round after {when}", err=True)
     # uvicorn raises SIGTERM again once drained: leave through the cleanup, not at the default handler's kill

@@ -40,8 +40,8 @@ ROUND_OWNED = {
 class TriggerConfig:
     """When the controller starts a round (either condition; at least one must be set)."""
 
-    min_new_prompts: int | None = 64  # new distinct prompts logged since the last round; None: no count trigger
-    interval_s: float | None = None  # seconds since the last round (or the start); a round needs >= 1 new prompt
+    min_new_prompts: int = 64  # new distinct prompts logged since the last round; 0: no count trigger
+    interval_s: float = 0.0  # seconds since the last round (or the start), with >= 1 new prompt; 0: no schedule
     poll_s: float = 5.0  # how often the controller looks at the table
     retry_s: float = 600.0  # after a failed round, wait this long before the next try
 
@@ -96,8 +96,8 @@ RULES: dict[str, Rule] = {
     "round_threads": between(1, 1024),
     "table.url": Rule("a non-empty string", lambda v: bool(v.strip())),
     "table.sample_fraction": between(0, 1, lo_open=True),
-    "trigger.min_new_prompts": between(1),
-    "trigger.interval_s": between(0, lo_open=True),
+    "trigger.min_new_prompts": between(0),
+    "trigger.interval_s": between(0),
     "trigger.poll_s": between(0, lo_open=True),
     "trigger.retry_s": between(0),
     "gate.scorer": Rule("a non-empty string", lambda v: bool(v.strip())),
@@ -133,8 +133,9 @@ def check_flywheel(cfg: FlywheelConfig) -> list[str]:
     bad = check_fields(cfg, RULES)
     problems = list(bad.values())
     t, g = cfg.trigger, cfg.gate
-    if t.min_new_prompts is None and t.interval_s is None:
-        problems.append("trigger: set min_new_prompts, interval_s or both; with neither no round ever starts")
+    if not bad.keys() & {"trigger.min_new_prompts", "trigger.interval_s"} and not (t.min_new_prompts or t.interval_s):
+        problems.append("trigger: min_new_prompts and interval_s are both 0, so no round would ever start; set one "
+                        "or both")
     if "gate.min_prompts" not in bad and "gate.max_prompts" not in bad and g.min_prompts > g.max_prompts:
         problems.append(f"gate.min_prompts = {g.min_prompts} exceeds gate.max_prompts = {g.max_prompts}")
     if g.scorer is None:

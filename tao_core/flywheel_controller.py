@@ -137,9 +137,9 @@ class Controller:
         self.table.flush(timeout=10.0)
         new = self.new_prompts()
         t = self.cfg.trigger
-        if t.min_new_prompts is not None and new >= t.min_new_prompts:
+        if t.min_new_prompts and new >= t.min_new_prompts:
             return Trigger("prompts", new)
-        if t.interval_s is not None and new >= 1 and time.monotonic() - self.last_round_at >= t.interval_s:
+        if t.interval_s and new >= 1 and time.monotonic() - self.last_round_at >= t.interval_s:
             return Trigger("schedule", new)
         return None
 
