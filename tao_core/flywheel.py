@@ -39,6 +39,7 @@ from tao_core.flywheel_controller import JOURNAL, Controller, Served, read_histo
 log = logging.getLogger(__name__)
 LOCK = "flywheel.lock"
 RELOAD_TIMEOUT_S = 600.0  # a reload reads the weights and waits for the engine loop to take them
+STOP_TIMEOUT_S = 30.0  # at shutdown, a gate still answering is abandoned after this (it has changed nothing)
 
 
 class Flywheel:
@@ -61,7 +62,7 @@ class Flywheel:
                 torch.set_num_threads(cfg.server_threads)
             scorer = load_gate_scorer(cfg.gate)
             t = cfg.table
-            self.table = InferenceTable.open(t.url, sample_fraction=t.sample_fraction, store_bodies=t.store_bodies)
+            self.table = InferenceTable.open(t.url, sample_fraction=t.sample_fraction)  # bodies: a round's prompts
             self.app = self._app()
             self.controller = Controller(cfg, self.table, scorer, self._reload, served=self.served, history=history)
         except BaseException:
@@ -99,7 +100,7 @@ class Flywheel:
             await self.server.serve(sockets=sockets)
         finally:
             self.controller.stop()
-            self.controller.join()  # terminates a running round and reaps it
+            self.controller.join(STOP_TIMEOUT_S)  # terminates a running round and reaps it
             self._release()
 
     def shutdown(self) -> None:

@@ -67,7 +67,6 @@ class TableSettings:
 
     url: str | None = None  # SQLite file or SQLAlchemy URL; None: $TAO_HOME/inference.db
     sample_fraction: float = 1.0  # share of exchanges logged (by a hash of the request id)
-    store_bodies: bool = True  # False: token ids and metadata only (rounds need the bodies: keep True)
 
 
 @dataclass

@@ -89,7 +89,10 @@ class Controller:
                  served: Served, history: History) -> None:
         self.cfg, self.table, self.scorer, self.reload = cfg, table, scorer, reload
         self.served = served
-        self.rounds, self.since = history.rounds, history.since
+        self.since = history.since
+        # a round the flywheel was killed in (no record) keeps its number: its directory is not reused
+        used = [int(p.name[6:]) for p in round_dir(cfg, 1).parent.glob("round-*") if p.name[6:].isdigit()]
+        self.rounds = max([history.rounds, *used])
         first, _ = round_config(cfg, 1, model_dir=served.model_dir, table_url=table.url, since=None)
         self.filters = first.table  # the round's [table] filters and holdout
         self.first_since = first.table.since  # the gate reads the table from here on
@@ -98,6 +101,7 @@ class Controller:
         self.round_process: RoundProcess | None = None
         self.last_round_at = time.monotonic()
         self.retry_at = 0.0
+        self._held_out_seen: int | None = None  # the last too-small held-out count logged
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -129,7 +133,18 @@ class Controller:
     def step(self) -> dict[str, Any] | None:
         """Check the trigger and, when it fires, run one round to its decision; the record, or None."""
         trigger = self.check_trigger()
-        return None if trigger is None else self.run_round(trigger)
+        if trigger is None or not self._enough_held_out():
+            return None
+        return self.run_round(trigger)
+
+    def _enough_held_out(self) -> bool:
+        """Whether the table holds gate.min_prompts held-out prompts: a round the gate could not judge is not run."""
+        n = len(held_out_prompts(gate_table(self.filters, self.table.url, self.first_since), self.cfg.gate.max_prompts))
+        if n < self.cfg.gate.min_prompts and n != self._held_out_seen:
+            log.info("flywheel: a round waits for held-out prompts to judge it: %d in the table, gate.min_prompts = %d",
+                     n, self.cfg.gate.min_prompts)
+        self._held_out_seen = n
+        return n >= self.cfg.gate.min_prompts
 
     def check_trigger(self) -> Trigger | None:
         if time.monotonic() < self.retry_at:
@@ -193,13 +208,13 @@ class Controller:
         gate = self._gate(run, final)
         record["gate"] = gate
         seconds["gate"] = round(time.monotonic() - started, 3)
+        if self.stop_event.is_set():  # no decision on a gate cut short, and no swap into a server going down
+            return self._record(record, "interrupted", "the flywheel stopped before the decision", seconds)
         if not gate["promoted"]:
             return self._record(record, "rejected", f"the gate rejected it: {gate['reason']}", seconds)
         if g.task_eval and task is not None and not task["kept_new_weights"]:
             return self._record(record, "rejected", f"the run's own evaluation kept no new weights ({task['metric']} "
                                 f"{task['before']} -> best at step 0)", seconds)
-        if self.stop_event.is_set():
-            return self._record(record, "interrupted", "the flywheel stopped before the promotion", seconds)
         version = str(record["round"])
         try:
             self.reload(str(final), version)
@@ -219,6 +234,8 @@ class Controller:
                     f"{len(prompts)} held-out prompts in the table, fewer than gate.min_prompts = {g.min_prompts}"}
         kw = {"dtype": self.cfg.dtype, "device": self.cfg.device}
         old = answers(self.served.model_dir, prompts, g.max_new_tokens, **kw)
+        if self.stop_event.is_set():
+            return {"prompts": len(prompts), "judged": 0, "promoted": False, "reason": "the flywheel stopped"}
         new = answers(final, prompts, g.max_new_tokens, **kw)
         return judge(self.scorer, prompts, old, new, g)
 

@@ -339,7 +339,7 @@ def test_the_trigger_counts_new_distinct_prompts_and_keeps_the_schedule(controll
 
 def test_a_crashing_round_changes_nothing(controller, monkeypatch, tiny_model_dir):
     c, table, reloads = controller
-    log_prompts(table, PROMPTS[:8])
+    log_prompts(table, PROMPTS)
     monkeypatch.setenv("TAO_FAULT", "eval.before")  # the round process is SIGKILLed before its first evaluation
     record = c.step()
     assert record["status"] == "failed" and not record["promoted"] and "exited with status -9" in record["reason"]
@@ -374,7 +374,7 @@ def test_the_command_serves_and_sigterm_stops_the_round_and_drains(tmp_path, tin
     config = edited(write_config(tmp_path, tiny_model_dir, SHORT, min_new_prompts=8, steps=10_000),
                     "[serve]\n", f"[serve]\nport = {port}\n")
     with InferenceTable.open(tmp_path / "inference.db") as table:
-        log_prompts(table, PROMPTS[:8])
+        log_prompts(table, PROMPTS)
     out = tmp_path / "flywheel.log"
     with open(out, "wb") as f:
         proc = subprocess.Popen([sys.executable, "-m", "tao_core.cli", "flywheel", str(config)], stdout=f,
