@@ -142,6 +142,9 @@ def check_flywheel(cfg: FlywheelConfig) -> list[str]:
                         "model under test: a verifier, 'rules', or a frozen judge or reward model")
     elif "gate.scorer" not in bad:
         problems += _scorer_problems(cfg)
+    if "output_dir" not in bad and Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        problems.append(f"output_dir {show(cfg.output_dir)} is a file; the flywheel's directory must be a directory "
+                        "or not exist yet")
     problems += _serve_problems(cfg.serve)
     if not cfg.round:
         problems.append("round is not set: give the run config of a round, a TOML file path or an inline [round] "

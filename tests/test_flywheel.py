@@ -254,8 +254,10 @@ def edited(config: Path, old: str, new: str) -> Path:
     ("lr = 5e-2", "lrr = 5e-2", r"round: unknown config key 'train.lrr'"),
     ("[round.table]\n", "[round.table]\nsince = 'yesterday'\n", r"round: .*table.since must be an ISO 8601"),
     ("holdout = 0.5", "holdout = 0.0", r"round: table.holdout = 0.0 holds no prompt out"),
+    ("output_dir = ", "output_dir = 'flywheel.toml' #", r"output_dir 'flywheel.toml' is a file"),
 ])
-def test_config_errors_name_the_key(tmp_path, tiny_model_dir, old, new, message):
+def test_config_errors_name_the_key(tmp_path, tiny_model_dir, old, new, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     config = edited(write_config(tmp_path, tiny_model_dir, SHORT), old, new)
     with pytest.raises(TaoInputError, match=message) as e:
         load_flywheel_config(config)
