@@ -21,8 +21,10 @@ collective returns its input and nothing of ``torch.distributed`` is touched.
 
 Failures: every collective runs under ``distributed.timeout_s``. Before each one a rank records
 its arrival in the launcher's key-value store; when a collective fails (a peer died: its socket
-closed) or times out (a peer hangs), the ranks that never arrived are named in the
-:class:`DistributedError`. The launcher ends the remaining ranks when one exits.
+closed) or times out (a peer hangs), the failing rank records that in the store and waits briefly
+(``FAILURE_GRACE_S``) for its peers to report the same: the ranks that never arrived, or never
+report, are named in the :class:`DistributedError`. The launcher ends the remaining ranks when one
+exits.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -41,6 +44,7 @@ from tao_core.errors import TaoError
 
 T = TypeVar("T")
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+FAILURE_GRACE_S = 10.0  # how long a failed rank waits for its peers to report the same failure
 FAULT_RANK_ENV = "TAO_FAULT_RANK"  # tests: TAO_FAULT (tao_core.fsio) strikes on this rank only
 
 
@@ -187,24 +191,31 @@ class Dist:
         except Exception:  # noqa: BLE001 (the store is only a witness; the collective itself reports)
             pass
 
-    def behind(self) -> list[int]:
-        """The ranks that never reached this rank's current collective (they died or hang before it)."""
-        out = []
+    def silent(self) -> list[int]:
+        """The ranks to blame for a failed collective: those that never reached it, and those that do
+        not report its failure within ``FAILURE_GRACE_S`` (a rank that died or hangs inside it). A live
+        peer waiting in the same collective fails too and reports, unless it arrived more than the
+        grace period after this rank."""
         try:
             store = self._store()
-            for r in range(self.world_size):
-                key = f"tao/arrived/{r}"
-                if r != self.rank and (not store.check([key]) or int(store.get(key)) < self._seq):
-                    out.append(r)
+            store.set(f"tao/failed/{self.rank}", str(self._seq))
+            others = [r for r in range(self.world_size) if r != self.rank]
+            late = [r for r in others if not store.check([f"tao/arrived/{r}"])
+                    or int(store.get(f"tao/arrived/{r}")) < self._seq]
+            deadline = time.monotonic() + min(FAILURE_GRACE_S, self.timeout_s)
+            while True:
+                quiet = [r for r in others if r not in late and not store.check([f"tao/failed/{r}"])]
+                if not quiet or time.monotonic() > deadline:
+                    return sorted(late + quiet)
+                time.sleep(0.2)
         except Exception:  # noqa: BLE001 (the store went with the launcher: nothing more to learn)
             return []
-        return out
 
     def describe_failure(self, what: str) -> str:
         """``what`` happened on this rank, with the ranks to blame when the store knows them."""
-        late = self.behind()
-        who = (f"rank {', '.join(map(str, late))} did not reach it (it died or hangs)" if late
-               else "a peer rank failed during it")
+        blamed = self.silent()
+        who = (f"rank {', '.join(map(str, blamed))} did not answer (it died or hangs)" if blamed
+               else "a peer rank failed")
         return f"rank {self.rank} of {self.world_size}: {what}; {who}"
 
     def _collective(self, name: str, run: Callable[[], Any]) -> None:

@@ -36,7 +36,7 @@ from tao_core.pipeline_step import StepStages, step_prompts  # noqa: F401 (tao s
 from tao_core.plugins import get_component
 from tao_core.promotion import decide
 from tao_core.rundir import KEEP_CHECKPOINTS, RunDir
-from tao_core.sampler import sampler_for
+from tao_core.sampler import HFSampler, sampler_for
 from tao_core.scoring import ScorerLimits, load_scorer
 from tao_core.tasks import EvalResult, Task, evaluate, wilson_interval
 from tao_core.teacher import Teacher
@@ -130,6 +130,9 @@ class Pipeline(StepStages):
             train_cfg = dataclasses.replace(train_cfg, total_steps=cfg.rounds * cfg.steps_per_round)
         self.trainer = Trainer(self.lm, train_cfg, objective=self.objective, dist=self.dist)  # the config's, else the task's default
         self.generator = get_component("generators", cfg.generate.generator)(self.lm, **cfg.generate.options)
+        if self.dist.world_size > 1 and isinstance(sampler_for(self.lm), HFSampler):
+            self._say("warning: the 'hf' sampler seeds one generator per call, so which prompts share a rank changes "
+                      "the samples: this run will differ from a 1-process one (the engine sampler does not)")
         self.teacher = self._teacher()
         self.flips = FlipMonitor()  # share of revisited prompts whose voter majority changed
         self._warned_gate = False
