@@ -1,13 +1,15 @@
 """`tao flywheel`: serve -> traffic -> a round from the table -> the gate -> a swap, on a tiny model.
 
 The rounds are real `tao run` processes. What they train is chosen so a tiny random model learns it in
-six steps: the round's reward is a `rules` score for short answers (the share of four length bounds an
-answer stays under, whitespace counted), with an lr far above what a real model takes (5e-2), so the
-round's model stops at once where the random starting model always fills its 12-token budget
-(measured: every held-out answer goes from 12 characters to none, for seeds 1, 2 and 3). The gate is
-the only thing that differs between the promote and the reject tests: a `rules` gate that prefers
-short answers sees the round improve; one that prefers long answers (what the round trains away) sees
-it regress on every held-out prompt, a significant paired regression.
+a few steps: the round's reward is a `rules` score for long answers (the share of four lengths, 14 to 26
+characters, an answer reaches within its 12 tokens), with an lr far above what a real model takes
+(5e-2). The random starting model answers every held-out prompt with 12 newlines (12 characters); after
+8 steps it answers with longer tokens, 16 characters or more (measured: all 16 held-out answers, in 12
+of 12 rounds with fresh request ids; 6 of 8 already after 4 steps). A reward for short answers would
+have been the obvious choice, but a random model rarely samples its stop token, so it gave no signal
+in some rounds. The gate is the only thing that differs between the promote and the reject tests: a
+`rules` gate that wants 16 characters sees the round improve; one that wants fewer (what the round
+trains away) sees it regress on every held-out prompt, a significant paired regression.
 """
 
 from __future__ import annotations
@@ -50,15 +52,15 @@ def at_least(chars: int, negate: bool = False) -> str:
     return f"{{type = 'regex', pattern = '[\\s\\S]{{{chars}}}', negate = {str(negate).lower()}}}"
 
 
-LONG = at_least(8)  # the gate of the reject test: what the round trains away
-SHORT = at_least(8, negate=True)  # the gate of the promote test: under eight characters
-# The round's reward: the share of these lengths an answer stays under.
-REWARD = "[" + ", ".join(at_least(c, negate=True) for c in (2, 4, 8, 12)) + "]"
+LONG = at_least(16)  # the gate of the promote test: what the round trains toward
+SHORT = at_least(16, negate=True)  # the gate of the reject test: what the round trains away
+# The round's reward: the share of these lengths an answer reaches.
+REWARD = "[" + ", ".join(at_least(c) for c in (14, 18, 22, 26)) + "]"
 PROMPTS = [f"Question {i}: what is {i} plus {2 * i + 1}?" for i in range(32)]
 
 
 def write_config(tmp_path: Path, model: Path, gate_rule: str, *, min_new_prompts: int = 32,
-                 steps: int = 6, extra: str = "") -> Path:
+                 steps: int = 8, extra: str = "") -> Path:
     path = tmp_path / "flywheel.toml"
     path.write_text(textwrap.dedent(f"""
         model = "{model}"
@@ -170,7 +172,7 @@ def versions_logged(table: Path) -> dict[str, str]:
 
 
 def test_a_promoted_round_is_swapped_in_while_requests_keep_being_answered(tmp_path, tiny_model_dir):
-    config = write_config(tmp_path, tiny_model_dir, SHORT)
+    config = write_config(tmp_path, tiny_model_dir, LONG)
     answered: list[tuple[str, str | None]] = []  # (request id, system_fingerprint) of the background client
     failures: list[BaseException] = []
     stop = threading.Event()
@@ -212,7 +214,7 @@ def test_a_promoted_round_is_swapped_in_while_requests_keep_being_answered(tmp_p
 
 
 def test_a_regressing_round_is_rejected_and_the_served_version_stays(tmp_path, tiny_model_dir):
-    config = write_config(tmp_path, tiny_model_dir, LONG)
+    config = write_config(tmp_path, tiny_model_dir, SHORT)
     with running(config) as flywheel:
         traffic(flywheel.url)
         record = wait_until(lambda: journal(config), "the first round's decision", timeout=240)[0]
