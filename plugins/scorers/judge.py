@@ -191,6 +191,7 @@ class LLMJudgeScorer:
             raise TaoInputError(f"llm-judge scorer: max_chars must be an integer >= 1, got {max_chars!r}")
         self.model = model if isinstance(model, LoadedModel) else load_model(model)
         self.mode, self.rubric, self.max_new_tokens = mode, rubric, max_new_tokens
+        self.pointwise = mode == "pointwise"  # a listwise verdict depends on the whole group
         self.dedupe, self.max_chars = dedupe, max_chars
         key = json.dumps([self.model.name, mode, rubric, max_new_tokens, dedupe, max_chars])
         self.version = f"1-{hashlib.sha1(key.encode()).hexdigest()[:10]}"

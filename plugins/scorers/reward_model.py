@@ -36,6 +36,7 @@ class RewardModelScorer:
     """Scores every candidate with a scalar reward model, in batches of ``batch_size``."""
 
     name = "reward-model"
+    pointwise = True  # each candidate is scored on its own (a frozen reward model: a valid flywheel gate scorer)
 
     def __init__(
         self,
