@@ -11,8 +11,20 @@ A checkpoint is a directory::
                               ``pipeline_state["tensors"]`` on write and read
       manifest.json           written last: every other file's size and SHA-256
 
-Nothing in it is pickled, so loading a checkpoint cannot run code; a sharded checkpoint later
-adds per-shard safetensors files listed in the same manifest. A directory without a manifest, or
+A *sharded* checkpoint (``distributed.strategy = "fsdp"``, :mod:`tao_core.dist_checkpoint`) has,
+instead of ``trainable.safetensors``, each rank's rows of every sharded tensor (weights and
+optimizer moments alike) and an index of where each tensor's rows are::
+
+      shards/rank-00000-of-00002.safetensors   rank 0's rows: ``trainable/<name>``, ``state/<i>/<name>``
+      shards/rank-00001-of-00002.safetensors
+      shards.json                              key -> {"shape", "pieces": [[rank, first row, end row], ...]}
+
+(``optimizer.safetensors`` then holds the RNG tensors and the optimizer tensors that are not sharded,
+such as AdamW's step counts.) :func:`read` assembles the full tensors, so any process count resumes
+it; :class:`Rows` reads only the rows a rank asks for, from either layout.
+
+Nothing in it is pickled, so loading a checkpoint cannot run code; the shard files are listed in
+the same manifest. A directory without a manifest, or
 whose files do not match it, is not a checkpoint: :func:`verify` says why, and the run directory
 falls back to the previous one (see :meth:`tao_core.rundir.RunDir.load_checkpoint`).
 
@@ -177,8 +189,11 @@ def read(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         return _read_legacy(directory)
     manifest = _read_manifest(directory)
     try:
-        trainable = st_load(_verified_bytes(directory, manifest, "trainable.safetensors"))
         others = st_load(_verified_bytes(directory, manifest, "optimizer.safetensors"))
+        if SHARD_INDEX in manifest["files"]:
+            trainable = _assemble(directory, manifest, others)
+        else:
+            trainable = st_load(_verified_bytes(directory, manifest, "trainable.safetensors"))
         meta = json.loads(_verified_bytes(directory, manifest, "trainer.json"))
         pipeline_state = json.loads(_verified_bytes(directory, manifest, "pipeline.json"))
         if "pipeline.safetensors" in manifest["files"]:
@@ -188,6 +203,100 @@ def read(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise
     except Exception as e:  # files that match their hashes but do not parse: written by something else
         raise CheckpointError(f"{directory}: files match the manifest but do not load ({type(e).__name__}: {e})") from None
+
+
+# -- sharded checkpoints ---------------------------------------------------------------------------
+SHARD_INDEX = "shards.json"
+TRAINABLE = "trainable/"  # key prefix of the weights in shard files (optimizer tensors: "state/")
+
+
+def shard_file(rank: int, world_size: int) -> str:
+    """The file of rank ``rank``'s rows in a checkpoint written by ``world_size`` ranks."""
+    return f"shards/rank-{rank:05d}-of-{world_size:05d}.safetensors"
+
+
+def _assemble(directory: Path, manifest: dict[str, Any], others: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every sharded tensor whole: trainable weights returned by name, optimizer ones added to ``others``."""
+    index = json.loads(_verified_bytes(directory, manifest, SHARD_INDEX))
+    world = int(index["world_size"])
+    files = [st_load(_verified_bytes(directory, manifest, shard_file(r, world))) for r in range(world)]
+    trainable = {}
+    for key, entry in index["tensors"].items():
+        pieces = [files[r][key] for r, start, stop in entry["pieces"] if stop > start]
+        full = torch.cat(pieces) if pieces else torch.empty(entry["shape"])
+        if list(full.shape) != entry["shape"]:
+            raise CheckpointError(f"{directory}: {key} assembles to {list(full.shape)}, the index says {entry['shape']}")
+        if key.startswith(TRAINABLE):
+            trainable[key[len(TRAINABLE):]] = full
+        else:
+            others[key] = full
+    return trainable
+
+
+def verify(directory: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """Check every file of a checkpoint against its manifest without assembling its tensors:
+    ``(trainer meta, pipeline_state, small tensors)``, for :class:`Rows` to read from afterwards."""
+    manifest = _read_manifest(directory)
+    try:
+        for name in manifest["files"]:
+            if name not in ("trainer.json", "pipeline.json", "optimizer.safetensors"):
+                _verified_bytes(directory, manifest, name)
+        meta = json.loads(_verified_bytes(directory, manifest, "trainer.json"))
+        pipeline_state = json.loads(_verified_bytes(directory, manifest, "pipeline.json"))
+        others = st_load(_verified_bytes(directory, manifest, "optimizer.safetensors"))
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 (as in read: files that match their hashes but do not parse)
+        raise CheckpointError(f"{directory}: files match the manifest but do not load ({type(e).__name__}: {e})") from None
+    if "pipeline.safetensors" in manifest["files"]:
+        pipeline_state[PIPELINE_TENSORS] = st_load(_verified_bytes(directory, manifest, "pipeline.safetensors"))
+    return meta, pipeline_state, others
+
+
+class Rows:
+    """Rows ``[start, stop)`` of a checkpoint's weights and optimizer tensors, read from disk without
+    loading the rest: from the shard files of a sharded checkpoint, or from ``trainable.safetensors``
+    / ``optimizer.safetensors`` of a whole one. Keys: ``trainable/<name>``, ``state/<i>/<name>``."""
+
+    def __init__(self, directory: Path) -> None:
+        from safetensors import safe_open
+
+        self.directory = directory
+        self._open = lambda name: safe_open(str(directory / name), framework="pt")
+        index = directory / SHARD_INDEX
+        self.index = json.loads(index.read_bytes())["tensors"] if index.exists() else None
+        self._world = json.loads(index.read_bytes())["world_size"] if index.exists() else 1
+
+    def has(self, key: str) -> bool:
+        if self.index is not None:
+            return key in self.index
+        name, inner = self._whole(key)
+        with self._open(name) as f:
+            return inner in f.keys()
+
+    def _whole(self, key: str) -> tuple[str, str]:
+        if key.startswith(TRAINABLE):
+            return "trainable.safetensors", key[len(TRAINABLE):]
+        return "optimizer.safetensors", key
+
+    def read(self, key: str, start: int, stop: int) -> torch.Tensor:
+        if self.index is None:
+            name, inner = self._whole(key)
+            with self._open(name) as f:
+                return f.get_slice(inner)[start:stop]
+        entry = self.index.get(key)
+        if entry is None:
+            raise CheckpointError(f"{self.directory}: {SHARD_INDEX} has no tensor {key!r}")
+        parts = []
+        for rank, first, end in entry["pieces"]:
+            lo, hi = max(first, start), min(end, stop)
+            if lo < hi:
+                with self._open(shard_file(rank, self._world)) as f:
+                    parts.append(f.get_slice(key)[lo - first:hi - first])
+        got = sum(p.shape[0] for p in parts)
+        if got != stop - start:
+            raise CheckpointError(f"{self.directory}: rows {start}-{stop} of {key} are not all in the shard files")
+        return torch.cat(parts)
 
 
 def _read_legacy(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -37,6 +37,7 @@ OLD_LOGPROBS = ("sampled", "current")
 VOTERS = ("policy", "frozen", "ema")
 OFF_POLICY = ("drop", "importance")
 BACKENDS = ("auto", "gloo", "nccl")  # torch.distributed backends of [distributed]
+STRATEGIES = ("replicate", "fsdp")  # how [distributed] ranks hold the model (see docs/distributed.md)
 SAMPLERS = ("auto", "engine", "hf")  # tao_core.models.SAMPLER_BACKENDS (that module imports torch)
 
 # Upper bounds on the values that size an allocation (a bigger one is a typo, not a plan).
@@ -175,6 +176,7 @@ class DistributedConfig:
 
     backend: str = "auto"  # "auto" (nccl on CUDA GPUs, gloo on the CPU) | "gloo" | "nccl"
     timeout_s: float = 600.0  # a rank that dies or stops answering ends the run after at most this many seconds
+    strategy: str = "replicate"  # "replicate" (DDP-style: every rank holds the whole model) | "fsdp" (FSDP2 shards)
 
 
 @dataclass
@@ -290,6 +292,7 @@ RULES: dict[str, Rule] = {
     "train.seed": between(0, MAX_SEED),
     "distributed.backend": one_of(*BACKENDS),
     "distributed.timeout_s": between(0, lo_open=True),
+    "distributed.strategy": one_of(*STRATEGIES),
 }
 
 
@@ -410,10 +413,28 @@ def _pair_problems(cfg: RunConfig, bad: dict[str, str]) -> list[str]:
                             "samples with it: set generate.options.template_weight_sets (e.g. {tens = \"teacher\"})")
     if cfg.table.url is not None and cfg.prompts_file is not None:
         problems.append("prompts_file and table.url both name the training prompts; keep one")
+    if cfg.distributed.strategy == "fsdp":
+        problems += _fsdp_problems(cfg)
     if ("train.overlong_buffer" not in bad and "generate.max_new_tokens" not in bad and g.max_new_tokens is not None
             and t.overlong_buffer > g.max_new_tokens):
         problems.append(f"train.overlong_buffer = {t.overlong_buffer} exceeds generate.max_new_tokens = "
                         f"{g.max_new_tokens}: the penalty ramps over the last tokens before the cap")
+    return problems
+
+
+def _fsdp_problems(cfg: RunConfig) -> list[str]:
+    """What ``distributed.strategy = "fsdp"`` does not run (yet): each with what to do instead."""
+    g, t, problems = cfg.generate, cfg.train, []
+    if t.lora:
+        problems.append("distributed.strategy = 'fsdp' does not shard LoRA adapters: use strategy 'replicate' with "
+                        "train.lora (the frozen base is the bulk and fits where full fine-tuning does not)")
+    if g.sampler == "hf":
+        problems.append("distributed.strategy = 'fsdp' samples with tao's engine over weights gathered once per "
+                        "generate phase; generate.sampler = 'hf' would regather them on every decode step: use "
+                        "'engine' or 'auto' (Llama-family models), or strategy 'replicate'")
+    if g.voters != "policy":
+        problems.append(f"distributed.strategy = 'fsdp' keeps no sharded teacher: generate.voters = {g.voters!r} "
+                        "needs strategy 'replicate'")
     return problems
 
 

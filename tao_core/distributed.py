@@ -170,6 +170,15 @@ class Dist:
                 p.grad = flat[offset:offset + n].view_as(p).clone() if had[i] > 0 else None
                 offset += n
 
+    def named(self, name: str, run: Callable[[], T]) -> T:
+        """``run()``, a collective of torch's own (an FSDP gather), under the failure handling of
+        the collectives above: a failure or timeout names the ranks to blame."""
+        if self.world_size == 1:
+            return run()
+        box: list[Any] = []
+        self._collective(name, lambda: box.append(run()))
+        return box[0]
+
     def close(self) -> None:
         """Leave the process group (the single process has none)."""
         if self.world_size > 1:

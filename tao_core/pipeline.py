@@ -128,7 +128,12 @@ class Pipeline(StepStages):
         train_cfg = cfg.train
         if train_cfg.total_steps is None:
             train_cfg = dataclasses.replace(train_cfg, total_steps=cfg.rounds * cfg.steps_per_round)
-        self.trainer = Trainer(self.lm, train_cfg, objective=self.objective, dist=self.dist)  # the config's, else the task's default
+        self.trainer = Trainer(self.lm, train_cfg, objective=self.objective, dist=self.dist,  # the config's, else the task's default
+                               strategy=cfg.distributed.strategy)
+        if self.trainer.sharding is not None:  # FSDP2: the engine samples from weights gathered per phase
+            from tao_core.dist_fsdp import attach_engine
+
+            attach_engine(self.lm, self.trainer.sharding)
         self.generator = get_component("generators", cfg.generate.generator)(self.lm, **cfg.generate.options)
         if self.dist.world_size > 1 and isinstance(sampler_for(self.lm), HFSampler):
             self._say("warning: the 'hf' sampler seeds one generator per call, so which prompts share a rank changes "
@@ -172,7 +177,15 @@ class Pipeline(StepStages):
             seed=self.cfg.seed * 1_000_003 + step,
         )
 
+    def _sample_and_score(self, step: int, prompts: list[Prompt], part: int = 0):
+        with self.trainer.full_weights():  # gathered once for the phase under FSDP
+            return super()._sample_and_score(step, prompts, part)
+
     def evaluate(self) -> EvalResult:
+        with self.trainer.full_weights():
+            return self._evaluate()
+
+    def _evaluate(self) -> EvalResult:
         """The held-out evaluation with the generator's sampler; each rank greedy-decodes its shard."""
         if self.dist.world_size == 1:
             return evaluate(self.task, sampler_for(self.lm), self.eval_examples)
@@ -181,13 +194,35 @@ class Pipeline(StepStages):
         return _evaluation(self.task, self.dist.gather("evaluation", local.per_example if local else []))
 
     def _trainable(self) -> dict[str, torch.Tensor]:
-        return {n: p for n, p in self.lm.model.named_parameters() if p.requires_grad}
+        return self.trainer.full_trainable()  # gathered under FSDP: every rank calls it
 
     def _restore_best(self, step: int) -> None:
         best = self.dist.broadcast("best weights", self.dir.load_best(step) if self.dist.is_main else None)
-        with torch.no_grad():
-            for n, p in self._trainable().items():
-                p.copy_(best[n])
+        self.trainer.load_trainable(best)
+
+    def _save_checkpoint(self, done: int, state: dict[str, Any]) -> None:
+        if self.trainer.sharding is not None:  # every rank writes its shards (tao_core.dist_checkpoint)
+            from tao_core.dist_checkpoint import save
+
+            save(self.dir, done, self.trainer, state)
+        elif self.dist.is_main:
+            self.dir.save_checkpoint(done, self.trainer.state_dict(), state)
+
+    def _load_trainer(self, trainer_state: Any) -> None:
+        if self.trainer.sharding is None:
+            self.trainer.load_state_dict(trainer_state)
+        else:
+            from tao_core.dist_checkpoint import load
+
+            load(self.trainer, trainer_state)
+
+    def _load_checkpoint(self) -> tuple | None:
+        """The newest valid checkpoint, on every rank (under FSDP each rank then reads its own rows)."""
+        if self.trainer.sharding is None:
+            return self.dist.broadcast("checkpoint", self.dir.load_checkpoint() if self.dist.is_main else None)
+        from tao_core.dist_checkpoint import read_lazy
+
+        return self.dist.broadcast("checkpoint", self.dir.load_checkpoint(read=read_lazy) if self.dist.is_main else None)
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, *, resume: bool = False) -> RunResult:
@@ -211,11 +246,11 @@ class Pipeline(StepStages):
         """(first step, the evaluation before tuning, the best so far, tuning seconds so far):
         from the newest valid checkpoint when resuming, else from a first evaluation at step 0."""
         cfg, rd = self.cfg, self.dir
-        found = self.dist.broadcast("checkpoint", rd.load_checkpoint() if self.dist.is_main else None) if resume else None
+        found = self._load_checkpoint() if resume else None
         if found is not None:
             ckpt, trainer_state, state, fallbacks = found
             try:
-                self.trainer.load_state_dict(trainer_state)
+                self._load_trainer(trainer_state)
                 self.guard.load_state_dict(state["guard"])
                 start, before, best, tuning_s = state["step"], state["before"], state["best"], state["tuning_seconds"]
             except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -279,8 +314,7 @@ class Pipeline(StepStages):
                 if self.teacher is not None:
                     state[PIPELINE_TENSORS] = self.teacher.state_dict()
                 fault_point("checkpoint.before")
-                if self.dist.is_main:
-                    rd.save_checkpoint(done, self.trainer.state_dict(), state)
+                self._save_checkpoint(done, state)
                 self._best_steps = [*self._best_steps, best["step"]][-KEEP_CHECKPOINTS:]
             if stopped:
                 self._say("stopping: a collapse guard fired (guard.stop_on_collapse); keeping the best weights")
@@ -289,8 +323,10 @@ class Pipeline(StepStages):
         self._restore_best(best["step"])
         fault_point("final.before")
 
+        whole = self.trainer.full_state_dict()  # under FSDP: gathered (every rank calls it), on rank 0
+
         def final(tmp: Path) -> None:
-            self.trainer.save_pretrained(tmp)
+            self.trainer.save_pretrained(tmp, whole)
             write_file(tmp / "tao_run.json", json.dumps({"best": best, "before": before}, indent=2))
 
         rd.write_dir(rd.root / "final", final)
@@ -327,7 +363,8 @@ class Pipeline(StepStages):
             rd.save_best(self._trainable(), best, keep_steps=set(self._best_steps))
             fault_point("best.after")
         if end_of_round:
-            rd.write_dir(rd.round_model_dir(round_index), self.trainer.save_pretrained)
+            whole = self.trainer.full_state_dict()  # under FSDP: gathered, on rank 0
+            rd.write_dir(rd.round_model_dir(round_index), lambda tmp: self.trainer.save_pretrained(tmp, whole))
             fault_point("round.after-model")
             rolled_back = not promoted and cfg.guard.rollback
             if rolled_back:

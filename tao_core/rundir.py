@@ -349,15 +349,19 @@ class RunDir:
 
     # -- checkpoints ---------------------------------------------------------------------------
     @_writer
-    def save_checkpoint(self, step: int, trainer_state: dict[str, Any], pipeline_state: dict[str, Any],
-                        keep: int = KEEP_CHECKPOINTS) -> Path:
-        """Write checkpoint ``step`` (see :mod:`tao_core.checkpoint`), point ``latest`` at it, keep the last ``keep``."""
+    def save_checkpoint(self, step: int, trainer_state: dict[str, Any] | None, pipeline_state: dict[str, Any],
+                        keep: int = KEEP_CHECKPOINTS, *, write: Callable[[Path, Any, dict[str, Any]], None] = checkpoint.write,
+                        ) -> Path:
+        """Write checkpoint ``step`` (see :mod:`tao_core.checkpoint`), point ``latest`` at it, keep the last ``keep``.
+
+        ``write(tmp, trainer_state, pipeline_state)`` fills the new directory: a sharded
+        checkpoint's writer (:func:`tao_core.dist_checkpoint.save`) gathers every rank's shards there."""
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         final = self.checkpoints / f"step-{step:05d}"
         tmp = self.checkpoints / f".tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            checkpoint.write(tmp, trainer_state, pipeline_state)
+            write(tmp, trainer_state, pipeline_state)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -389,8 +393,10 @@ class RunDir:
             found.sort(key=lambda p: p.name != named)
         return found
 
-    def load_checkpoint(self) -> tuple[Path, dict[str, Any], dict[str, Any], list[str]] | None:
-        """The newest valid checkpoint: ``(dir, trainer_state, pipeline_state, warnings)``.
+    def load_checkpoint(self, read: Callable[[Path], tuple[Any, dict[str, Any]]] = checkpoint.read,
+                        ) -> tuple[Path, Any, dict[str, Any], list[str]] | None:
+        """The newest valid checkpoint: ``(dir, trainer_state, pipeline_state, warnings)``; ``read``
+        verifies and loads one (:func:`tao_core.dist_checkpoint.read_lazy`: verified, rows left on disk).
 
         ``None`` when no checkpoint was ever written. A checkpoint that fails verification is
         skipped with a warning for the previous one; when checkpoints exist but none is valid, a
@@ -403,7 +409,7 @@ class RunDir:
             problems.append(f"{pointer} names {_safe_read(pointer)!r}, which is not a checkpoint here; ignored")
         for d in dirs:
             try:
-                trainer_state, pipeline_state = checkpoint.read(d)
+                trainer_state, pipeline_state = read(d)
             except checkpoint.CheckpointError as e:
                 problems.append(str(e))
                 continue

@@ -18,13 +18,18 @@ trainer with ``custom_loss=True``: it resolves no objective, advantage estimator
 
 ``state_dict`` / ``load_state_dict`` hold the trainable weights, the optimizer, the step count and
 every RNG state, so a resumed run continues bit for bit on the CPU.
+
+With ``strategy="fsdp"`` under several ranks the policy (and reference) are sharded with FSDP2
+(:mod:`tao_core.dist_fsdp`): losses are computed inside the sharded root's forward,
+:meth:`full_weights` gathers the weights for a sampling phase, :meth:`full_trainable` and
+:meth:`full_state_dict` gather them for files, and checkpoints go through
+:mod:`tao_core.dist_checkpoint`.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import math
 import random
 import time
@@ -121,6 +126,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _number(t: torch.Tensor) -> float:
+    """A scalar tensor as a float (a DTensor's whole value under FSDP)."""
+    full = getattr(t, "full_tensor", None)
+    return float(full() if callable(full) else t)
+
+
 class Trainer(SegmentBuilder):
     """Owns the optimizer and (when needed) the reference; ``step`` is one update of ``lm.model``.
 
@@ -130,7 +141,7 @@ class Trainer(SegmentBuilder):
     """
 
     def __init__(self, lm: LoadedModel, cfg: TrainConfig | None = None, *, objective: Objective | None = None,
-                 custom_loss: bool = False, dist: Dist | None = None) -> None:
+                 custom_loss: bool = False, dist: Dist | None = None, strategy: str = "replicate") -> None:
         self.lm = lm
         self.dist = dist or Dist()  # the ranks whose gradients each update sums (one process by default)
         self.cfg = cfg = cfg or TrainConfig()
@@ -147,6 +158,13 @@ class Trainer(SegmentBuilder):
             self._wrap_lora()
         elif self.needs_reference:
             self.reference = copy.deepcopy(lm.model).eval().requires_grad_(False)
+        self.sharding = None  # FSDP2 over the policy and reference (strategy "fsdp" on several ranks)
+        if strategy == "fsdp" and self.dist.world_size > 1:
+            from tao_core.dist_fsdp import Sharding
+
+            if cfg.lora:
+                raise TaoInputError("distributed.strategy = 'fsdp' does not shard LoRA adapters; use 'replicate'")
+            self.sharding = Sharding(self.dist, lm.model, self.reference, cfg.precision)
         self.params = [p for p in lm.model.parameters() if p.requires_grad]
         lr = cfg.lr if cfg.lr is not None else (1e-4 if cfg.lora else 5e-6)
         self.base_lr = lr
@@ -223,13 +241,22 @@ class Trainer(SegmentBuilder):
             sum(units), sum(b.n_tokens for _, b in packed), sum(i.input_ids.numel() for i, _ in packed), len(packed)])
         metrics.update(step=float(self.step_count + 1), tokens=tokens, row_tokens=row_tokens,
                        micro_batches=micro_batches, lr=self._advance())
-        tally = ImportanceTally()
+        tally, mine_n = ImportanceTally(), len(packed)
         if total == 0:  # nothing to learn from: no update, the step still counts
             metrics.update(loss=0.0, grad_norm=0.0, updated=0.0)
         else:
+            if self.sharding is not None:  # every rank runs as many micro-batches (FSDP's collectives pair them)
+                from tao_core.dist_fsdp import padded
+
+                spare = plan_micro_batches([s for s in segments if s.completions][:1], self.cfg.micro_batch_tokens,
+                                           self.objective.unit)[:1]
+                packed, units = padded(self.dist, packed, units, lambda: pack(spare[0], self.cfg.layout, pad))
             with self._training():
                 for epoch in range(self.cfg.ppo_epochs):
-                    loss_fn = functools.partial(self._objective_loss, packed, lcfg, tally if epoch == 0 else None)
+                    def loss_fn(i: int, epoch: int = epoch) -> LossOutput:  # a spare micro-batch tallies nothing
+                        own = tally if i < mine_n else ImportanceTally()
+                        return self._objective_loss(packed, lcfg, own if epoch == 0 else None, i)
+
                     metrics.update(self._update(range(len(packed)), units, total, loss_fn,
                                                 f"objective {self.objective.name!r}"))
             metrics["updated"] = 1.0
@@ -299,12 +326,13 @@ class Trainer(SegmentBuilder):
             loss_sum += float(out.loss.detach()) * u / total
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * u / total
-        self.dist.reduce_gradients("gradients", self.params)
+        if self.sharding is None:  # FSDP reduce-scatters (sums) in each backward
+            self.dist.reduce_gradients("gradients", self.params)
         loss_sum, sums = self._summed(loss_sum, sums)
         clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         self.optimizer.step()
-        return {"loss": loss_sum, "grad_norm": float(grad_norm), **sums}
+        return {"loss": loss_sum, "grad_norm": _number(grad_norm), **sums}
 
     def _summed(self, loss_sum: float, sums: dict[str, float]) -> tuple[float, dict[str, float]]:
         """The loss and metric sums over ranks: each rank's are its micro-batches' shares of the global mean."""
@@ -321,6 +349,17 @@ class Trainer(SegmentBuilder):
         return self.cfg.old_logprobs == "current" or self.cfg.off_policy == "importance"
 
     def _objective_loss(self, packed: list, lcfg: LossConfig, tally: ImportanceTally | None, i: int) -> LossOutput:
+        """:meth:`_micro_batch_loss`, inside the sharded root's forward under FSDP."""
+        if self.sharding is None:
+            return self._micro_batch_loss(packed, lcfg, tally, i)
+
+        def inside() -> tuple[torch.Tensor, LossOutput]:
+            out = self._micro_batch_loss(packed, lcfg, tally, i)
+            return out.loss, out  # the loss at the top of the output: FSDP's backward hooks attach to it
+
+        return self.sharding.root(inside)[1]
+
+    def _micro_batch_loss(self, packed: list, lcfg: LossConfig, tally: ImportanceTally | None, i: int) -> LossOutput:
         """The objective's loss on micro-batch ``packed[i]``. In the first epoch (``tally`` given) and
         when :attr:`_uses_current`, the policy's own log-probs from this forward set the PPO old
         log-probs and the importance weights (:func:`tao_core.offpolicy.start_of_step`), stored in
@@ -356,6 +395,11 @@ class Trainer(SegmentBuilder):
         """The batch with the reference's log-probs (or hidden states, for exact KL) when needed."""
         if not (self.objective.needs_reference or lcfg.kl_coef > 0):
             return batch
+        if self.sharding is not None and self.sharding.ref_root is not None:  # the root stays gathered after it
+            return self.sharding.ref_root(lambda: self._reference_batch(inputs, batch, lcfg, device))
+        return self._reference_batch(inputs, batch, lcfg, device)
+
+    def _reference_batch(self, inputs, batch, lcfg: LossConfig, device: torch.device):
         import tao_kernels
 
         model = self.reference if self.reference is not None else self.lm.model
@@ -397,14 +441,46 @@ class Trainer(SegmentBuilder):
         self.step_count = int(state["step"])
         set_rng_state(state["rng"])
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write a Hugging Face directory (LoRA merged) with tokenizer and chat template."""
+    # -- whole weights under FSDP (each method is the plain one without it) -----------------------
+
+    def full_weights(self) -> AbstractContextManager:
+        """The block in which the policy's parameters are whole (gathered once under FSDP): a sampling phase."""
+        return nullcontext() if self.sharding is None else self.sharding.full_weights()
+
+    def full_trainable(self) -> dict[str, torch.Tensor]:
+        """The trainable weights by name: the live parameters, or under FSDP whole CPU copies (a
+        collective: every rank calls it)."""
+        params = self._trainable()
+        return params if self.sharding is None else self.sharding.full(params)
+
+    def load_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set the trainable weights from whole tensors by name (each rank keeps its rows under FSDP)."""
+        if self.sharding is not None:
+            self.sharding.load_full(self._trainable(), tensors)
+            return
+        with torch.no_grad():
+            for n, p in self._trainable().items():
+                p.copy_(tensors[n])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Under FSDP the model's whole state dict on rank 0 (None elsewhere), for
+        :meth:`save_pretrained`; None without FSDP. A collective: every rank calls it."""
+        if self.sharding is None:
+            return None
+        seen: set[int] = set()  # a tied weight once, under its first name (as save_pretrained writes it)
+        own = {k: v for k, v in self.lm.model.state_dict(keep_vars=True).items() if not (id(v) in seen or seen.add(id(v)))}
+        full = self.sharding.full(own)
+        return full if self.dist.is_main else None
+
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write a Hugging Face directory (LoRA merged) with tokenizer and chat template; ``state_dict``:
+        whole weights to write instead of the model's own (:meth:`full_state_dict`)."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         model = self.lm.model
         if self.cfg.lora:
             model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(out)
+        model.save_pretrained(out, **({} if state_dict is None else {"state_dict": state_dict}))
         tok = self.lm.tokenizer
         tok.save_pretrained(out)
         if getattr(tok, "chat_template", None) and not (out / "chat_template.jinja").exists():
