@@ -49,7 +49,6 @@ class Flywheel:
         import torch
 
         from tao_core.flywheel_gate import load_gate_scorer
-        from tao_core.table import InferenceTable
 
         self.cfg = cfg
         self.dir = Path(cfg.output_dir)
@@ -62,7 +61,7 @@ class Flywheel:
                 torch.set_num_threads(cfg.server_threads)
             scorer = load_gate_scorer(cfg.gate)
             t = cfg.table
-            self.table = InferenceTable.open(t.url, sample_fraction=t.sample_fraction)  # bodies: a round's prompts
+            self.table = _open_table(t.url, t.sample_fraction)
             self.app = self._app()
             self.controller = Controller(cfg, self.table, scorer, self._reload, served=self.served, history=history)
         except BaseException:
@@ -137,10 +136,27 @@ def _server(config: Any, on_exit: Any) -> Any:
     return FlywheelServer(config)
 
 
+def _open_table(url: str | None, sample_fraction: float) -> Any:
+    """The served table (bodies kept: they are a round's prompts); a path that cannot be created names ``table.url``."""
+    from tao_core.table import InferenceTable
+
+    try:
+        return InferenceTable.open(url, sample_fraction=sample_fraction)
+    except OSError as e:
+        raise TaoInputError(f"table.url {url!r}: cannot create the inference table ({e.strerror or e}: "
+                            f"{e.filename or url}); give a writable path or a database URL") from None
+    except TaoInputError as e:
+        raise TaoInputError(f"table.url: {e}") from None
+
+
 def _lock(directory: Path) -> int:
     """Hold ``directory/flywheel.lock``: two flywheels in one directory would number rounds twice."""
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise TaoInputError(f"output_dir {str(directory)!r}: cannot create the flywheel's directory ({e.strerror or e}: "
+                            f"{e.filename or directory}); choose a writable directory") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +43,7 @@ JOURNAL = "flywheel.jsonl"
 # The keys of a flywheel.jsonl record (gate and task_eval are None when the round did not get that far).
 RECORD_KEYS = ("round", "time", "trigger", "prompts", "since", "status", "promoted", "version", "model_dir",
                "round_dir", "log", "reason", "gate", "task_eval", "seconds")
+ROUND_FILE = re.compile(r"round-(\d+)(?:\.toml|\.log)?")  # a round's directory, config and log
 STATUSES = ("promoted", "rejected", "failed", "interrupted")
 
 
@@ -76,6 +79,17 @@ def read_history(path: Path) -> History:
     return history
 
 
+def append_record(path: Path, line: str) -> None:
+    """Append one record to the journal; a torn last line (a flywheel killed while appending) is ended
+    first, so the new record is a line of its own that a restart reads back."""
+    try:
+        with open(path, "rb") as f:
+            torn = f.seek(0, os.SEEK_END) > 0 and (f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b"\n")
+    except FileNotFoundError:
+        torn = False
+    append_line(path, "\n" + line if torn else line)
+
+
 @dataclass
 class Trigger:
     kind: str  # "prompts" (trigger.min_new_prompts reached) or "schedule" (trigger.interval_s passed)
@@ -91,7 +105,8 @@ class Controller:
         self.served = served
         self.since = history.since
         # a round the flywheel was killed in (no record) keeps its number: its directory is not reused
-        used = [int(p.name[6:]) for p in round_dir(cfg, 1).parent.glob("round-*") if p.name[6:].isdigit()]
+        # (its config and log are written before its process starts: they count, as its run directory does)
+        used = [int(m[1]) for p in round_dir(cfg, 1).parent.glob("round-*") if (m := ROUND_FILE.fullmatch(p.name))]
         self.rounds = max([history.rounds, *used])
         first, _ = round_config(cfg, 1, model_dir=served.model_dir, table_url=table.url, since=None)
         self.filters = first.table  # the round's [table] filters and holdout
@@ -197,8 +212,19 @@ class Controller:
             self.retry_at = time.monotonic() + self.cfg.trigger.retry_s
             return self._record(record, "failed", f"the round process exited with status {code}; nothing changed. "
                                 f"Its log ({log_path}) ends: {proc.log_tail(600)}", seconds)
+        if not (rdir / "final").is_dir():
+            self.retry_at = time.monotonic() + self.cfg.trigger.retry_s
+            return self._record(record, "failed", f"the round process exited with status 0 but wrote no model "
+                                f"({rdir / 'final'}); nothing changed. Its log ({log_path}) ends: "
+                                f"{proc.log_tail(600)}", seconds)
         self.since, self.last_round_at = cutoff, time.monotonic()  # these prompts had their round
-        return self._decide(record, run, rdir, seconds)
+        gate_started = time.monotonic()
+        try:
+            return self._decide(record, run, rdir, seconds)
+        except Exception as e:  # the gate could not answer or judge: recorded, the served version stays
+            log.exception("flywheel: gating round %d failed", n)
+            return self._record(record, "rejected", f"the gate failed ({type(e).__name__}: {e}); the served "
+                                "version stays", {**seconds, "gate": round(time.monotonic() - gate_started, 3)})
 
     def _decide(self, record: dict[str, Any], run: Any, rdir: Path, seconds: dict[str, float]) -> dict[str, Any]:
         g, started = self.cfg.gate, time.monotonic()
@@ -243,7 +269,7 @@ class Controller:
         record.update(status=status, promoted=status == "promoted", version=self.served.version,
                       model_dir=self.served.model_dir, reason=reason, seconds=seconds)
         out = {k: record.get(k) for k in RECORD_KEYS}
-        append_line(self.journal, json.dumps(out, ensure_ascii=False, default=str))
+        append_record(self.journal, json.dumps(out, ensure_ascii=False, default=str))
         level = logging.WARNING if status in ("failed", "interrupted") else logging.INFO
         log.log(level, "flywheel: round %d %s (serving version %s): %s", out["round"], status, out["version"], reason)
         return out

@@ -1,10 +1,15 @@
-"""One flywheel round as a process of its own: ``python -m tao_core.cli run rounds/round-NNN.toml``.
+"""One flywheel round as a process of its own: ``python -m tao_core.flywheel_round rounds/round-NNN.toml``,
+which is ``tao run rounds/round-NNN.toml`` ending with the flywheel's process.
 
 The round runs in its own process group (so terminating it also ends anything it started), with
 ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` and the run config's ``threads`` set to ``round_threads``, and
 its stdout and stderr appended to ``rounds/round-NNN.log``. The controller waits for it while watching
 its stop event; :meth:`RoundProcess.terminate` sends SIGTERM to the group, then SIGKILL after a grace
-period, and reaps it: no process outlives the flywheel's shutdown.
+period, and reaps it: no process outlives the flywheel's shutdown. A flywheel killed outright
+(SIGKILL, the OOM killer) cannot do that, so the round watches its parent itself: when the flywheel's
+process is gone the round's process group gets SIGTERM (on Linux the kernel signals the round at once,
+``PR_SET_PDEATHSIG``; elsewhere a thread notices within a second). A round nobody will gate must not go
+on taking the cores a restarted flywheel's round needs.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 TERMINATE_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this long
@@ -36,7 +42,8 @@ class RoundProcess:
             env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
         env.setdefault("TQDM_MININTERVAL", "5")  # a progress line every few seconds in the log, not every step
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "tao_core.cli", "run", str(self.config_path)],
+            self.proc = subprocess.Popen([sys.executable, "-m", "tao_core.flywheel_round", str(self.config_path),
+                                          str(os.getpid())],
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
 
@@ -75,3 +82,43 @@ class RoundProcess:
                 return f.read().decode("utf-8", errors="replace")
         except OSError:
             return ""
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _end_group(signum: int, frame: object) -> None:
+    """SIGTERM to the round: the whole group goes (anything the run started, then the run)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.killpg(0, signal.SIGTERM)
+
+
+def _watch_parent(parent: int) -> None:
+    """End this round's process group when the process ``parent`` (the flywheel) is gone."""
+    signal.signal(signal.SIGTERM, _end_group)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # the spawning thread's exit
+    else:
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=watch, name="tao-round-parent-watch", daemon=True).start()
+    if os.getppid() != parent:  # it died before the watch was set
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def main(argv: list[str]) -> None:
+    """``python -m tao_core.flywheel_round CONFIG PARENT_PID``: ``tao run CONFIG`` that ends with PARENT_PID."""
+    config, parent = argv
+    _watch_parent(int(parent))
+    from tao_core.cli import cli
+
+    cli.main(["run", config], prog_name="tao")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
