@@ -122,7 +122,9 @@ class Pipeline(StepStages):
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        self.lm = lm or load_model(cfg.model, sampler=cfg.generate.sampler, device=self.dist.device)
+        sharded = cfg.distributed.strategy == "fsdp" and self.dist.world_size > 1
+        # under FSDP the model loads on the CPU: fully_shard moves each layer to the device as it shards it
+        self.lm = lm or load_model(cfg.model, sampler=cfg.generate.sampler, device="cpu" if sharded else self.dist.device)
         if cfg.generate.sampler != "auto":  # a model passed in samples with the backend the config declares
             self.lm.sampler_backend = cfg.generate.sampler
         train_cfg = cfg.train

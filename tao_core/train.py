@@ -281,6 +281,9 @@ class Trainer(SegmentBuilder):
         Returns ``step``, ``lr``, ``loss`` (the units-weighted mean), ``grad_norm`` and the
         units-weighted mean of every metric the loss reports.
         """
+        if self.sharding is not None:
+            raise TaoInputError(f"optimize ({name}) has no FSDP path (its micro-batches differ across ranks); "
+                                "train it with distributed.strategy 'replicate'")
         weights = [1.0] * len(parts) if units is None else [float(u) for u in units]
         if len(weights) != len(parts):
             raise TaoInputError(f"optimize got {len(parts)} micro-batches but {len(weights)} units")
