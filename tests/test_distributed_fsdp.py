@@ -167,3 +167,19 @@ def test_each_ranks_engine_gives_the_trainers_logprobs_under_fsdp(tmp_path, tiny
         assert set(r["whole"]) == {"Parameter"}  # and whole during it
         assert r["local"] < 0.6 * r["total"]  # each rank holds about half
         assert r["gap"] <= 1e-4, r
+
+
+def test_fsdp_refuses_what_it_does_not_shard(tmp_path, tiny_model_dir):
+    from tao_core.config import load_config, validate
+    from tao_core.errors import TaoInputError
+    from tests.test_pipeline import _config
+
+    cfg = _config(tmp_path / "c.toml", tiny_model_dir, tmp_path / "run")
+    cfg.write_text(cfg.read_text().replace('scorer = "test-letter"', 'scorer = "arithmetic-check"'))
+    validate(load_config(cfg, {"distributed.strategy": "fsdp"}))  # the default run shards
+    with pytest.raises(TaoInputError, match="distributed.strategy must be one of 'replicate', 'fsdp', got 'zero3'"):
+        load_config(cfg, {"distributed.strategy": "zero3"})
+    with pytest.raises(TaoInputError, match="does not shard LoRA adapters: use strategy 'replicate'"):
+        validate(load_config(cfg, {"distributed.strategy": "fsdp", "train.lora": True}))
+    with pytest.raises(TaoInputError, match="generate.sampler = 'hf' would regather them on every decode step"):
+        validate(load_config(cfg, {"distributed.strategy": "fsdp", "generate.sampler": "hf"}))
