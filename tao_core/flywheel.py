@@ -180,7 +180,10 @@ def flywheel_cmd(config: str) -> None:
     for name in ("tao_core.flywheel", "tao_core.flywheel_controller"):
         logging.getLogger(name).addHandler(handler)
         logging.getLogger(name).setLevel(logging.INFO)
-    flywheel = Flywheel(cfg)
+    try:
+        flywheel = Flywheel(cfg)
+    except TaoInputError as e:  # the gate scorer's options, the directory, the table: name the file too
+        raise TaoInputError(f"{config}: {e}") from None
     c, t = flywheel.serve_config, cfg.trigger
     when = " or ".join(([f"{t.min_new_prompts} new prompts"] if t.min_new_prompts else [])
                        + ([f"{t.interval_s:g} s with a new prompt"] if t.interval_s else []))

@@ -154,3 +154,14 @@ def test_a_gate_that_raises_is_recorded_and_the_served_version_stays(controller,
     record = c.step()  # final/ is an empty directory: the gate cannot load it
     assert record["status"] == "rejected" and record["reason"].startswith("the gate failed (ModelLoadError")
     assert record["version"] == "0" and reloads == [] and read_history(c.journal).rounds == 1
+
+
+def test_the_command_names_the_file_of_a_refused_gate_scorer(tmp_path, tiny_model_dir):
+    from click.testing import CliRunner
+
+    from tao_core.cli import cli
+
+    config = edited(edited(write_config(tmp_path, tiny_model_dir, SHORT), 'scorer = "rules"', 'scorer = "majority-vote"'),
+                    "options = {rules", "# options = {rules")
+    result = CliRunner().invoke(cli, ["flywheel", str(config)])
+    assert result.exit_code == 2 and f"{config}: gate.scorer = 'majority-vote' judges a candidate" in result.output
