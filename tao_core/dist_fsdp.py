@@ -108,7 +108,8 @@ class Sharding:
 
     # -- whole tensors ---------------------------------------------------------------------------
     def full(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Each (sharded) tensor gathered whole, on the CPU, on every rank (one all-gather each)."""
+        """Each (sharded) tensor gathered whole (one all-gather each; every rank calls it), kept on
+        the CPU of rank 0 alone, the rank that writes files: the others get an empty dict."""
         out: dict[int, torch.Tensor] = {}
         named = {}
         for name, t in tensors.items():
@@ -116,6 +117,8 @@ class Sharding:
                 whole = t.detach()
                 if isinstance(whole, DTensor):
                     whole = self.dist.named(f"gather {name}", lambda w=whole: w.full_tensor())
+                if not self.dist.is_main:
+                    continue
                 out[id(t)] = whole.cpu().clone() if whole.device.type != "cpu" else whole.clone()
             named[name] = out[id(t)]
         return named

@@ -15,6 +15,11 @@ the weights it trains, and:
   gradients over ranks once per optimizer step (:meth:`Dist.reduce_gradients`): the gradient of the
   global loss, as DDP's all-reduce gives, while ranks may hold unequal numbers of micro-batches.
 
+With ``distributed.strategy = "fsdp"`` each rank holds a shard of the model instead
+(:mod:`tao_core.dist_fsdp`): the same blocks and gathers, FSDP's reduce-scatter in place of
+:meth:`Dist.reduce_gradients`, the weights gathered once per sampling phase (:meth:`Dist.named`
+names that gather's failures like the collectives here).
+
 Rank 0 alone reads and writes the run directory; what it reads (checkpoints, stored candidates,
 best weights) reaches the others by :meth:`Dist.broadcast`. With one process (no launcher) every
 collective returns its input and nothing of ``torch.distributed`` is touched.

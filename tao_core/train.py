@@ -451,8 +451,8 @@ class Trainer(SegmentBuilder):
         return nullcontext() if self.sharding is None else self.sharding.full_weights()
 
     def full_trainable(self) -> dict[str, torch.Tensor]:
-        """The trainable weights by name: the live parameters, or under FSDP whole CPU copies (a
-        collective: every rank calls it)."""
+        """The trainable weights by name: the live parameters, or under FSDP whole CPU copies on rank 0
+        and an empty dict elsewhere (a collective: every rank calls it)."""
         params = self._trainable()
         return params if self.sharding is None else self.sharding.full(params)
 
@@ -472,7 +472,7 @@ class Trainer(SegmentBuilder):
             return None
         seen: set[int] = set()  # a tied weight once, under its first name (as save_pretrained writes it)
         own = {k: v for k, v in self.lm.model.state_dict(keep_vars=True).items() if not (id(v) in seen or seen.add(id(v)))}
-        full = self.sharding.full(own)
+        full = self.sharding.full(own)  # empty on the ranks other than 0
         return full if self.dist.is_main else None
 
     def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:

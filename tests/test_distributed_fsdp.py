@@ -126,30 +126,44 @@ GAP_SCRIPT = textwrap.dedent("""
     sharded = [type(p).__name__ for p in lm.model.parameters()]
     attach_engine(lm, trainer.sharding)
     engine = sampler_for(lm).engine
-    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7, 6, 5, 4, 3, 2, 1, 10, 11]]
+    prompts = [[1, 2, 3, 4, 5, 6, 7] * 3, [1, 2, 3, 4, 5, 6, 7] * 3 + [9, 8, 7, 6, 5, 4, 3, 2, 1, 10, 11]]
     params = SamplingParams(n=2, temperature=0.8, max_new_tokens=8, seed=5 + dist.rank)
-    with trainer.full_weights():
-        res = engine.run([EngineRequest(p, params) for p in prompts])
-        whole = [type(p).__name__ for p in lm.model.parameters()]
+
+    def phase():
+        # one generate phase (weights gathered once), then the trainer's log-probs of what it sampled
+        with trainer.full_weights():
+            res = engine.run([EngineRequest(p, params) for p in prompts])
+            whole = [type(p).__name__ for p in lm.model.parameters()]
+        gap, first = 0.0, None
+        for p, r in zip(prompts, res):
+            for s in r.samples:
+                ids = torch.tensor([p + s.token_ids])
+
+                def fwd():
+                    with torch.no_grad():
+                        return (lm.model(ids).logits[0, len(p) - 1:-1].float(),)
+
+                logits = trainer.sharding.root(fwd)[0]
+                want = torch.log_softmax(logits / 0.8, -1).gather(-1, torch.tensor(s.token_ids)[:, None])[:, 0]
+                gap = max(gap, (want - torch.tensor(s.logprobs)).abs().max().item())
+                first = s.logprobs if first is None else first
+        trainer.sharding.root.reshard()
+        return gap, whole, first
+
+    gap, whole, before = phase()
     after = [type(p).__name__ for p in lm.model.parameters()]
     local = sum(p.to_local().numel() for p in lm.model.parameters())
     total = sum(p.numel() for p in lm.model.parameters())
-    gap = 0.0
-    for p, r in zip(prompts, res):
-        for s in r.samples:
-            ids = torch.tensor([p + s.token_ids])
-
-            def fwd():
-                with torch.no_grad():
-                    return (lm.model(ids).logits[0, len(p) - 1:-1].float(),)
-
-            logits = trainer.sharding.root(fwd)[0]
-            want = torch.log_softmax(logits / 0.8, -1).gather(-1, torch.tensor(s.token_ids)[:, None])[:, 0]
-            gap = max(gap, (want - torch.tensor(s.logprobs)).abs().max().item())
-    open(f"{sys.argv[2]}/rank-{dist.rank}.json", "w").write(json.dumps({"rank": dist.rank, "gap": gap, "sharded": sharded + after, "whole": whole, "local": local,
-                      "total": total}))
+    with torch.no_grad():  # new weights, as after an optimizer step: the next phase must sample from them
+        for p in lm.model.parameters():
+            p.to_local().mul_(1.05)
+    gap2, _, later = phase()
+    moved = max(abs(a - b) for a, b in zip(before, later))
+    open(f"{sys.argv[2]}/rank-{dist.rank}.json", "w").write(json.dumps({"rank": dist.rank, "gap": gap, "gap2": gap2,
+        "moved": moved, "sharded": sharded + after, "whole": whole, "local": local, "total": total}))
     dist.close()
 """)
+
 
 
 def test_each_ranks_engine_gives_the_trainers_logprobs_under_fsdp(tmp_path, tiny_model_dir, plugin_path):  # noqa: F811
@@ -166,7 +180,8 @@ def test_each_ranks_engine_gives_the_trainers_logprobs_under_fsdp(tmp_path, tiny
         assert set(r["sharded"]) == {"DTensor"}  # every parameter is a shard before and after the phase
         assert set(r["whole"]) == {"Parameter"}  # and whole during it
         assert r["local"] < 0.6 * r["total"]  # each rank holds about half
-        assert r["gap"] <= 1e-4, r
+        assert r["gap"] <= 1e-4 and r["gap2"] <= 1e-4, r  # before and after the weights change
+        assert r["moved"] > 1e-3  # the second phase sampled from the new weights (no stale cached prefix)
 
 
 def test_fsdp_refuses_what_it_does_not_shard(tmp_path, tiny_model_dir):
