@@ -74,6 +74,7 @@ def test_fsdp_two_ranks_equal_one_process_and_its_checkpoint_resumes_on_one_and_
     assert not (ckpt / "trainable.safetensors").exists()
     listed = json.loads((ckpt / "manifest.json").read_text())["files"]
     assert {"shards.json", "shards/rank-00001-of-00002.safetensors"} <= set(listed)
+    _corrupt_shard_falls_back(out, tmp_path / "broken")
 
     killed = tmp_path / "killed"
     proc = _torchrun(["run", str(fsdp), "--output-dir", str(killed)], plugin_path,
@@ -86,6 +87,24 @@ def test_fsdp_two_ranks_equal_one_process_and_its_checkpoint_resumes_on_one_and_
     _same_run(ref, killed, [2, 2, 1])
     _ok(_torchrun(["run", "--resume", str(again)], plugin_path))  # the shards, read back by 2 ranks
     _same_run(ref, again, [2, 2, 2])
+
+
+def _corrupt_shard_falls_back(run: Path, copy: Path) -> None:
+    """A shard file that does not match the manifest makes its checkpoint invalid: the run directory
+    falls back to the previous one, whole (one process) or lazily (FSDP ranks) alike."""
+    from tao_core.dist_checkpoint import read_lazy
+    from tao_core.rundir import RunDir
+
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns(".lock"))
+    shard = copy / "checkpoints" / "step-00003" / "shards" / "rank-00001-of-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    for found in (RunDir(copy).load_checkpoint(), RunDir(copy).load_checkpoint(read=read_lazy)):
+        assert found[0].name == "step-00002"
+        assert "rank-00001-of-00002.safetensors: SHA-256 differs from the manifest" in found[3][0]
+    state = RunDir(copy).load_checkpoint()[1]  # the shards of step 2, assembled whole
+    assert state["step"] == 2 and all(t.dim() for t in state["trainable"].values())
 
 
 def test_a_one_process_checkpoint_resumes_sharded_on_two_ranks(tmp_path, one_process, plugin_path):  # noqa: F811
