@@ -258,6 +258,8 @@ class Controller:
             return {"prompts": len(prompts), "judged": 0, "promoted": False,
                     "reason": "the flywheel stopped" if self.stop_event.is_set() else
                     f"{len(prompts)} held-out prompts in the table, fewer than gate.min_prompts = {g.min_prompts}"}
+        log.info("flywheel: the gate judges %d held-out prompts (the served model's answers, then the round's)",
+                 len(prompts))
         kw = {"dtype": self.cfg.dtype, "device": self.cfg.device}
         old = answers(self.served.model_dir, prompts, g.max_new_tokens, **kw)
         if self.stop_event.is_set():

@@ -15,6 +15,7 @@ on taking the cores a restarted flywheel's round needs.
 from __future__ import annotations
 
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -115,9 +116,8 @@ def main(argv: list[str]) -> None:
     """``python -m tao_core.flywheel_round CONFIG PARENT_PID``: ``tao run CONFIG`` that ends with PARENT_PID."""
     config, parent = argv
     _watch_parent(int(parent))
-    from tao_core.cli import cli
-
-    cli.main(["run", config], prog_name="tao")
+    sys.argv = ["tao", "run", config]
+    runpy.run_module("tao_core.cli", run_name="__main__", alter_sys=True)  # not imported: the cli imports us
 
 
 if __name__ == "__main__":
