@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tao_core.errors import PluginError, TaoInputError
+from tao_core.errors import ModelLoadError, PluginError, TaoInputError
 from tao_core.fields import Rule, between, check_fields, one_of, show
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -186,14 +186,28 @@ def _scorer_problems(cfg: FlywheelConfig) -> list[str]:
     except PluginError:
         return [f"gate.scorer = {show(g.scorer)} is not a registered scorer; available: {', '.join(reg.names('scorers'))}"]
     policy = {cfg.model, str(Path(cfg.model).expanduser().resolve())}
-    flywheel_dir = Path(cfg.output_dir).expanduser().resolve()
+    # where the policy's files are: its directory (an alias or cache name resolved) and the flywheel's rounds
+    owned = [Path(cfg.output_dir).expanduser().resolve(), *_model_paths(cfg.model)]
     problems = []
     for key, value in _strings(g.options, "gate.options"):
         resolved = Path(value).expanduser().resolve() if "\0" not in value else None
-        if value in policy or (resolved is not None and (str(resolved) in policy or resolved.is_relative_to(flywheel_dir))):
+        if value in policy or (resolved is not None and (str(resolved) in policy or
+                                                         any(resolved.is_relative_to(d) for d in owned))):
             problems.append(f"{key} = {show(value)} names the served model (the policy): the gate must not depend on "
                             "the model under test; judge with a frozen copy kept elsewhere, a verifier or rules")
     return problems
+
+
+def _model_paths(model: str) -> list[Path]:
+    """The served model's files: its resolved path (an alias, cache name or directory), if it resolves."""
+    from tao_core.models import resolve_model_path
+
+    paths = [Path(model).expanduser().resolve()] if Path(model).expanduser().exists() else []
+    try:
+        paths.append(Path(resolve_model_path(model)).resolve())
+    except (ModelLoadError, OSError):
+        pass  # loading the model reports it
+    return paths
 
 
 def _strings(value: Any, key: str):

@@ -165,3 +165,12 @@ def test_the_command_names_the_file_of_a_refused_gate_scorer(tmp_path, tiny_mode
                     "options = {rules", "# options = {rules")
     result = CliRunner().invoke(cli, ["flywheel", str(config)])
     assert result.exit_code == 2 and f"{config}: gate.scorer = 'majority-vote' judges a candidate" in result.output
+
+
+def test_a_gate_option_naming_a_file_inside_the_served_model_is_refused(tmp_path, tiny_model_dir):
+    """A judge or reward model read from the served model's own directory grades the policy by itself."""
+    inside = tiny_model_dir / "config.json"
+    config = edited(write_config(tmp_path, tiny_model_dir, SHORT), "options = {rules = [",
+                    f"options = {{judge = {{path = '{inside}'}}, rules = [")
+    with pytest.raises(TaoInputError, match=r"gate.options.judge.path = .* names the served model"):
+        load_flywheel_config(config)
