@@ -151,7 +151,8 @@ def check_flywheel(cfg: FlywheelConfig) -> list[str]:
                         "table (task, rounds, steps_per_round, [round.train], ...)")
     else:
         try:
-            round_config(cfg, 1, model_dir=cfg.model, table_url=cfg.table.url or "inference.db", since=None)
+            round_config(cfg, 1, model_dir=cfg.model if "model" not in bad else "model",  # reported once
+                         table_url=cfg.table.url or "inference.db", since=None)
         except TaoInputError as e:
             problems.append(str(e))
     return problems
@@ -229,7 +230,12 @@ def _strings(value: Any, key: str):
 def round_data(cfg: FlywheelConfig) -> tuple[dict[str, Any], str]:
     """The round's run config as a dict (read from its file when ``round`` is a path) and where it came from."""
     if isinstance(cfg.round, str):
-        return _read_toml(Path(cfg.round), "round run config"), f"round = {cfg.round!r}"
+        where = f"round = {cfg.round!r}"
+        try:
+            return _read_toml(Path(cfg.round), "round run config"), where
+        except TaoInputError as e:
+            raise TaoInputError(f"{where}: {e} (a relative path is read from the directory tao flywheel runs "
+                                f"in, {Path.cwd()})") from None
     return copy.deepcopy(cfg.round), "round"
 
 

@@ -174,3 +174,12 @@ def test_a_gate_option_naming_a_file_inside_the_served_model_is_refused(tmp_path
                     f"options = {{judge = {{path = '{inside}'}}, rules = [")
     with pytest.raises(TaoInputError, match=r"gate.options.judge.path = .* names the served model"):
         load_flywheel_config(config)
+
+
+def test_a_missing_round_file_names_the_key_and_where_it_was_looked_for(tmp_path, tiny_model_dir, monkeypatch):
+    config = write_config(tmp_path, tiny_model_dir, SHORT)
+    head = config.read_text().partition("[round]")[0]  # no inline round: a file instead
+    config.write_text(head.replace("round_threads = 1", 'round_threads = 1\nround = "rounds.toml"'))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TaoInputError, match=f"round = 'rounds.toml': .*not found .*{re.escape(str(tmp_path))}"):
+        load_flywheel_config(config)
