@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Coroutine
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ import torch
 from tao_core.errors import TaoInputError
 from tao_core.serve.engine_loop import EngineLoop, Swap
 from tao_core.serve.exchange import Exchanges
+from tao_core.serve.safetensors_file import SafetensorsFile
 
 # config fields that change what a forward computes beyond the parameters' names and shapes
 ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -105,7 +107,11 @@ class ModelVersions:
     async def _reload(self, model_dir: str | Path, version: str | None) -> dict[str, str]:
         if not isinstance(model_dir, str | Path) or not str(model_dir):
             raise VersionError(400, f"model must be the path of a model directory, got {model_dir!r}")
-        path = Path(model_dir).expanduser().resolve()
+        try:
+            path = Path(model_dir).expanduser().resolve()
+        except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a name too long, a NUL, a lone surrogate
+            why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {str(e)[:200]}"
+            raise VersionError(400, f"model {str(model_dir)[:200]!r}: not a usable directory path ({why})") from None
         async with self._lock:
             await self._wait_settled()
             name = self._name(version, path)
@@ -133,7 +139,11 @@ class ModelVersions:
 
     async def _swap(self, name: str, path: Path) -> None:
         """Read ``path``'s weights off the event loop and make them version ``name`` for new requests."""
-        swap = Swap(name, await asyncio.to_thread(read_weights, self._model, path))
+        try:
+            tensors = await asyncio.to_thread(read_weights, self._model, path)
+        except OSError as e:  # a directory it may not list, a file it may not stat
+            raise VersionError(400, f"{str(path)[:300]}: cannot read it ({e.strerror or e})") from None
+        swap = Swap(name, tensors)
         self._loop.swap(swap)
         await asyncio.wrap_future(swap.applied)
         self._settled = swap.settled
@@ -194,8 +204,14 @@ def read_weights(model: torch.nn.Module, model_dir: Path) -> dict[str, torch.Ten
     buffers = {name for name, _ in model.named_buffers()}
     out: dict[str, torch.Tensor] = {}
     problems: list[str] = []
-    for f in _weight_files(model_dir):
-        problems += _read_file(f, params, canonical, buffers, out)
+    with ExitStack() as files:
+        opened = [files.enter_context(_open(f)) for f in _weight_files(model_dir)]
+        for st in opened:
+            problems += _read_file(st, params, canonical, buffers, out)
+        changed = [st.path.name for st in opened if st.changed()]
+    if changed:
+        raise VersionError(400, f"{model_dir}: {', '.join(changed)} changed while it was read (is the model still "
+                           "being written?); reload once it is complete")
     problems += [f"{name}: missing" for name in first.values() if name not in out]
     if problems:
         more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
@@ -204,37 +220,40 @@ def read_weights(model: torch.nn.Module, model_dir: Path) -> dict[str, torch.Ten
     return out
 
 
-def _read_file(f: Path, params: dict[str, torch.Tensor], canonical: dict[str, str], buffers: set[str],
-               out: dict[str, torch.Tensor]) -> list[str]:
-    """Read ``f``'s tensors into ``out`` (one at a time: one tensor beyond ``out`` is ever in memory)."""
-    from safetensors import safe_open
-
-    problems = []
+def _open(f: Path) -> SafetensorsFile:
     try:
-        with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():  # noqa: SIM118 (a safe_open handle is not a mapping)
-                name = canonical.get(key)
-                if name is None:
-                    if key not in buffers:
-                        problems.append(f"{key}: the served model has no such parameter")
-                    continue
-                if name in out:
-                    continue
-                p = params[name]
-                shape = tuple(st.get_slice(key).get_shape())
-                if shape != tuple(p.shape):
-                    problems.append(f"{key}: shape {list(shape)} in {f.name}, the served model's is {list(p.shape)}")
-                    continue
-                t = st.get_tensor(key)
-                if t.dtype != p.dtype and not (t.is_floating_point() and p.is_floating_point()):
-                    problems.append(f"{key}: dtype {t.dtype} in {f.name}, the served model's is {p.dtype}")
-                    continue
-                out[name] = torch.empty_like(p, requires_grad=False).copy_(t)
-    except VersionError:
-        raise
-    except Exception as e:  # a truncated or corrupt file
+        return SafetensorsFile(f)
+    except Exception as e:  # missing, not a regular file, a bad header
         raise VersionError(400, f"{f}: cannot read the weights ({type(e).__name__}: {e}); write the model again "
                            "(model.save_pretrained)") from None
+
+
+def _read_file(st: SafetensorsFile, params: dict[str, torch.Tensor], canonical: dict[str, str], buffers: set[str],
+               out: dict[str, torch.Tensor]) -> list[str]:
+    """Read ``st``'s tensors into ``out`` (one at a time: one tensor beyond ``out`` is ever in memory)."""
+    problems = []
+    try:
+        for key in st.keys():
+            name = canonical.get(key)
+            if name is None:
+                if key not in buffers:
+                    problems.append(f"{key}: the served model has no such parameter")
+                continue
+            if name in out:
+                continue
+            p = params[name]
+            if st.shape(key) != tuple(p.shape):
+                problems.append(f"{key}: shape {list(st.shape(key))} in {st.path.name}, the served model's is "
+                                f"{list(p.shape)}")
+                continue
+            t = st.tensor(key)
+            if t.dtype != p.dtype and not (t.is_floating_point() and p.is_floating_point()):
+                problems.append(f"{key}: dtype {t.dtype} in {st.path.name}, the served model's is {p.dtype}")
+                continue
+            out[name] = torch.empty_like(p, requires_grad=False).copy_(t)
+    except Exception as e:  # a file cut short or corrupt
+        raise VersionError(400, f"{st.path}: cannot read the weights ({type(e).__name__}: {e}); write the model "
+                           "again (model.save_pretrained)") from None
     return problems
 
 
