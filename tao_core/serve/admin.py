@@ -14,7 +14,6 @@ down, and 500 when the engine refused the new weights (the served version is unc
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -23,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 
 from tao_core.serve.completions import ServerState, error_response
 from tao_core.serve.engine_loop import Closed
-from tao_core.serve.protocol import ApiError
+from tao_core.serve.protocol import ApiError, parse_json_body
 from tao_core.serve.versions import VersionError
 
 log = logging.getLogger(__name__)
@@ -67,10 +66,7 @@ async def _reload_body(request: Request, limit: int) -> dict[str, Any]:
         raw += chunk
         if len(raw) > limit:
             raise ApiError(413, f"the request body exceeds this server's limit of {limit} bytes", code="request_too_large")
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    body = parse_json_body(raw)
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
     unknown = sorted(set(body) - set(RELOAD_FIELDS))

@@ -28,7 +28,7 @@ from tao_core.engine.sampler import stop_string_checker
 from tao_core.models import LoadedModel
 from tao_core.serve.engine_loop import Closed, EngineLoop, Finished, Overloaded, Submission, TokenEvent
 from tao_core.serve.exchange import Exchange, Exchanges
-from tao_core.serve.protocol import ApiError, GenerationRequest, parse_request
+from tao_core.serve.protocol import ApiError, GenerationRequest, parse_json_body, parse_request
 from tao_core.serve.responses import Shapes, TokenSlice, usage
 from tao_core.serve.settings import ServeConfig
 from tao_core.serve.text import Choice, TextStream, finish_sample, text_offsets
@@ -173,16 +173,12 @@ async def read_json(request: Request, limit: int, ex: Exchange) -> Any:
         parts.append(chunk)
     raw = b"".join(parts)
     try:
-        body = json.loads(raw, parse_constant=_no_constant)
-    except (ValueError, UnicodeDecodeError) as e:
-        ex.request_json = raw.decode("utf-8", "replace")
-        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        body = parse_json_body(raw)
+    except ApiError:
+        ex.request_json = raw.decode("utf-8", "replace")  # logged as the text it was
+        raise
     ex.request_json = body
     return body
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 async def _first_event(loop: EngineLoop, sub: Submission, request: Request) -> list[TokenEvent] | Finished:

@@ -11,14 +11,13 @@ a worker thread): a 200 means it is stored.
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from fastapi import Request
 from starlette.responses import JSONResponse, Response
 
 from tao_core.errors import TaoInputError
-from tao_core.serve.protocol import ApiError
+from tao_core.serve.protocol import ApiError, parse_json_body
 
 FIELDS = ("request_id", "rating", "preferred_choice", "comment", "source")
 
@@ -30,10 +29,7 @@ async def parse(request: Request, limit: int) -> dict[str, Any]:
         raw += chunk
         if len(raw) > limit:
             raise ApiError(413, f"the request body exceeds this server's limit of {limit} bytes", code="request_too_large")
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    body = parse_json_body(raw)
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
     unknown = sorted(set(body) - set(FIELDS))

@@ -8,6 +8,7 @@ changes nothing; any other value is refused rather than silently ignored. ``null
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,6 +64,26 @@ class ApiError(Exception):
     def body(self) -> dict[str, Any]:
         kind = _ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """A request body as JSON; a 400 when it is not JSON, nests too deeply, or holds a ``NaN``/``Infinity``
+    constant or an unpaired UTF-16 surrogate escape (``"\\ud800"``: not text, and no table can store it)."""
+    try:
+        body = json.loads(raw, parse_constant=_no_constant)
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise ApiError(400, "the request body nests arrays or objects too deeply") from None
+    except UnicodeEncodeError:
+        raise ApiError(400, "the request body holds an unpaired UTF-16 surrogate escape (such as \"\\ud800\"), "
+                       "which is not text") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    return body
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 @dataclass
