@@ -92,12 +92,17 @@ class Guard:
         self.admin_token = admin_token
         self.buckets = buckets or TokenBuckets()
 
-    def caller(self, path: str, authorization: str | None) -> Caller | None:
-        """The caller of ``path`` (None: a path that needs no key); ApiError 401/403 when not allowed."""
+    def caller(self, path: str, authorization: str | list[str] | None) -> Caller | None:
+        """The caller of ``path`` (None: a path that needs no key); ApiError 401/403 when not allowed, 400 for
+        more than one ``Authorization`` header (``authorization``: the header's values)."""
         admin = path == "/admin" or path.startswith("/admin/")
         if not admin and not path.startswith("/v1/"):
             return None
-        key = _bearer(authorization)
+        values = authorization if isinstance(authorization, list) else [authorization] if authorization else []
+        if len(values) > 1:  # which one counts would depend on the proxy or framework: refuse both
+            raise ApiError(400, f"the request has {len(values)} Authorization headers; send exactly one "
+                           "('Authorization: Bearer KEY')", code="invalid_authorization_header")
+        key = _bearer(values[0] if values else None)
         if admin and key is not None and self.admin_token and hmac.compare_digest(
                 key.encode("utf-8"), self.admin_token.encode("utf-8")):
             return Caller(ADMIN_TOKEN_ID, "admin", 0)
@@ -105,13 +110,14 @@ class Guard:
             found = None if key is None else self.keys.find(key)
             open_mode = not admin and self.loopback and not self.keys.has_api_key()
         except TaoInputError as e:  # the key file turned unreadable: refuse rather than trust stale keys
-            log.error("tao serve: %s", e)
-            raise ApiError(503, f"the server cannot read its API keys ({e}); ask its operator",
+            log.error("tao serve: %s", e)  # the why and the path are for the operator, not for any caller
+            raise ApiError(503, "the server cannot read its API keys; ask its operator (the server log says why)",
                            code="key_store_unreadable") from None
         if open_mode:  # any key or none; a valid stored key still names its caller
             return Caller(found.id, found.role, found.rate_limit) if found and found.active else Caller(None, "open", None)
         if key is None:
-            raise ApiError(401, "You didn't provide an API key: send it as 'Authorization: Bearer KEY' "
+            given = " (the Authorization header given is not of that form)" if values else ""
+            raise ApiError(401, f"You didn't provide an API key: send it as 'Authorization: Bearer KEY'{given} "
                            "(tao keys create makes one)", code="missing_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
         if found is None or not found.active:
@@ -144,9 +150,9 @@ class AuthMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        authorization = [v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"authorization"]
         try:
-            caller = self.guard.caller(scope["path"], headers.get("authorization"))
+            caller = self.guard.caller(scope["path"], authorization)
             if caller is not None and scope["path"].startswith("/v1/"):
                 self.guard.admit(caller, (scope.get("client") or ("unknown",))[0])
         except ApiError as e:

@@ -217,7 +217,14 @@ def _parse(raw: bytes, path: Path) -> list[ApiKey]:
     if data.get("version") != STORE_VERSION:
         raise TaoInputError(f"the key store {path} has version {data.get('version')!r}; this tao reads version "
                             f"{STORE_VERSION}")
-    return [_entry(item, i, path, fix) for i, item in enumerate(data["keys"])]
+    keys = [_entry(item, i, path, fix) for i, item in enumerate(data["keys"])]
+    for field in ("id", "sha256"):  # one key, two entries: which role, rate or revocation counts is a guess
+        first: dict[str, int] = {}
+        for i, k in enumerate(keys):
+            j = first.setdefault(getattr(k, field), i)
+            if j != i:
+                raise TaoInputError(f"the key store {path}: keys[{j}] and keys[{i}] have the same {field}; {fix}")
+    return keys
 
 
 def _entry(item: Any, i: int, path: Path, fix: str) -> ApiKey:
