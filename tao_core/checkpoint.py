@@ -256,7 +256,8 @@ def verify(directory: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, t
 class Rows:
     """Rows ``[start, stop)`` of a checkpoint's weights and optimizer tensors, read from disk without
     loading the rest: from the shard files of a sharded checkpoint, or from ``trainable.safetensors``
-    / ``optimizer.safetensors`` of a whole one. Keys: ``trainable/<name>``, ``state/<i>/<name>``."""
+    / ``optimizer.safetensors`` of a whole one. Keys: ``trainable/<name>``, ``state/<i>/<name>``.
+    It checks no hash: :func:`verify` the directory first (rank 0 does, before the others read)."""
 
     def __init__(self, directory: Path) -> None:
         from safetensors import safe_open

@@ -11,7 +11,8 @@ The ranks must share the run directory's file system, as a resume already requir
 Loading reshards: rank 0 verifies every file against the manifest (:func:`read_lazy`, falling back
 to the previous checkpoint as for a whole one), and each rank reads only the rows it now holds
 (:func:`load`) from the shard files, whatever rank count wrote them, or from a whole checkpoint
-written by one process or by replicated ranks. A sharded checkpoint read by one process (or by
+written by one process or by replicated ranks (whose AdamW moments sit in ``optimizer.safetensors``
+and so reach every rank whole, once, from rank 0). A sharded checkpoint read by one process (or by
 ``strategy = "replicate"`` ranks) is assembled whole by :func:`tao_core.checkpoint.read`.
 """
 
