@@ -57,6 +57,11 @@ class Flywheel:
         try:
             history = read_history(self.dir / JOURNAL)
             self.served = history.served or Served(cfg.model, "0")
+            if history.served is not None and not Path(history.served.model_dir).exists():
+                raise TaoInputError(
+                    f"{self.dir / JOURNAL} says version {history.served.version} is served from "
+                    f"{history.served.model_dir}, which is gone; restore that directory, or move the journal "
+                    f"aside to serve {cfg.model!r} as version 0 again")
             if cfg.server_threads is not None:
                 torch.set_num_threads(cfg.server_threads)
             scorer = load_gate_scorer(cfg.gate)

@@ -183,3 +183,16 @@ def test_a_missing_round_file_names_the_key_and_where_it_was_looked_for(tmp_path
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TaoInputError, match=f"round = 'rounds.toml': .*not found .*{re.escape(str(tmp_path))}"):
         load_flywheel_config(config)
+
+
+def test_a_restart_whose_promoted_model_was_deleted_says_so(tmp_path, tiny_model_dir):
+    from tao_core.flywheel import Flywheel
+
+    cfg = load_flywheel_config(write_config(tmp_path, tiny_model_dir, SHORT))
+    gone = tmp_path / "fw" / "rounds" / "round-003" / "final"
+    (tmp_path / "fw").mkdir()
+    (tmp_path / "fw" / "flywheel.jsonl").write_text(json.dumps(
+        {"round": 3, "time": "2026-01-01T00:00:00+00:00", "status": "promoted", "model_dir": str(gone),
+         "version": "3"}) + "\n")
+    with pytest.raises(TaoInputError, match=f"version 3 is served from {re.escape(str(gone))}, which is gone"):
+        Flywheel(cfg)
