@@ -499,3 +499,12 @@ def test_health_models_and_metrics(served, client):
 
 
 # --- shutdown and the engine loop ----------------------------------------------------------------
+
+
+def test_an_exchange_is_logged_before_its_answer_reaches_the_client(served, client):
+    """Feedback a client sends the moment it has its answer must find the row: the exchange is handed to
+    the logger before the response (or a stream's ``[DONE]``) leaves, not in a task after it."""
+    whole = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4)
+    assert any(r["request_id"] == whole.id for r in served.logger.records)  # no waiting: already there
+    chunks = list(client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, stream=True))
+    assert any(r["request_id"] == chunks[0].id and r["status_code"] == 200 for r in served.logger.records)

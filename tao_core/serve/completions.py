@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -155,7 +154,8 @@ async def _answer(state: ServerState, request: Request, kind: str, ex: Exchange)
     choices = state.finish(first.result.samples, req)
     slices = [_whole_slice(state.lm.tokenizer, c, req) if req.logprobs else None for c in choices]
     response = shapes.response(choices, usage(len(prompt), sum(len(c.token_ids) for c in choices)), slices)
-    return JSONResponse(response, headers=headers, background=BackgroundTask(state.exchanges.end, ex, 200, response, choices))
+    state.exchanges.end(ex, 200, response, choices)  # queued before the answer leaves: feedback on it finds the row
+    return JSONResponse(response, headers=headers)
 
 
 async def read_json(request: Request, limit: int, ex: Exchange) -> Any:
@@ -281,6 +281,7 @@ async def _events(state: ServerState, ex: Exchange, req: GenerationRequest, sub:
             if req.include_usage:
                 yield _sse(shapes.usage_chunk(counts))
             ended = (200, _assembled(state, req, shapes, streams, choices, counts), choices)
+        state.exchanges.end(ex, *ended)  # queued before [DONE]: feedback sent on it finds the row
         yield "data: [DONE]\n\n"
     except Exception as e:  # a bug mid-stream: say so in the stream, as OpenAI's API does
         log.exception("tao serve: streaming request %s failed", ex.request_id)
