@@ -93,8 +93,8 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0) 
 
 
 @contextmanager
-def running_server(lm, config: ServeConfig, logger: RecordingLogger) -> Iterator[Running]:
-    app = create_app(lm, config, logger=logger)
+def on_loopback(app) -> Iterator[tuple[uvicorn.Server, threading.Thread, int]]:
+    """``app`` under uvicorn in a thread on a free loopback port: (server, thread, port); stopped on exit."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -103,11 +103,18 @@ def running_server(lm, config: ServeConfig, logger: RecordingLogger) -> Iterator
     wait_until(lambda: server.started or not thread.is_alive(), "the server to start")
     assert server.started, "uvicorn did not start"
     try:
-        yield Running(app, server, thread, sock.getsockname()[1], logger)
+        yield server, thread, sock.getsockname()[1]
     finally:
         server.should_exit = True
         thread.join(60)
         sock.close()
+
+
+@contextmanager
+def running_server(lm, config: ServeConfig, logger: RecordingLogger) -> Iterator[Running]:
+    app = create_app(lm, config, logger=logger)
+    with on_loopback(app) as (server, thread, port):
+        yield Running(app, server, thread, port, logger)
 
 
 class StepGate:

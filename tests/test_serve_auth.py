@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -22,7 +20,6 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
-import uvicorn  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 
@@ -36,7 +33,7 @@ from tao_core.serve.keys_cli import keys_group  # noqa: E402
 from tao_core.serve.protocol import ApiError  # noqa: E402
 from tao_core.serve.settings import ServeConfig  # noqa: E402
 from tao_core.table import InferenceTable  # noqa: E402
-from tests.test_serve import MODEL, QUESTION, RecordingLogger, wait_until  # noqa: E402
+from tests.test_serve import MODEL, QUESTION, RecordingLogger, on_loopback, wait_until  # noqa: E402
 
 ADMIN_TOKEN = "flywheel-token-" + "x" * 32
 CONFIG = ServeConfig(served_model=MODEL, model_version="v1", max_tokens_limit=16, default_max_tokens=4,
@@ -59,19 +56,8 @@ def new_key(path: Path, *extra: str) -> tuple[str, str]:
 @contextmanager
 def serving(app) -> Iterator[str]:
     """``app`` under uvicorn on a free loopback port; yields its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started or not thread.is_alive(), "the server to start")
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(60)
-        sock.close()
+    with on_loopback(app) as (_, _, port):
+        yield f"http://127.0.0.1:{port}"
 
 
 def with_test_admin_route(app):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +26,6 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
-import uvicorn  # noqa: E402
 
 from tao_core.engine import Engine, EngineConfig, EngineRequest, SampleResult  # noqa: E402
 from tao_core.models import load_model  # noqa: E402
@@ -39,7 +37,7 @@ from tao_core.serve.settings import ServeConfig  # noqa: E402
 from tao_core.serve.versions import ModelVersions, VersionError  # noqa: E402
 from tao_core.types import SamplingParams  # noqa: E402
 from tests.conftest import make_tiny_model_dir  # noqa: E402
-from tests.test_serve import RecordingLogger, Running, wait_until  # noqa: E402
+from tests.test_serve import RecordingLogger, Running, on_loopback, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread", "tao_home")
 
@@ -78,19 +76,8 @@ def serving(model_dir: Path) -> Iterator[Running]:
     """The real server over a fresh copy of ``model_dir``'s model (a swap changes its parameters in place)."""
     logger = RecordingLogger()
     app = create_app(load_model(str(model_dir)), CONFIG, logger=logger, admin_token=ADMIN)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started or not thread.is_alive(), "the server to start")
-    assert server.started, "uvicorn did not start"
-    try:
-        yield Running(app, server, thread, sock.getsockname()[1], logger)
-    finally:
-        server.should_exit = True
-        thread.join(60)
-        sock.close()
+    with on_loopback(app) as (server, thread, port):
+        yield Running(app, server, thread, port, logger)
 
 
 def admin(s: Running, route: str, body: dict | None = None) -> httpx.Response:

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 
 from tao_core.serve.completions import ServerState, error_response
 from tao_core.serve.engine_loop import Closed
-from tao_core.serve.protocol import ApiError, parse_json_body
+from tao_core.serve.protocol import ApiError, read_json_object
 from tao_core.serve.versions import VersionError
 
 log = logging.getLogger(__name__)
@@ -61,18 +61,7 @@ async def _answer(state: ServerState, change: Any) -> Response:
 
 
 async def _reload_body(request: Request, limit: int) -> dict[str, Any]:
-    raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > limit:
-            raise ApiError(413, f"the request body exceeds this server's limit of {limit} bytes", code="request_too_large")
-    body = parse_json_body(raw)
-    if not isinstance(body, dict):
-        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-    unknown = sorted(set(body) - set(RELOAD_FIELDS))
-    if unknown:
-        raise ApiError(400, f"unknown field {unknown[0]!r}; /admin/reload takes {', '.join(RELOAD_FIELDS)}",
-                       param=unknown[0])
+    body = await read_json_object(request, limit, RELOAD_FIELDS, "/admin/reload")
     if not isinstance(body.get("model"), str) or not body["model"]:
         raise ApiError(400, "model must be the path of a model directory on the server's machine (a non-empty "
                        "string), e.g. runs/NAME/final", param="model")

@@ -17,24 +17,14 @@ from fastapi import Request
 from starlette.responses import JSONResponse, Response
 
 from tao_core.errors import TaoInputError
-from tao_core.serve.protocol import ApiError, parse_json_body
+from tao_core.serve.protocol import ApiError, read_json_object
 
 FIELDS = ("request_id", "rating", "preferred_choice", "comment", "source")
 
 
 async def parse(request: Request, limit: int) -> dict[str, Any]:
     """The body's fields, checked for shape (the table checks their values)."""
-    raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > limit:
-            raise ApiError(413, f"the request body exceeds this server's limit of {limit} bytes", code="request_too_large")
-    body = parse_json_body(raw)
-    if not isinstance(body, dict):
-        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-    unknown = sorted(set(body) - set(FIELDS))
-    if unknown:
-        raise ApiError(400, f"unknown field {unknown[0]!r}; feedback takes {', '.join(FIELDS)}", param=unknown[0])
+    body = await read_json_object(request, limit, FIELDS, "feedback")
     if not isinstance(body.get("request_id"), str) or not body["request_id"]:
         raise ApiError(400, "request_id must be the id of a response this server gave (a non-empty string)",
                        param="request_id")

@@ -82,6 +82,23 @@ def parse_json_body(raw: bytes) -> Any:
     return body
 
 
+async def read_json_object(request: Any, limit: int, fields: tuple[str, ...], route: str) -> dict[str, Any]:
+    """A small request body read as a JSON object with only ``fields``: 413 past ``limit`` bytes (a
+    chunked body included), 400 for anything else, naming the first unknown field."""
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise ApiError(413, f"the request body exceeds this server's limit of {limit} bytes", code="request_too_large")
+    body = parse_json_body(raw)
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r}; {route} takes {', '.join(fields)}", param=unknown[0])
+    return body
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
