@@ -369,9 +369,9 @@ def test_read_history_continues_where_the_last_round_ended(tmp_path, caplog):
 # -- the command ----------------------------------------------------------------------------------------
 
 
-def test_the_command_serves_and_sigterm_stops_the_round_and_drains(tmp_path, tiny_model_dir):
-    """`tao flywheel` in a process of its own: a round that would run for minutes is under way when
-    SIGTERM arrives; the round's process is gone, the decision says so, the server shut down cleanly."""
+def start_long_round_flywheel(tmp_path: Path, tiny_model_dir: Path) -> tuple[subprocess.Popen, Path, int, Path]:
+    """`tao flywheel` in a process of its own, on a free port, with enough prompts logged that it starts a
+    round of 10,000 steps at once: (the process, the file its output goes to, the port, the config)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -383,6 +383,13 @@ def test_the_command_serves_and_sigterm_stops_the_round_and_drains(tmp_path, tin
     with open(out, "wb") as f:
         proc = subprocess.Popen([sys.executable, "-m", "tao_core.cli", "flywheel", str(config)], stdout=f,
                                 stderr=subprocess.STDOUT)
+    return proc, out, port, config
+
+
+def test_the_command_serves_and_sigterm_stops_the_round_and_drains(tmp_path, tiny_model_dir):
+    """`tao flywheel` in a process of its own: a round that would run for minutes is under way when
+    SIGTERM arrives; the round's process is gone, the decision says so, the server shut down cleanly."""
+    proc, out, port, config = start_long_round_flywheel(tmp_path, tiny_model_dir)
     try:
         found = wait_until(lambda: re.search(r"round 1 started \(pid (\d+)", out.read_text()), "round 1 to start")
         round_pid = int(found.group(1))

@@ -10,9 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +28,7 @@ from tests.test_flywheel import (  # noqa: E402, F401 (controller is a fixture)
     edited,
     journal,
     log_prompts,
+    start_long_round_flywheel,
     wait_until,
     write_config,
 )
@@ -51,17 +49,7 @@ def alive(pid: int) -> bool:
 def test_a_flywheel_killed_outright_takes_its_round_along_and_a_restart_numbers_on(tmp_path, tiny_model_dir):
     """SIGKILL of `tao flywheel` during a round: the round's process ends too (no orphan keeps the cores a
     restarted flywheel's round needs), and a restart skips the dead round's number and reads the journal."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = edited(write_config(tmp_path, tiny_model_dir, SHORT, min_new_prompts=8, steps=10_000),
-                    "[serve]\n", f"[serve]\nport = {port}\n")
-    with InferenceTable.open(tmp_path / "inference.db") as table:
-        log_prompts(table, PROMPTS)
-    out = tmp_path / "flywheel.log"
-    with open(out, "wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "tao_core.cli", "flywheel", str(config)], stdout=f,
-                                stderr=subprocess.STDOUT)
+    proc, out, port, config = start_long_round_flywheel(tmp_path, tiny_model_dir)
     round_pid = None
     try:
         found = wait_until(lambda: re.search(r"round 1 started \(pid (\d+)", out.read_text()), "round 1 to start")
