@@ -79,15 +79,20 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_file(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` durably: a complete, fsynced temporary file renamed into place."""
+def write_file(path: str | os.PathLike, data: bytes | str, *, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` durably: a complete, fsynced temporary file renamed into place.
+
+    ``mode`` (e.g. ``0o600`` for secrets) is the file's exact permission bits, whatever the umask;
+    None creates it ``0o644`` less the umask."""
     path = Path(path)
     if isinstance(data, str):
         data = data.encode("utf-8")
     target = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644 if mode is None else mode)
         try:
+            if mode is not None:
+                os.fchmod(fd, mode)
             _write_all(fd, data, path)
             os.fsync(fd)
         finally:

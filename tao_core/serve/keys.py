@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tao_core.errors import TaoInputError, TaoWriteError
+from tao_core.fsio import write_file
 
 KEY_PREFIX = "tao-sk-"
 ROLES = ("api", "admin")  # api: /v1/*; admin: /v1/* and /admin/*
@@ -143,25 +144,10 @@ class KeyStore:
 
     def _save(self, keys: list[ApiKey]) -> None:
         data = json.dumps({"version": STORE_VERSION, "keys": [asdict(k) for k in keys]}, indent=2) + "\n"
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.fchmod(fd, 0o600)  # whatever the umask
-                os.write(fd, data.encode("utf-8"))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise TaoWriteError(e.errno, f"cannot write the key store {self.path}: {e.strerror or e}; "
-                                "its previous contents are unchanged") from e
+            write_file(self.path, data, mode=0o600)  # a complete, fsynced file renamed into place
+        except TaoWriteError as e:
+            raise TaoWriteError(e.errno, f"{e}; the key store's previous contents are unchanged") from e
 
 
 class LiveKeys:
