@@ -28,6 +28,7 @@ from tao_core.checkpoint import PIPELINE_TENSORS
 from tao_core.config import RunConfig, from_dict, validate
 from tao_core.distributed import Dist, DistributedError
 from tao_core.errors import TaoInputError, TaoWriteError
+from tao_core.evaluation import components, eval_record, evaluate_rows, gate_items, summarize
 from tao_core.fsio import fault_point, write_file
 from tao_core.guards import Guard
 from tao_core.models import LoadedModel, load_model
@@ -38,7 +39,7 @@ from tao_core.promotion import decide
 from tao_core.rundir import KEEP_CHECKPOINTS, RunDir
 from tao_core.sampler import HFSampler, sampler_for
 from tao_core.scoring import ScorerLimits, load_scorer
-from tao_core.tasks import EvalResult, Task, evaluate, wilson_interval
+from tao_core.tasks import EvalResult, Task
 from tao_core.teacher import Teacher
 from tao_core.train import Trainer
 from tao_core.types import Prompt, SamplingParams
@@ -165,7 +166,7 @@ class Pipeline(StepStages):
             return None
         teacher = Teacher.frozen(self.lm) if voters == "frozen" else Teacher.ema(self.lm, self.cfg.generate.ema_rate)
         teacher.attach(sampler_for(self.lm))
-        if "teacher" not in str(self.cfg.generate.options.get("template_weight_sets", {})):
+        if "teacher" not in str(self.cfg.generate.options.get("template_weight_sets", {})) + str(self.cfg.task_options):
             self._say(f"warning: generate.voters = {voters!r} but no generator template samples with the "
                        "'teacher' weights (generate.options.template_weight_sets)")
         return teacher
@@ -188,12 +189,13 @@ class Pipeline(StepStages):
             return self._evaluate()
 
     def _evaluate(self) -> EvalResult:
-        """The held-out evaluation with the generator's sampler; each rank greedy-decodes its shard."""
+        """The held-out evaluation with the generator's sampler (per task for a combined task,
+        :mod:`tao_core.evaluation`); each rank greedy-decodes its shard."""
         if self.dist.world_size == 1:
-            return evaluate(self.task, sampler_for(self.lm), self.eval_examples)
+            return summarize(self.task, evaluate_rows(self.task, sampler_for(self.lm), self.eval_examples))
         mine = self.dist.shard(len(self.eval_examples))
-        local = evaluate(self.task, sampler_for(self.lm), self.eval_examples[mine.start:mine.stop]) if mine else None
-        return _evaluation(self.task, self.dist.gather("evaluation", local.per_example if local else []))
+        local = evaluate_rows(self.task, sampler_for(self.lm), self.eval_examples[mine.start:mine.stop]) if mine else []
+        return summarize(self.task, self.dist.gather("evaluation", local))  # the rows keep their task tag
 
     def _trainable(self) -> dict[str, torch.Tensor]:
         return self.trainer.full_trainable()  # gathered under FSDP: every rank calls it
@@ -279,8 +281,8 @@ class Pipeline(StepStages):
         fault_point("eval.before")
         result = self.evaluate()
         self._best_items = _items(result)
-        before = {**result.to_dict(), "step": 0, "round": 0}
-        rd.log({"type": "eval", "step": 0, "round": 0, **result.to_dict()})
+        before = {**eval_record(self.task, result), "step": 0, "round": 0}
+        rd.log({"type": "eval", "step": 0, "round": 0, **eval_record(self.task, result)})
         rd.save_best(self._trainable(), before)
         return 0, before, before, 0.0
 
@@ -333,8 +335,10 @@ class Pipeline(StepStages):
 
         rd.write_dir(rd.root / "final", final)
         fault_point("final.after")
+        per_task = {name: {"before": r["value"], "after": best["tasks"][name]["value"]}
+                    for name, r in before.get("tasks", {}).items() if name in best.get("tasks", {})}
         rd.log({"type": "final", "step": best["step"], "before": before["value"], "after": best["value"],
-                "tuning_seconds": tuning_s})
+                "tuning_seconds": tuning_s, **({"tasks": per_task} if per_task else {})})
         return RunResult(str(rd.root), before, best, done, tuning_s, self.guard.messages(), stopped)
 
     def _evaluate_and_promote(self, done: int, round_index: int, best: dict[str, Any],
@@ -343,20 +347,21 @@ class Pipeline(StepStages):
         fault_point("eval.before")
         result = self.evaluate()
         fault_point("eval.after")
-        rec = {**result.to_dict(), "step": done, "round": round_index}
+        rec = {**eval_record(self.task, result), "step": done, "round": round_index}
         rd.log({"type": "eval", **rec})
+        each = "".join(f"; {name} {r['value']:.3f}" for name, r in rec.get("tasks", {}).items())
         self._say(f"step {done}: held-out {result.metric} = {result.value:.3f} "
-                   f"[{result.ci_low:.3f}, {result.ci_high:.3f}] (best {best['value']:.3f})")
+                   f"[{result.ci_low:.3f}, {result.ci_high:.3f}] (best {best['value']:.3f}){each}")
         warnings = self.guard.observe_eval(rec, best)
         for w in warnings:
             rd.log({"type": "warning", "step": done, **w})
             self._say(f"warning: {w['message']}")
         stop = bool(warnings) and cfg.guard.stop_on_collapse
         items = _items(result)
-        if self._best_items is not None:  # the promotion gate: no task regresses, by a paired test
-            decision = decide({result.task: self._best_items}, {result.task: items},
+        if self._best_items is not None:  # the promotion gate: no task regresses, by a paired test per task
+            decision = decide(gate_items(self.task, self._best_items), gate_items(self.task, items),
                               alpha=cfg.guard.promote_alpha, tolerance=cfg.guard.promote_tolerance)
-            promoted, gate = decision.promoted, decision.to_dict()["tasks"][result.task]
+            promoted, gate = decision.promoted, _gate_fields(decision.to_dict(), combined=bool(components(self.task)))
         else:  # resumed from a checkpoint that kept no per-item results: compare the means
             promoted, gate = result.value >= best["value"] - cfg.guard.promote_tolerance, None
         promoted, gate, stop = self.dist.broadcast("promotion", (promoted, gate, stop))  # rank 0's decision
@@ -375,24 +380,24 @@ class Pipeline(StepStages):
                 self.teacher.refresh()  # voters take the best weights: after a rollback, or frozen ones a new best
             rd.log({"type": "round", "step": done, "round": round_index, "value": result.value,
                     "promoted": promoted, "rolled_back": (not promoted) and cfg.guard.rollback,
-                    "best_value": best["value"], "best_step": best["step"],
-                    **({} if gate is None else {"gate_p_worse": gate["p_worse"], "gate_wins": gate["wins"],
-                                                "gate_losses": gate["losses"], "gate_method": gate["method"]})})
+                    "best_value": best["value"], "best_step": best["step"], **(gate or {})})
         return best, stop
 
 
-def _evaluation(task: Task, rows: list[dict[str, Any]]) -> EvalResult:
-    """The held-out result of every example's row (the ranks' shards gathered), as :func:`evaluate` makes it."""
-    total = 0.0
-    for row in rows:
-        total += row["value"]
-    lo, hi = wilson_interval(total, len(rows))
-    return EvalResult(task.name, task.metric, total / len(rows) if rows else 0.0, lo, hi, len(rows), rows)
-
-
 def _items(result: EvalResult) -> list[dict[str, Any]]:
-    """The per-item results the promotion gate pairs: ``prompt_id`` and ``value`` of each example."""
-    return [{"prompt_id": r["prompt_id"], "value": r["value"]} for r in result.per_example]
+    """The per-item results the promotion gate pairs: ``prompt_id``, ``value`` and ``task`` of each example."""
+    return [{"prompt_id": r["prompt_id"], "value": r["value"], "task": r["task"]} for r in result.per_example]
+
+
+def _gate_fields(decision: dict[str, Any], *, combined: bool) -> dict[str, Any]:
+    """The round line's gate fields: one task's test flat, every task's (and the reason) for a combined task."""
+    keys = ("p_worse", "wins", "losses", "method")
+    if not combined:
+        (test,) = decision["tasks"].values()
+        return {f"gate_{k}": test[k] for k in keys}
+    return {"gate_reason": decision["reason"],
+            "gate_tasks": {name: {k: test[k] for k in (*keys, "old_mean", "new_mean", "regressed")}
+                           for name, test in decision["tasks"].items()}}
 
 
 def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True, lm: LoadedModel | None = None) -> RunResult:
