@@ -166,7 +166,7 @@ class Pipeline(StepStages):
             return None
         teacher = Teacher.frozen(self.lm) if voters == "frozen" else Teacher.ema(self.lm, self.cfg.generate.ema_rate)
         teacher.attach(sampler_for(self.lm))
-        if "teacher" not in str(self.cfg.generate.options.get("template_weight_sets", {})) + str(self.cfg.task_options):
+        if "teacher" not in str(self.cfg.generate.options.get("template_weight_sets", {})):
             self._say(f"warning: generate.voters = {voters!r} but no generator template samples with the "
                        "'teacher' weights (generate.options.template_weight_sets)")
         return teacher
