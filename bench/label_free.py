@@ -1,0 +1,469 @@
+"""The label-free measurements of docs/results.md, resumable: the arithmetic figure, the SQL figure, the ablation.
+
+    python bench/label_free.py --study arithmetic --out runs/lf-arith --threads 2 --plan
+    python bench/label_free.py --study arithmetic --out runs/lf-arith --threads 2
+
+A *unit* is one (variant, seed, step): the variant's run (a `tao run` of ``max(--steps)`` steps, one per
+variant and seed, under ``OUT/runs/``) reaches the step, and the weights at that step (the round model
+the pipeline keeps at each round's end, ``rounds/round-NNN/model``, before any rollback: not only the
+promoted ``final/``) are evaluated greedily: on bench/fresh_eval.py's held-out problems for arithmetic
+and the ablation, on the task's evaluation databases for SQL. The starting model is the unit
+(start, -, 0). Each finished unit is one JSON line in ``OUT/results.jsonl``; running the same command
+again skips finished units and continues an interrupted run with `tao run --resume`. Kill the driver at
+any moment (SIGKILL included): its children die with it. At the end: CSV rows on stdout (also
+``OUT/results.csv``), then the summary (``OUT/summary.md``): mean ± sd over seeds, the gain over the
+starting model, and for the ablation each variant's difference from the full recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import fcntl
+import io
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import _label_free_runs as runs
+import _label_free_studies as studies
+from _label_free_runs import DriverError
+
+COLUMNS = ("variant", "seed", "step", "metric", "n", "ci_lo", "ci_hi", "promoted_rounds", "rounds", "seconds",
+           "cpu", "threads", "len_first", "len_last", "warnings")
+DRIVER_KEYS = ("rounds", "seed", "output_dir", "model", "threads")  # set by the driver's own flags
+ALL_PROBLEMS = 100  # the budget's count for "every held-out problem" (the SQL task has 86)
+EVAL_SECONDS_PER_PROBLEM = 0.4  # assumed until measured: the demo's 128-problem evaluations took 33-74 s on 2 threads
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+def int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{flag} {text!r}: give comma-separated whole numbers, e.g. {flag} 0,1,2") from None
+    if any(v < 0 for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{flag} {text!r}: the numbers must be distinct and not negative")
+    return tuple(sorted(values))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Usage and the figures: docs/results.md, 'How the label-free figures are measured'.")
+    ap.add_argument("--study", choices=studies.STUDIES, help="what to measure")
+    ap.add_argument("--out", type=Path, help="state directory: results.jsonl, the runs, their logs")
+    ap.add_argument("--plan", action="store_true", help="print the units and the CPU-hour budget; run nothing")
+    ap.add_argument("--summary", action="store_true", help="print the CSV and summary of the finished units; run nothing")
+    ap.add_argument("--seeds", type=lambda t: int_list(t, "--seeds"), help="run seeds (default: the study's)")
+    ap.add_argument("--steps", type=lambda t: int_list(t, "--steps"),
+                    help="steps whose weights are evaluated, each at a round's end (default: the study's)")
+    ap.add_argument("--variants", help="comma-separated subset of the study's variants (default: all)")
+    ap.add_argument("--threads", type=int, help="torch threads of every run and evaluation (default: torch's)")
+    ap.add_argument("--model", help="the starting model of every variant (default: the configs', the embedded model)")
+    ap.add_argument("--eval-count", type=int, help="held-out problems per evaluation (default: 256 for arithmetic, "
+                    "every evaluation question for SQL)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key in every variant (value read as TOML)")
+    ap.add_argument("--seconds-per-step", type=float, help="the budget's tuning seconds per step (default: measured "
+                    "in OUT, else the figure docs/results.md gives for the variant)")
+    ap.add_argument("--eval-worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.eval_worker:
+        return args
+    problems = [f"{flag} is required" for flag, value in (("--study", args.study), ("--out", args.out)) if value is None]
+    problems += [f"{flag} must be at least 1, got {value}" for flag, value in
+                 (("--threads", args.threads), ("--eval-count", args.eval_count)) if value is not None and value < 1]
+    if args.seconds_per_step is not None and not args.seconds_per_step > 0:
+        problems.append(f"--seconds-per-step must be a positive number of seconds, got {args.seconds_per_step}")
+    if args.steps and 0 in args.steps:
+        problems.append("--steps: step 0 is the starting model, measured as the unit (start, -, 0); give steps >= 1")
+    if args.plan and args.summary:
+        problems.append("give --plan or --summary, not both")
+    if problems:
+        ap.error("; ".join(problems))
+    return args
+
+
+class Setup:
+    """The study as this command asks for it: the variants' run configs, the seeds, the steps, the budget."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from tao_core.errors import TaoInputError
+        from tao_core.options import parse_key_values
+
+        self.args, self.out = args, args.out.resolve()
+        self.study = studies.study(args.study)
+        try:
+            self.sets = parse_key_values(args.sets, flag="--set")
+        except TaoInputError as e:
+            raise DriverError(str(e)) from None
+        owned = sorted(k for k in self.sets if k in DRIVER_KEYS)
+        if owned:
+            raise DriverError(f"--set {', '.join(owned)}: set by the driver; use --steps, --seeds, --out, --model or --threads")
+        self.variants = self._chosen_variants(args.variants)
+        self.seeds = args.seeds or self.study.seeds
+        reference = studies.read_toml(studies.TEACHER.base) if self.study.shape else None
+        self.data = {v.name: self._data(v, reference) for v in self.variants}
+        self.steps = args.steps or self.study.steps or self._config_steps()
+        self.spr = {name: d.get("steps_per_round", 10) for name, d in self.data.items()}
+        for name, spr in self.spr.items():
+            off = [s for s in self.steps if s % spr]
+            if off:
+                raise DriverError(f"--steps {','.join(map(str, off))}: variant {name} has steps_per_round = {spr}, and only a "
+                                  f"round's end keeps its weights (rounds/round-NNN/model): give multiples of {spr}, or "
+                                  "--set steps_per_round=N")
+        first = self.data[self.variants[0].name]
+        self.model = args.model or first.get("model", "smollm2-135m")
+        self.task, self.task_options = first.get("task"), first.get("task_options", {})
+        default_count = 256 if self.study.evaluation == "fresh" else None
+        self.eval_count = args.eval_count or default_count
+        self.identity = {"study": self.study.name, "steps": list(self.steps), "model": self.model, "sets": args.sets,
+                         "threads": args.threads, "eval_count": self.eval_count}
+
+    def _chosen_variants(self, text: str | None) -> tuple[studies.Variant, ...]:
+        known = {v.name: v for v in self.study.variants}
+        if not text:
+            return self.study.variants
+        names = [n.strip() for n in text.split(",")]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise DriverError(f"--variants: {', '.join(unknown)} not in study {self.study.name}; its variants: {', '.join(known)}")
+        return tuple(known[n] for n in names)
+
+    def _data(self, variant: studies.Variant, reference: dict | None) -> dict[str, Any]:
+        data = studies.variant_data(variant, reference, self.study.shape)
+        for key, value in self.sets.items():
+            try:
+                studies.set_dotted(data, key, value)
+            except ValueError as e:
+                raise DriverError(f"--set {key}: {e}") from None
+        return data
+
+    def _config_steps(self) -> tuple[int, ...]:
+        d = self.data[self.variants[0].name]
+        return (d.get("rounds", 1) * d.get("steps_per_round", 10),)
+
+    def run_dir(self, variant: str, seed: int) -> Path:
+        return self.out / "runs" / f"{variant}-s{seed}"
+
+    def config_text(self, variant: str, seed: int) -> str:
+        data = dict(self.data[variant])
+        data.update(seed=seed, rounds=max(self.steps) // self.spr[variant], output_dir=str(self.run_dir(variant, seed)))
+        if self.args.model:
+            data["model"] = self.args.model
+        if self.args.threads:
+            data["threads"] = self.args.threads
+        return studies.dump_toml(data)
+
+    def check_configs(self) -> None:
+        """Every variant's config through tao's own check (`tao run` would refuse the same)."""
+        from tao_core.errors import TaoInputError
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for v in self.variants:
+                path = Path(tmp) / f"{v.name}.toml"
+                path.write_text(self.config_text(v.name, self.seeds[0]))
+                try:
+                    studies.load_run_config(path)
+                except TaoInputError as e:
+                    raise DriverError(f"variant {v.name} (from {v.base}): {str(e).replace(str(path), 'its config')}") from None
+
+    def units(self) -> list[tuple[str, int | None, int]]:
+        return [("start", None, 0)] + [(v.name, s, step) for v in self.variants for s in self.seeds for step in self.steps]
+
+
+# -- the state directory ------------------------------------------------------------------------------
+def unit_key(variant: str, seed: int | None, step: int) -> str:
+    return f"{variant}/{'-' if seed is None else seed}/{step}"
+
+
+def read_results(out: Path) -> dict[str, dict[str, Any]]:
+    path = out / "results.jsonl"
+    done: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a torn last line: that unit is redone
+            done[unit_key(row["variant"], row["seed"], row["step"])] = row
+    return done
+
+
+def append_result(out: Path, row: dict[str, Any]) -> None:
+    path = out / "results.jsonl"
+    torn = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+    with open(path, "a") as f:
+        f.write(("\n" if torn else "") + json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def claim(setup: Setup) -> int:
+    """Lock OUT for this driver and check it was started with the same settings; the lock's fd."""
+    out = setup.out
+    if out.exists() and not out.is_dir():
+        raise DriverError(f"--out {out} is a file; give a directory (it is made if absent)")
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / ".driver.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise DriverError(f"{out} is in use by another bench/label_free.py (pid {(out / '.driver.lock').read_text() or '?'});"
+                          " wait for it or kill it first") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    path = out / "driver.json"
+    if path.exists():
+        before = json.loads(path.read_text())
+        changed = [f"{k}: {before.get(k)!r} then, {v!r} now" for k, v in setup.identity.items() if before.get(k) != v]
+        if changed:
+            raise DriverError(f"{out} was started with other settings ({'; '.join(changed)}); rerun with the same "
+                              "settings (seeds and variants may differ) or choose another --out")
+    else:
+        path.write_text(json.dumps(setup.identity, indent=2) + "\n")
+    return fd
+
+
+def say(message: str) -> None:
+    print(f"[label_free] {message}", file=sys.stderr, flush=True)
+
+
+# -- running the units --------------------------------------------------------------------------------
+def evaluate(setup: Setup, children: runs.Children, models: list[str], log_name: str) -> list[dict[str, Any]]:
+    spec = {"evaluation": setup.study.evaluation, "task": setup.task, "task_options": setup.task_options,
+            "count": setup.eval_count, "models": models, "threads": setup.args.threads}
+    out = setup.out / "logs" / f"{log_name}.eval.jsonl"
+    rc = children.run([sys.executable, __file__, "--eval-worker", json.dumps(spec)], setup.out / "logs" / f"{log_name}.log", out)
+    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    if rc != 0 or len(rows) != len(models):
+        raise DriverError(f"evaluation of {', '.join(models)} failed (exit {rc}); see {setup.out / 'logs' / (log_name + '.log')}"
+                          "; rerun the same command once it is fixed (finished units are kept)")
+    return rows
+
+
+def unit_row(setup: Setup, variant: str, seed: int | None, step: int, result: dict[str, Any],
+             figures: dict[str, Any]) -> dict[str, Any]:
+    threads = setup.args.threads or result["threads"]
+    return {"study": setup.study.name, "variant": variant, "seed": seed, "step": step, "metric": result["value"],
+            "n": result["n"], "ci_lo": result["ci_lo"], "ci_hi": result["ci_hi"], **figures, "cpu": cpu_name(),
+            "threads": threads, "model": result["model"], "eval_seconds": result["eval_seconds"],
+            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def train(setup: Setup, children: runs.Children, variant: str, seed: int) -> Path:
+    """Start or continue the variant's run for this seed until it has written ``final/``."""
+    run_dir = setup.run_dir(variant, seed)
+    if runs.finished(run_dir):
+        return run_dir
+    config = setup.out / "configs" / f"{variant}-s{seed}.toml"
+    if not (run_dir / "config.json").exists():  # not started: (re)write its config whole
+        config.parent.mkdir(parents=True, exist_ok=True)
+        tmp = config.with_suffix(".tmp")
+        tmp.write_text(setup.config_text(variant, seed))
+        os.replace(tmp, config)
+    cmd, how = runs.tao_run_command(config, run_dir)
+    log = setup.out / "logs" / f"{variant}-s{seed}.log"
+    say(f"{variant} seed {seed}: {'resuming the run after step ' + str(runs.last_step(run_dir)) if how == 'resume' else 'starting the run'}"
+        f" ({max(setup.steps)} steps; log {log})")
+    rc = children.run(cmd, log)
+    if rc != 0 or not runs.finished(run_dir):
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        raise DriverError(f"`tao run` of {variant} seed {seed} failed (exit {rc}) in {run_dir}: {' | '.join(tail)}; "
+                          f"full log {log}; fix it and rerun the same command (the run resumes from its last checkpoint)")
+    return run_dir
+
+
+def run_units(setup: Setup, children: runs.Children) -> None:
+    done = read_results(setup.out)
+    if unit_key("start", None, 0) not in done:
+        say(f"evaluating the starting model {setup.model}")
+        (result,) = evaluate(setup, children, [setup.model], "start")
+        append_result(setup.out, unit_row(setup, "start", None, 0, result, {}))
+    for v in setup.variants:
+        for seed in setup.seeds:
+            pending = [s for s in setup.steps if unit_key(v.name, seed, s) not in done]
+            if not pending:
+                say(f"{v.name} seed {seed}: every step already measured; skipped")
+                continue
+            run_dir = train(setup, children, v.name, seed)
+            models = {s: runs.round_model(run_dir, s, setup.spr[v.name]) for s in pending}
+            missing = [s for s, m in models.items() if not m.is_dir()]
+            if missing:
+                raise DriverError(f"{run_dir}: no weights kept for step(s) {missing} (the run stopped at step "
+                                  f"{runs.last_step(run_dir)}; a guard with stop_on_collapse?); see its metrics.jsonl")
+            results = evaluate(setup, children, [str(models[s]) for s in pending], f"{v.name}-s{seed}")
+            for step, result in zip(pending, results, strict=True):
+                append_result(setup.out, unit_row(setup, v.name, seed, step, result, runs.step_figures(run_dir, step)))
+                say(f"{v.name} seed {seed} step {step}: {result['value']:.3f} (n={result['n']})")
+
+
+# -- plan and report ----------------------------------------------------------------------------------
+def seconds_per_step(setup: Setup, variant: studies.Variant) -> tuple[float, str]:
+    if setup.args.seconds_per_step:
+        return setup.args.seconds_per_step, "given (--seconds-per-step)"
+    measured = []
+    for seed in setup.seeds:
+        for r in runs.read_metrics(setup.run_dir(variant.name, seed)):
+            if r.get("type") == "step":
+                measured.append(r.get("generate_s", 0) + r.get("score_s", 0) + r.get("train_s", 0))
+    if measured:
+        return statistics.fmean(measured), f"measured in {setup.out / 'runs'} ({len(measured)} steps)"
+    return variant.seconds_per_step, variant.source
+
+
+def run_eval_points(setup: Setup, variant: str, after: int) -> int:
+    """Held-out problems the run evaluates itself after step ``after``: at every round's end and every
+    guard.eval_every steps (``eval_limit`` problems each), and once before tuning."""
+    data, last = setup.data[variant], max(setup.steps)
+    every = studies.get_dotted(data, "guard.eval_every", 0) or 0
+    points = {s for s in range(after + 1, last + 1) if s % setup.spr[variant] == 0 or (every and s % every == 0)}
+    return (len(points) + (after == 0)) * (data.get("eval_limit", 128) or ALL_PROBLEMS)
+
+
+def plan(setup: Setup) -> str:
+    done = read_results(setup.out)
+    lines = [f"# study {setup.study.name}: {setup.study.about}", f"# state directory {setup.out}; model {setup.model}; "
+             f"evaluation: {setup.eval_count or 'all'} held-out problems ({setup.study.evaluation})", "variant,seed,step,status"]
+    train_s = evals = run_problems = 0.0
+    for v in setup.variants:
+        per_step, source = seconds_per_step(setup, v)
+        lines.append(f"# {v.name}: {v.about}")
+        for seed in setup.seeds:
+            pending = [s for s in setup.steps if unit_key(v.name, seed, s) not in done]
+            run_dir = setup.run_dir(v.name, seed)
+            left = 0 if runs.finished(run_dir) or not pending else max(setup.steps) - runs.last_step(run_dir)
+            train_s += left * per_step
+            run_problems += left and run_eval_points(setup, v.name, runs.last_step(run_dir))
+            evals += len(pending)
+            for s in setup.steps:
+                status = "done" if s not in pending else f"to run ({left} training steps left in its run)"
+                lines.append(f"{v.name},{seed},{s},{status}")
+        lines.append(f"# {v.name}: {per_step:.1f} s per step, {source}")
+    start_done = unit_key("start", None, 0) in done
+    evals += 0 if start_done else 1
+    lines.insert(3, f"start,-,0,{'done' if start_done else 'to run'}")
+    measured = [r["eval_seconds"] / max(1, r["n"]) for r in done.values() if r.get("eval_seconds")]
+    per_problem = statistics.fmean(measured) if measured else EVAL_SECONDS_PER_PROBLEM
+    eval_s = (evals * (setup.eval_count or ALL_PROBLEMS) + run_problems) * per_problem
+    threads = setup.args.threads or os.cpu_count() or 1
+    wall_h = (train_s + eval_s) / 3600
+    for c in studies.components_off() if setup.study.name == "ablation" else []:
+        lines.append(f"# no variant no-{c.name}: {studies.TEACHER.name} does not switch it on ({', '.join(c.keys)})")
+    lines += [f"# budget: {train_s / 3600:.2f} h of tuning + {evals:.0f} evaluations x {setup.eval_count or 'all'} problems "
+              f"and {run_problems:.0f} problems of the runs' own evaluations at {per_problem:.2f} s "
+              f"({'measured' if measured else 'assumed'}): {eval_s / 3600:.2f} h = {wall_h:.2f} wall-clock hours on "
+              f"{threads} threads = {wall_h * threads:.2f} CPU hours ({cpu_name()}); model loading not counted"]
+    return "\n".join(lines)
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for r in rows:
+        warnings = ";".join(f"{k}:{n}" for k, n in (r.get("warnings") or {}).items())
+        values = {**r, "seed": "-" if r["seed"] is None else r["seed"], "warnings": warnings}
+        writer.writerow([_fmt(values.get(c)) for c in COLUMNS])
+    return buf.getvalue()
+
+
+def _fmt(v: Any) -> str:
+    return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def summary(setup: Setup, rows: list[dict[str, Any]]) -> str:
+    start = next((r["metric"] for r in rows if r["variant"] == "start"), None)
+    ref = setup.study.reference
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["variant"] != "start":
+            groups.setdefault((r["variant"], r["step"]), []).append(r)
+    means = {k: statistics.fmean(r["metric"] for r in g) for k, g in groups.items()}
+    head = "| variant | step | seeds | mean ± sd | gain over the start | rounds promoted | tuning min (mean) |"
+    lines = [f"{setup.study.about}; the starting model: " + ("not measured yet" if start is None else f"{start:.3f}"),
+             f"on {cpu_name()}, threads {sorted({r['threads'] for r in rows})}", "",
+             head + (f" vs {ref} |" if ref else ""), "|---" * (head.count("|") - 1 + bool(ref)) + "|"]
+    for (variant, step), g in groups.items():
+        values = [r["metric"] for r in g]
+        sd = f"{statistics.stdev(values):.3f}" if len(values) > 1 else "-"
+        gain = "-" if start is None else f"{means[(variant, step)] - start:+.3f}"
+        promoted = f"{sum(r.get('promoted_rounds', 0) for r in g)}/{sum(r.get('rounds', 0) for r in g)}"
+        line = (f"| {variant} | {step} | {len(g)} | {means[(variant, step)]:.3f} ± {sd} | {gain} | {promoted} | "
+                f"{statistics.fmean(r.get('seconds', 0) for r in g) / 60:.1f} |")
+        if ref:
+            other = means.get((ref, step))
+            line += " - |" if other is None else f" {means[(variant, step)] - other:+.3f} |"
+        lines.append(line)
+    if setup.study.name == "sql":
+        lines += ["", "completion length (tokens, mean over seeds) by step:"]
+        for (variant, step), g in groups.items():
+            if step == max(setup.steps):
+                by_step: dict[int, list[float]] = {}
+                for r in g:
+                    for s, length in r.get("length_curve") or []:
+                        by_step.setdefault(s, []).append(length)
+                lines.append(f"{variant}: " + ", ".join(f"{s}: {statistics.fmean(v):.1f}" for s, v in sorted(by_step.items())))
+    return "\n".join(lines) + "\n"
+
+
+def report(setup: Setup) -> None:
+    rows = list(read_results(setup.out).values())
+    text = csv_text(rows)
+    table = summary(setup, rows)
+    if setup.out.is_dir():
+        (setup.out / "results.csv").write_text(text)
+        (setup.out / "summary.md").write_text(table)
+    sys.stdout.write(text + "\n" + table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.eval_worker:
+        runs.eval_worker(json.loads(args.eval_worker))
+        return 0
+    try:
+        setup = Setup(args)
+        if args.plan or args.summary:
+            if args.plan:
+                setup.check_configs()
+                print(plan(setup))
+            else:
+                report(setup)
+            return 0
+        setup.check_configs()
+        claim(setup)
+        children = runs.Children(setup.out, args.threads)
+        left = children.kill_leftovers()
+        if left:
+            say(f"killed {len(left)} process(es) an earlier, killed driver left running: {left}")
+
+        def stop(signum, frame):
+            children.kill()
+            raise SystemExit(128 + signum)
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, stop)
+        run_units(setup, children)
+        report(setup)
+    except DriverError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

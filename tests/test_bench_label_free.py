@@ -1,0 +1,197 @@
+"""bench/label_free.py, the resumable driver of the label-free measurements, on a tiny model: a unit
+finishes and is skipped when the command is run again, a driver killed with SIGKILL mid-run leaves no
+process behind and the same command resumes the run and finishes it, --plan's units and budget, and
+clear errors for bad arguments. The variants are checked to remove one component each."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DRIVER = REPO / "bench" / "label_free.py"
+sys.path.insert(0, str(REPO / "bench"))
+
+import _label_free_studies as studies  # noqa: E402
+import label_free  # noqa: E402
+
+TINY = ["--set", "steps_per_round=1", "--set", "prompts_per_step=1", "--set", "eval_limit=2",
+        "--set", "generate.max_new_tokens=8", "--set", "guard.eval_every=0", "--set", "checkpoint_every=1"]
+
+
+def driver_args(model: Path, out: Path, steps: str) -> list[str]:
+    return ["--study", "arithmetic", "--out", str(out), "--model", str(model), "--seeds", "0", "--steps", steps,
+            "--eval-count", "3", "--threads", "1", *TINY]
+
+
+def drive(args: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(DRIVER), *args], capture_output=True, text=True, timeout=300, **kw)
+
+
+def results(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def run_commands(log: Path) -> list[str]:
+    return [line for line in log.read_text().splitlines() if line.startswith("$ ")]
+
+
+@pytest.fixture(scope="module")
+def finished_out(tiny_model_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("lf") / "state"
+    return out, drive(driver_args(tiny_model_dir, out, "1"))
+
+
+def test_a_unit_finishes_and_is_skipped_when_run_again(finished_out, tiny_model_dir):
+    out, first = finished_out
+    assert first.returncode == 0, first.stderr
+    rows = results(out)
+    assert [(r["variant"], r["seed"], r["step"]) for r in rows] == [("start", None, 0), ("label-free-teacher", 0, 1)]
+    unit = rows[1]
+    assert unit["n"] == 3 and 0 <= unit["ci_lo"] <= unit["metric"] <= unit["ci_hi"] <= 1
+    assert unit["rounds"] == 1 and unit["promoted_rounds"] in (0, 1) and unit["threads"] == 1
+    assert unit["model"].endswith("rounds/round-001/model") and unit["length_curve"][0][0] == 1
+    header, *lines = first.stdout.split("\n\n")[0].splitlines()
+    assert header.split(",") == list(label_free.COLUMNS)
+    assert [line.split(",")[:3] for line in lines] == [["start", "-", "0"], ["label-free-teacher", "0", "1"]]
+    assert "| label-free-teacher | 1 | 1 |" in first.stdout  # the summary
+    log = out / "logs" / "label-free-teacher-s0.log"
+    commands = run_commands(log)
+
+    again = drive(driver_args(tiny_model_dir, out, "1"))
+    assert again.returncode == 0, again.stderr
+    assert "every step already measured; skipped" in again.stderr
+    assert len(results(out)) == 2 and run_commands(log) == commands  # no run, no evaluation
+    assert again.stdout == first.stdout  # the same rows and summary
+
+
+def test_a_driver_killed_mid_run_resumes_and_finishes(tiny_model_dir, tmp_path):
+    out = tmp_path / "state"
+    args = driver_args(tiny_model_dir, out, "3,6")
+    run_dir = out / "runs" / "label-free-teacher-s0"
+    proc = subprocess.Popen([sys.executable, str(DRIVER), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not (run_dir / "checkpoints" / "latest").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never wrote a checkpoint"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    assert '"type": "final"' not in metrics, "the run finished before the kill; nothing was interrupted"
+    with open(run_dir / ".lock", "rb") as f:  # the `tao run` died with its driver: the lock is free at once
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "a `tao run` outlived its killed driver"
+                time.sleep(0.05)
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+    again = drive(args)
+    assert again.returncode == 0, again.stderr
+    assert "resuming the run after step" in again.stderr
+    commands = run_commands(out / "logs" / "label-free-teacher-s0.log")
+    assert [c for c in commands if " run " in c][-1].split()[-2:] == ["--resume", str(run_dir)]
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["type"] == "step"]
+    assert steps == [1, 2, 3, 4, 5, 6]  # every step once: the killed step redone, none repeated
+    assert [(r["variant"], r["step"]) for r in results(out)][-2:] == [("label-free-teacher", 3), ("label-free-teacher", 6)]
+    assert [r["rounds"] for r in results(out)[-2:]] == [3, 6]
+
+
+def test_plan_lists_units_and_budgets_cpu_hours(finished_out, tiny_model_dir, capsys, tmp_path):
+    out, _ = finished_out
+    assert label_free.main(driver_args(tiny_model_dir, out, "1") + ["--plan", "--seconds-per-step", "30"]) == 0
+    text = capsys.readouterr().out
+    assert "start,-,0,done" in text and "label-free-teacher,0,1,done" in text
+    assert "0.00 h of tuning + 0 evaluations" in text  # all done: nothing left
+
+    fresh = tmp_path / "never-made"
+    argv = ["--study", "ablation", "--out", str(fresh), "--plan", "--seconds-per-step", "10", "--threads", "2",
+            "--eval-count", "10"]
+    assert label_free.main(argv) == 0
+    text = capsys.readouterr().out
+    assert not fresh.exists()  # --plan writes nothing
+    variants = [v.name for v in studies.ablation_variants()]
+    assert variants[:3] == ["majority-vote", "label-free", "label-free-teacher"]
+    assert {"no-teacher", "no-gate", "no-importance", "no-mask-truncated"} <= set(variants)
+    for name in variants:
+        assert f"{name},0,40,to run (40 training steps left in its run)" in text
+    # by hand: 40 steps x 10 s per variant; 9 evaluations x 10 problems; each run evaluates its 128
+    # problems at steps 0, 10, 20, 30 and 40 (guard.eval_every = 10 and 20-step rounds, the full recipe's
+    # shape): 0.4 s per problem
+    tuning_h = len(variants) * 40 * 10 / 3600
+    eval_h = ((len(variants) + 1) * 10 + len(variants) * 5 * 128) * 0.4 / 3600
+    assert f"{tuning_h:.2f} h of tuning" in text
+    assert f"= {tuning_h + eval_h:.2f} wall-clock hours on 2 threads = {2 * (tuning_h + eval_h):.2f} CPU hours" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "--study is required; --out is required"),
+    (["--study", "arithmetic", "--out", "x", "--seeds", "0,a"], "--seeds '0,a': give comma-separated whole numbers"),
+    (["--study", "arithmetic", "--out", "x", "--steps", "0,40"], "step 0 is the starting model"),
+    (["--study", "arithmetic", "--out", "x", "--threads", "0"], "--threads must be at least 1"),
+    (["--study", "nope", "--out", "x"], "invalid choice: 'nope'"),
+])
+def test_bad_arguments_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        label_free.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "30"], "variant label-free-teacher has steps_per_round = 20"),
+    (["--variants", "label-free,bogus"], "bogus not in study arithmetic; its variants: label-free-teacher"),
+    (["--set", "rounds=3"], "--set rounds: set by the driver"),
+    (["--set", "train.no_such_key=1"], "variant label-free-teacher (from"),
+    (["--set", "train.lr=-1"], "train.lr"),
+])
+def test_bad_settings_are_errors_that_say_what_to_do(extra, message, tmp_path, capsys):
+    out = tmp_path / "state"
+    assert label_free.main(["--study", "arithmetic", "--out", str(out), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_state_directory_keeps_its_settings(finished_out, tiny_model_dir, capsys):
+    out, _ = finished_out
+    before = (out / "results.jsonl").read_text()
+    assert label_free.main(driver_args(tiny_model_dir, out, "1") + ["--eval-count", "5"]) == 2
+    assert "was started with other settings (eval_count: 3 then, 5 now)" in capsys.readouterr().err
+    assert (out / "results.jsonl").read_text() == before
+
+
+def test_each_ablation_variant_switches_off_its_component_alone(tmp_path):
+    full = studies.load_run_config(studies.TEACHER.base)
+    on = {c.name for c in studies.COMPONENTS if c.on(full)}
+    reference = studies.read_toml(studies.TEACHER.base)
+    for variant in studies.ablation_variants():
+        if not variant.name.startswith("no-"):
+            continue
+        path = tmp_path / f"{variant.name}.toml"
+        data = studies.variant_data(variant, reference, ("steps_per_round", "guard.eval_every"))
+        path.write_text(studies.dump_toml(data))
+        assert tomllib.loads(path.read_text()) == data
+        cfg = studies.load_run_config(path)
+        assert {c.name for c in studies.COMPONENTS if c.on(cfg)} == on - {variant.name.removeprefix("no-")}
+        assert (cfg.score.scorer, cfg.generate.options["templates"]) == (full.score.scorer, full.generate.options["templates"])
+
+
+def test_dump_toml_reads_back_equal():
+    data = {"a": 1, "b": "x \"q\" \\ é\n", "c": [1.5, 2e-05, True], "t": {"k": {"x": 1}, "in": [{"y": "z"}], "e": {}},
+            "weird key": -0.0}
+    assert tomllib.loads(studies.dump_toml(data)) == data
