@@ -288,11 +288,10 @@ def train(setup: Setup, children: runs.Children, variant: str, seed: int) -> Pat
 
 
 def run_units(setup: Setup, children: runs.Children) -> None:
+    """Every unit not in results.jsonl; the starting model is evaluated with the first run's weights
+    (one evaluation process fewer), or alone when no run is left."""
     done = read_results(setup.out)
-    if unit_key("start", None, 0) not in done:
-        say(f"evaluating the starting model {setup.model}")
-        (result,) = evaluate(setup, children, [setup.model], "start")
-        append_result(setup.out, unit_row(setup, "start", None, 0, result, {}))
+    start = unit_key("start", None, 0) not in done
     for v in setup.variants:
         for seed in setup.seeds:
             pending = [s for s in setup.steps if unit_key(v.name, seed, s) not in done]
@@ -305,10 +304,20 @@ def run_units(setup: Setup, children: runs.Children) -> None:
             if missing:
                 raise DriverError(f"{run_dir}: no weights kept for step(s) {missing} (the run stopped at step "
                                   f"{runs.last_step(run_dir)}; a guard with stop_on_collapse?); see its metrics.jsonl")
-            results = evaluate(setup, children, [str(models[s]) for s in pending], f"{v.name}-s{seed}")
+            results = evaluate(setup, children, [setup.model] * start + [str(models[s]) for s in pending], f"{v.name}-s{seed}")
+            if start:
+                record_start(setup, results.pop(0))
+                start = False
             for step, result in zip(pending, results, strict=True):
                 append_result(setup.out, unit_row(setup, v.name, seed, step, result, runs.step_figures(run_dir, step)))
                 say(f"{v.name} seed {seed} step {step}: {result['value']:.3f} (n={result['n']})")
+    if start:
+        record_start(setup, evaluate(setup, children, [setup.model], "start")[0])
+
+
+def record_start(setup: Setup, result: dict[str, Any]) -> None:
+    append_result(setup.out, unit_row(setup, "start", None, 0, result, {}))
+    say(f"the starting model {setup.model}: {result['value']:.3f} (n={result['n']})")
 
 
 # -- plan and report ----------------------------------------------------------------------------------

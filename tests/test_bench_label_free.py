@@ -44,42 +44,11 @@ def run_commands(log: Path) -> list[str]:
     return [line for line in log.read_text().splitlines() if line.startswith("$ ")]
 
 
-@pytest.fixture(scope="module")
-def finished_out(tiny_model_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    out = tmp_path_factory.mktemp("lf") / "state"
-    return out, drive(driver_args(tiny_model_dir, out, "1"))
-
-
-def test_a_unit_finishes_and_is_skipped_when_run_again(finished_out, tiny_model_dir):
-    out, first = finished_out
-    assert first.returncode == 0, first.stderr
-    rows = results(out)
-    assert [(r["variant"], r["seed"], r["step"]) for r in rows] == [("start", None, 0), ("label-free-teacher", 0, 1)]
-    unit = rows[1]
-    assert unit["n"] == 3 and 0 <= unit["ci_lo"] <= unit["metric"] <= unit["ci_hi"] <= 1
-    assert unit["rounds"] == 1 and unit["promoted_rounds"] in (0, 1) and unit["threads"] == 1
-    assert unit["model"].endswith("rounds/round-001/model") and unit["length_curve"][0][0] == 1
-    header, *lines = first.stdout.split("\n\n")[0].splitlines()
-    assert header.split(",") == list(label_free.COLUMNS)
-    assert [line.split(",")[:3] for line in lines] == [["start", "-", "0"], ["label-free-teacher", "0", "1"]]
-    assert "| label-free-teacher | 1 | 1 |" in first.stdout  # the summary
-    log = out / "logs" / "label-free-teacher-s0.log"
-    commands = run_commands(log)
-
-    again = drive(driver_args(tiny_model_dir, out, "1"))
-    assert again.returncode == 0, again.stderr
-    assert "every step already measured; skipped" in again.stderr
-    assert len(results(out)) == 2 and run_commands(log) == commands  # no run, no evaluation
-    assert again.stdout == first.stdout  # the same rows and summary
-
-
-def test_a_driver_killed_mid_run_resumes_and_finishes(tiny_model_dir, tmp_path):
-    out = tmp_path / "state"
-    args = driver_args(tiny_model_dir, out, "3,6")
-    run_dir = out / "runs" / "label-free-teacher-s0"
+def kill_mid_run(args: list[str], run_dir: Path) -> dict:
+    """Start the driver, SIGKILL it once its run has written a checkpoint; what was left behind."""
     proc = subprocess.Popen([sys.executable, str(DRIVER), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 240
         while not (run_dir / "checkpoints" / "latest").exists():
             assert proc.poll() is None and time.monotonic() < deadline, "the run never wrote a checkpoint"
             time.sleep(0.01)
@@ -88,36 +57,70 @@ def test_a_driver_killed_mid_run_resumes_and_finishes(tiny_model_dir, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    metrics = (run_dir / "metrics.jsonl").read_text()
-    assert '"type": "final"' not in metrics, "the run finished before the kill; nothing was interrupted"
-    with open(run_dir / ".lock", "rb") as f:  # the `tao run` died with its driver: the lock is free at once
+    finished = '"type": "final"' in (run_dir / "metrics.jsonl").read_text()
+    with open(run_dir / ".lock", "rb") as f:  # the `tao run` dies with its driver: its lock comes free
         deadline = time.monotonic() + 10
         while True:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                fcntl.flock(f, fcntl.LOCK_UN)
+                return {"finished_before_kill": finished, "orphan": False}
             except BlockingIOError:
-                assert time.monotonic() < deadline, "a `tao run` outlived its killed driver"
+                if time.monotonic() > deadline:
+                    return {"finished_before_kill": finished, "orphan": True}
                 time.sleep(0.05)
-        fcntl.flock(f, fcntl.LOCK_UN)
 
-    again = drive(args)
-    assert again.returncode == 0, again.stderr
-    assert "resuming the run after step" in again.stderr
+
+@pytest.fixture(scope="module")
+def state(tiny_model_dir, tmp_path_factory) -> dict:
+    """A state directory whose driver was killed mid-run, then run again to the end."""
+    out = tmp_path_factory.mktemp("lf") / "state"
+    args = driver_args(tiny_model_dir, out, "2,4")
+    run_dir = out / "runs" / "label-free-teacher-s0"
+    killed = kill_mid_run(args, run_dir)
+    return {"out": out, "args": args, "run_dir": run_dir, "killed": killed, "finished": drive(args)}
+
+
+def test_a_driver_killed_mid_run_resumes_and_finishes(state):
+    out, run_dir, finished = state["out"], state["run_dir"], state["finished"]
+    assert state["killed"] == {"finished_before_kill": False, "orphan": False}
+    assert finished.returncode == 0, finished.stderr
+    assert "resuming the run after step" in finished.stderr
     commands = run_commands(out / "logs" / "label-free-teacher-s0.log")
     assert [c for c in commands if " run " in c][-1].split()[-2:] == ["--resume", str(run_dir)]
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["type"] == "step"]
-    assert steps == [1, 2, 3, 4, 5, 6]  # every step once: the killed step redone, none repeated
-    assert [(r["variant"], r["step"]) for r in results(out)][-2:] == [("label-free-teacher", 3), ("label-free-teacher", 6)]
-    assert [r["rounds"] for r in results(out)[-2:]] == [3, 6]
+    assert steps == [1, 2, 3, 4]  # every step once: the interrupted one redone, none repeated
+    assert [(r["variant"], r["seed"], r["step"]) for r in results(out)] == [
+        ("start", None, 0), ("label-free-teacher", 0, 2), ("label-free-teacher", 0, 4)]
 
 
-def test_plan_lists_units_and_budgets_cpu_hours(finished_out, tiny_model_dir, capsys, tmp_path):
-    out, _ = finished_out
-    assert label_free.main(driver_args(tiny_model_dir, out, "1") + ["--plan", "--seconds-per-step", "30"]) == 0
+def test_a_unit_finishes_and_is_skipped_when_run_again(state):
+    out, first = state["out"], state["finished"]
+    assert first.returncode == 0, first.stderr
+    unit = results(out)[1]
+    assert unit["n"] == 3 and 0 <= unit["ci_lo"] <= unit["metric"] <= unit["ci_hi"] <= 1
+    assert unit["rounds"] == 2 and unit["promoted_rounds"] in (0, 1, 2) and unit["threads"] == 1
+    assert unit["model"].endswith("rounds/round-002/model") and [s for s, _ in unit["length_curve"]] == [1, 2]
+    header, *lines = first.stdout.split("\n\n")[0].splitlines()
+    assert header.split(",") == list(label_free.COLUMNS)
+    assert [line.split(",")[:3] for line in lines] == [["start", "-", "0"], ["label-free-teacher", "0", "2"],
+                                                       ["label-free-teacher", "0", "4"]]
+    assert "| label-free-teacher | 4 | 1 |" in first.stdout  # the summary
+    log = out / "logs" / "label-free-teacher-s0.log"
+    commands = run_commands(log)
+
+    again = drive(state["args"])
+    assert again.returncode == 0, again.stderr
+    assert "every step already measured; skipped" in again.stderr
+    assert len(results(out)) == 3 and run_commands(log) == commands  # no run, no evaluation
+    assert again.stdout == first.stdout  # the same rows and summary
+
+
+def test_plan_lists_units_and_budgets_cpu_hours(state, capsys, tmp_path):
+    assert label_free.main(state["args"] + ["--plan", "--seconds-per-step", "30"]) == 0
     text = capsys.readouterr().out
-    assert "start,-,0,done" in text and "label-free-teacher,0,1,done" in text
+    assert "start,-,0,done" in text and "label-free-teacher,0,4,done" in text
     assert "0.00 h of tuning + 0 evaluations" in text  # all done: nothing left
 
     fresh = tmp_path / "never-made"
@@ -167,10 +170,10 @@ def test_bad_settings_are_errors_that_say_what_to_do(extra, message, tmp_path, c
     assert not out.exists()
 
 
-def test_a_state_directory_keeps_its_settings(finished_out, tiny_model_dir, capsys):
-    out, _ = finished_out
+def test_a_state_directory_keeps_its_settings(state, capsys):
+    out = state["out"]
     before = (out / "results.jsonl").read_text()
-    assert label_free.main(driver_args(tiny_model_dir, out, "1") + ["--eval-count", "5"]) == 2
+    assert label_free.main(state["args"] + ["--eval-count", "5"]) == 2
     assert "was started with other settings (eval_count: 3 then, 5 now)" in capsys.readouterr().err
     assert (out / "results.jsonl").read_text() == before
 
