@@ -171,7 +171,7 @@ def eval_worker(spec: dict[str, Any]) -> None:
     for model in spec["models"]:
         start, cpu = time.perf_counter(), time.process_time()
         result = evaluate(task, sampler_for(load_model(model)), examples)
-        print(json.dumps({"model": model, "value": result.value, "n": result.n, "ci_lo": result.ci_low,
+        print(json.dumps({"model": model, "metric_name": result.metric, "value": result.value, "n": result.n, "ci_lo": result.ci_low,
                           "ci_hi": result.ci_high, "eval_seconds": round(time.perf_counter() - start, 1),
                           "eval_cpu_seconds": round(time.process_time() - cpu, 1),
                           "threads": torch.get_num_threads()}), flush=True)

@@ -10,6 +10,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -20,6 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "bench" / "label_free.py"
 sys.path.insert(0, str(REPO / "bench"))
 
+import _label_free_report as report  # noqa: E402
+import _label_free_runs as runs  # noqa: E402
 import _label_free_studies as studies  # noqa: E402
 import label_free  # noqa: E402
 
@@ -103,7 +106,7 @@ def test_a_unit_finishes_and_is_skipped_when_run_again(state):
     assert unit["rounds"] == 2 and unit["promoted_rounds"] in (0, 1, 2) and unit["threads"] == 1
     assert unit["model"].endswith("rounds/round-002/model") and [s for s, _ in unit["length_curve"]] == [1, 2]
     header, *lines = first.stdout.split("\n\n")[0].splitlines()
-    assert header.split(",") == list(label_free.COLUMNS)
+    assert header.split(",") == list(report.COLUMNS)
     assert [line.split(",")[:3] for line in lines] == [["start", "-", "0"], ["label-free-teacher", "0", "2"],
                                                        ["label-free-teacher", "0", "4"]]
     assert "| label-free-teacher | 4 | 1 |" in first.stdout  # the summary
@@ -198,3 +201,52 @@ def test_dump_toml_reads_back_equal():
     data = {"a": 1, "b": "x \"q\" \\ é\n", "c": [1.5, 2e-05, True], "t": {"k": {"x": 1}, "in": [{"y": "z"}], "e": {}},
             "weird key": -0.0}
     assert tomllib.loads(studies.dump_toml(data)) == data
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_child_is_killed_with_everything_it_started(tmp_path):
+    """What the driver's SIGTERM/SIGINT handler calls: the child's whole process group goes."""
+    children = runs.Children(tmp_path, threads=None)
+    pid_file = tmp_path / "grandchild.pid"
+    script = (f"import subprocess, time; p = subprocess.Popen(['sleep', '60']); open({str(pid_file)!r}, 'w').write(str(p.pid)); "
+              "time.sleep(60)")
+    timer = threading.Thread(target=lambda: (_wait_for(pid_file), children.kill()))
+    timer.start()
+    started = time.monotonic()
+    rc = children.run([sys.executable, "-c", script], tmp_path / "child.log")
+    timer.join()
+    assert rc == -signal.SIGKILL and time.monotonic() - started < 30
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while _alive(grandchild):
+        assert time.monotonic() < deadline, "the child's own child outlived the kill"
+        time.sleep(0.05)
+
+
+def _wait_for(path: Path) -> None:
+    deadline = time.monotonic() + 30
+    while not (path.exists() and path.read_text()):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_a_new_driver_kills_what_a_killed_one_left_running(tmp_path):
+    """A process carrying the state directory's mark, in a session of its own (as a child's child can be)."""
+    children = runs.Children(tmp_path / "state", threads=None)
+    stray = subprocess.Popen(["sleep", "60"], env=children.env(), start_new_session=True)
+    other = subprocess.Popen(["sleep", "60"], env={**children.env(), runs.OWNER: str(tmp_path / "elsewhere")},
+                             start_new_session=True)
+    try:
+        assert children.kill_leftovers() == [stray.pid]
+        assert stray.wait(timeout=10) == -signal.SIGKILL and other.poll() is None
+    finally:
+        for p in (stray, other):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
