@@ -37,7 +37,7 @@ OLD_LOGPROBS = ("sampled", "current")
 VOTERS = ("policy", "frozen", "ema")
 OFF_POLICY = ("drop", "importance")
 BACKENDS = ("auto", "gloo", "nccl")  # torch.distributed backends of [distributed]
-STRATEGIES = ("replicate", "fsdp")  # how [distributed] ranks hold the model (see docs/distributed.md)
+STRATEGIES = ("ddp", "fsdp")  # how [distributed] ranks hold the model (see docs/distributed.md)
 SAMPLERS = ("auto", "engine", "hf")  # tao_core.models.SAMPLER_BACKENDS (that module imports torch)
 
 # Upper bounds on the values that size an allocation (a bigger one is a typo, not a plan).
@@ -176,7 +176,7 @@ class DistributedConfig:
 
     backend: str = "auto"  # "auto" (nccl on CUDA GPUs, gloo on the CPU) | "gloo" | "nccl"
     timeout_s: float = 600.0  # a rank that dies or stops answering ends the run after at most this many seconds
-    strategy: str = "replicate"  # "replicate" (DDP-style: every rank holds the whole model) | "fsdp" (FSDP2 shards)
+    strategy: str = "ddp"  # "ddp" (DistributedDataParallel: every rank holds the whole model) | "fsdp" (FSDP2 shards)
 
 
 @dataclass
@@ -426,15 +426,15 @@ def _fsdp_problems(cfg: RunConfig) -> list[str]:
     """What ``distributed.strategy = "fsdp"`` does not run (yet): each with what to do instead."""
     g, t, problems = cfg.generate, cfg.train, []
     if t.lora:
-        problems.append("distributed.strategy = 'fsdp' does not shard LoRA adapters: use strategy 'replicate' with "
+        problems.append("distributed.strategy = 'fsdp' does not shard LoRA adapters: use strategy 'ddp' with "
                         "train.lora (the frozen base is the bulk and fits where full fine-tuning does not)")
     if g.sampler == "hf":
         problems.append("distributed.strategy = 'fsdp' samples with tao's engine over weights gathered once per "
                         "generate phase; generate.sampler = 'hf' would regather them on every decode step: use "
-                        "'engine' or 'auto' (Llama-family models), or strategy 'replicate'")
+                        "'engine' or 'auto' (Llama-family models), or strategy 'ddp'")
     if g.voters != "policy":
         problems.append(f"distributed.strategy = 'fsdp' keeps no sharded teacher: generate.voters = {g.voters!r} "
-                        "needs strategy 'replicate'")
+                        "needs strategy 'ddp'")
     return problems
 
 

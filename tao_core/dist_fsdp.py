@@ -1,19 +1,20 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``): ranks that each hold a shard of the model.
 
 ``distributed.strategy = "fsdp"`` under several ranks. Each decoder layer is one FSDP group and a
-small root module over the whole causal LM (:class:`Root`) is another, holding the embeddings, the
-final norm and the LM head (tied or not). Every parameter, its gradient and its AdamW moments are
-split by rows over the ranks (``Shard(0)``); a layer's weights are all-gathered just for its forward
-and its backward, and its gradients are reduce-scattered.
+small root module over the whole causal LM (:class:`tao_core.distributed.Root`) is another, holding
+the embeddings, the final norm and the LM head (tied or not). Every parameter, its gradient and its
+AdamW moments are split by rows over the ranks (``Shard(0)``); a layer's weights are all-gathered
+just for its forward and its backward, and its gradients are reduce-scattered.
 
 The rest reads as in one process (:mod:`tao_core.distributed`):
 
 * **Loss.** The trainer computes a loss inside ``root(fn)``: the root's forward gathers the head
   and embeddings, the decoder's layers gather themselves, and the head weight the fused loss reads
   is the full one. Reductions *sum* (divide factor 1): each rank's micro-batches are already
-  weighted by the global loss units, as with ``strategy = "replicate"``. FSDP's collectives run
+  weighted by the global loss units, as with ``strategy = "ddp"``. FSDP's collectives run
   once per micro-batch forward and backward, so every rank runs the same number of micro-batches:
-  a rank with fewer repeats one of the step's micro-batches with weight 0 (:func:`padded`).
+  a rank with fewer repeats one of the step's micro-batches with weight 0
+  (:func:`tao_core.distributed.even_micro_batches`).
 * **Sampling.** :meth:`Sharding.full_weights` gathers every group once for a whole generate or
   evaluation phase and frees the copies after it: tao's engine calls the layers' submodules (the
   projections, norms, MLP), never a layer's own forward, so no FSDP hook fires in between and the
@@ -29,33 +30,16 @@ gathered weights (``4P``, ``2P`` in bf16) and the engine's cache; see docs/distr
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from tao_core.distributed import Dist, DistributedError
+from tao_core.distributed import Dist, DistributedError, Root
 from tao_core.engine.runner import unwrap
-
-T = TypeVar("T")
-
-
-class Root(torch.nn.Module):
-    """The FSDP root over a causal LM: ``root(fn)`` returns ``fn()`` run with the root's own
-    parameters (embeddings, final norm, LM head) gathered; the layers gather in their own forwards.
-
-    ``fn`` reads the model it closes over; return the loss tensor at the top level of the result
-    (a tuple) so that FSDP's backward hooks see it."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, fn: Callable[[], T]) -> T:
-        return fn()
 
 
 def rows(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -67,6 +51,8 @@ def rows(n: int, rank: int, world_size: int) -> tuple[int, int]:
 
 class Sharding:
     """FSDP2 over one trainer's policy (and frozen reference, when it has one)."""
+
+    collectives = "weight all-gathers and gradient reduce-scatters (FSDP)"  # the training step's, for errors
 
     def __init__(self, dist: Dist, model: torch.nn.Module, reference: torch.nn.Module | None, precision: str) -> None:
         from torch.distributed.device_mesh import init_device_mesh
@@ -84,7 +70,7 @@ class Sharding:
         core = getattr(unwrap(model), "model", None)
         if core is None or not hasattr(core, "layers"):
             raise DistributedError(f"distributed.strategy = 'fsdp': {type(model).__name__} has no decoder layers "
-                                   "(model.layers) to shard; use strategy 'replicate'")
+                                   "(model.layers) to shard; use strategy 'ddp'")
         for layer in core.layers:
             fully_shard(layer, mesh=self.mesh, mp_policy=self.mp)
         root = Root(model)
@@ -152,22 +138,6 @@ def _groups(root: torch.nn.Module) -> list[FSDPModule]:
     return [m for m in root.modules() if isinstance(m, FSDPModule)]
 
 
-def grad_norm(total: torch.Tensor) -> float:
-    """``clip_grad_norm_``'s result as a number (a DTensor under FSDP)."""
-    return float(total.full_tensor() if isinstance(total, DTensor) else total)
-
-
-def padded(dist: Dist, packed: list, units: list[float], spare: Callable[[], Any]) -> tuple[list, list[float]]:
-    """``packed`` and ``units`` extended to the largest micro-batch count over ranks with ``spare()``
-    at weight 0 (FSDP's collectives pair forwards and backwards across ranks one by one)."""
-    most = max(dist.gather("micro-batch counts", [len(packed)]))
-    extra = most - len(packed)
-    if extra <= 0:
-        return packed, units
-    one = spare()
-    return [*packed, *([one] * extra)], [*units, *([0.0] * extra)]
-
-
 def attach_engine(lm: Any, sharding: Sharding) -> None:
     """Give ``lm`` tao's engine sampler, built over gathered weights (its dtype and device are the
     ones it will sample with) and without re-laying any weight: FSDP owns the parameters' storage."""
@@ -177,6 +147,6 @@ def attach_engine(lm: Any, sharding: Sharding) -> None:
     reason = unsupported_reason(lm.model)
     if reason is not None or lm.sampler_backend == "hf":
         raise DistributedError(f"distributed.strategy = 'fsdp' samples with tao's engine, which cannot run model "
-                               f"{lm.name} ({reason or 'generate.sampler = hf'}); use strategy 'replicate'")
+                               f"{lm.name} ({reason or 'generate.sampler = hf'}); use strategy 'ddp'")
     with sharding.full_weights():
         lm.sampler_cache = (lm.model, lm.sampler_backend, EngineSampler(lm, EngineConfig(k_major_weights=False)))

@@ -2,8 +2,8 @@
 
 ``torchrun --nproc-per-node N -m tao_core.cli run CONFIG`` starts N copies of the same run; each
 reads its place from the launcher's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-``MASTER_ADDR``, ``MASTER_PORT``). Every rank holds the whole model and its own engine, samples with
-the weights it trains, and:
+``MASTER_ADDR``, ``MASTER_PORT``). Every rank samples with its own engine from the weights it trains,
+and:
 
 * serves a contiguous block of each step's prompts (:meth:`Dist.shard`): a prompt's whole group on
   one rank, its sampling seed derived from the run's seed, the step and the prompt's id (never from
@@ -11,25 +11,29 @@ the weights it trains, and:
 * shares its candidates, scores and evaluation rows with every rank (:meth:`Dist.gather`), so the
   advantages, the dynamic-sampling and promotion decisions and the metrics are computed on the
   whole batch, the same on every rank;
-* trains on the micro-batches of its own groups, weighted by the *global* loss units, and sums the
-  gradients over ranks once per optimizer step (:meth:`Dist.reduce_gradients`): the gradient of the
-  global loss, as DDP's all-reduce gives, while ranks may hold unequal numbers of micro-batches.
+* trains on the micro-batches of its own groups, weighted by the *global* loss units, as many
+  micro-batches on every rank (:func:`even_micro_batches` repeats one at weight 0 where a rank has
+  fewer), and the gradients are *summed* over ranks: the gradient of the global loss.
 
-With ``distributed.strategy = "fsdp"`` each rank holds a shard of the model instead
-(:mod:`tao_core.dist_fsdp`): the same blocks and gathers, FSDP's reduce-scatter in place of
-:meth:`Dist.reduce_gradients`, the weights gathered once per sampling phase (:meth:`Dist.named`
-names that gather's failures like the collectives here).
+``distributed.strategy`` says how the ranks hold the model. ``"ddp"`` (:class:`Replicas`): every rank
+holds all of it under torch's ``DistributedDataParallel``, which sums the gradients in buckets during
+the backward of an optimizer step's last micro-batch (the others run under ``no_sync``). ``"fsdp"``
+(:mod:`tao_core.dist_fsdp`): each rank holds a shard (FSDP2), FSDP gathers the weights for each
+forward and backward and reduce-scatters the gradients, and the engine samples from weights gathered
+once per sampling phase.
 
 Rank 0 alone reads and writes the run directory; what it reads (checkpoints, stored candidates,
 best weights) reaches the others by :meth:`Dist.broadcast`. With one process (no launcher) every
 collective returns its input and nothing of ``torch.distributed`` is touched.
 
-Failures: every collective runs under ``distributed.timeout_s``. Before each one a rank records
-its arrival in the launcher's key-value store; when a collective fails (a peer died: its socket
-closed) or times out (a peer hangs), the failing rank records that in the store and waits briefly
-(``FAILURE_GRACE_S``) for its peers to report the same: the ranks that never arrived, or never
-report, are named in the :class:`DistributedError`. The launcher ends the remaining ranks when one
-exits.
+Failures: every collective runs under ``distributed.timeout_s``: the named ones here, and torch's
+own inside a :meth:`Dist.watch` block (DDP's bucket all-reduce, FSDP's all-gather and
+reduce-scatter, which the trainer runs in one). Before each one a rank records its arrival in the
+launcher's key-value store; when a collective fails (a peer died: its socket closed) or times out (a
+peer hangs), the failing rank records that in the store and waits at most ``FAILURE_GRACE_S`` for its
+peers to report the same: the ranks that never arrived, or never report, are named in the
+:class:`DistributedError`. The launcher ends the remaining ranks when one exits (SIGTERM, which each
+rank reports as such, then SIGKILL after 30 s).
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ import datetime
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -46,11 +51,16 @@ import torch
 
 from tao_core.config import DistributedConfig
 from tao_core.errors import TaoError
+from tao_core.fsio import fault_point
 
 T = TypeVar("T")
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 FAILURE_GRACE_S = 10.0  # how long a failed rank waits for its peers to report the same failure
-FAULT_RANK_ENV = "TAO_FAULT_RANK"  # tests: TAO_FAULT (tao_core.fsio) strikes on this rank only
+FAULT_RANK_ENV = "TAO_FAULT_RANK"  # tests: TAO_FAULT (tao_core.fsio) and TAO_FAULT_HANG strike on this rank only
+HANG_ENV = "TAO_FAULT_HANG"  # tests: NAME[:K] makes this process stop answering at its K-th hang_point(NAME)
+# what a backend's failure says (gloo and nccl raise plain RuntimeErrors): a peer closed, a timeout
+BACKEND_FAILURE = ("connection closed", "connection reset", "timed out", "timeout", "pair closure", "gloo", "nccl")
+_hang_arrivals: dict[str, int] = {}
 
 
 class DistributedError(TaoError):
@@ -60,6 +70,24 @@ class DistributedError(TaoError):
 def launched() -> bool:
     """Whether this process is one rank of several started by a launcher (torchrun, Slurm + torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def hang_point(name: str) -> None:
+    """Stop answering here, for good, when ``TAO_FAULT_HANG`` names this point (``NAME[:K]``: the K-th
+    arrival, default the first): a rank that hangs, for the tests. The process only sleeps, so the
+    launcher's SIGTERM still ends it. It is also a fault point (``TAO_FAULT`` kills the process here,
+    :func:`tao_core.fsio.fault_point`). Costs a dict lookup when unset; users never need it."""
+    fault_point(name)
+    raw = os.environ.get(HANG_ENV)
+    if not raw:
+        return
+    point, _, k = raw.partition(":")
+    if point != name:
+        return
+    _hang_arrivals[name] = _hang_arrivals.get(name, 0) + 1
+    if _hang_arrivals[name] == int(k or 1):
+        while True:
+            time.sleep(3600)
 
 
 def main_process() -> bool:
@@ -104,6 +132,7 @@ class Dist:
             device = f"cuda:{local}"
         if os.environ.get(FAULT_RANK_ENV, str(rank)) != str(rank):
             os.environ.pop("TAO_FAULT", None)
+            os.environ.pop(HANG_ENV, None)
         if not dist.is_initialized():
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s))
         self = cls(rank, world, local, device, cfg.timeout_s)
@@ -151,38 +180,32 @@ class Dist:
         self._collective(name, lambda: dist.all_reduce(t))
         return t.cpu().tolist()
 
-    def reduce_gradients(self, name: str, params: Sequence[torch.nn.Parameter]) -> None:
-        """Sum each parameter's gradient over ranks, in place, in one all-reduce per dtype.
-
-        A rank that trained on nothing contributes zeros; a parameter no rank gave a gradient keeps
-        ``grad = None`` (as in one process, where AdamW then leaves it alone)."""
-        if self.world_size == 1:
-            return
-        import torch.distributed as dist
-
-        by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
-        for p in params:
-            by_dtype.setdefault(p.dtype, []).append(p)
-        for dtype, group in by_dtype.items():
-            flat = torch.cat([*(p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=dtype,
-                                                                                            device=p.device)
-                                for p in group),
-                              torch.tensor([float(p.grad is not None) for p in group], dtype=dtype, device=group[0].device)])
-            self._collective(f"{name} ({dtype})", lambda flat=flat: dist.all_reduce(flat))
-            offset, had = 0, flat[-len(group):]
-            for i, p in enumerate(group):
-                n = p.numel()
-                p.grad = flat[offset:offset + n].view_as(p).clone() if had[i] > 0 else None
-                offset += n
-
     def named(self, name: str, run: Callable[[], T]) -> T:
-        """``run()``, a collective of torch's own (an FSDP gather), under the failure handling of
-        the collectives above: a failure or timeout names the ranks to blame."""
+        """``run()``, a collective of torch's own (an FSDP gather, DDP's first broadcast), under the
+        failure handling of the collectives above: a failure or timeout names the ranks to blame."""
         if self.world_size == 1:
             return run()
         box: list[Any] = []
         self._collective(name, lambda: box.append(run()))
         return box[0]
+
+    @contextmanager
+    def watch(self, name: str) -> Iterator[None]:
+        """A block that every rank runs and in which torch runs collectives of its own (DDP's bucket
+        all-reduce, FSDP's all-gather and reduce-scatter): a backend's failure or timeout in it is a
+        :class:`DistributedError` naming the ranks to blame, as for the collectives above; any
+        other error (a plugin's, a bug) passes unchanged."""
+        if self.world_size == 1:
+            yield
+            return
+        self._seq += 1
+        self._arrive()
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 (only a backend's failure is rewritten; the rest is re-raised)
+            if isinstance(e, DistributedError) or not backend_failure(e):
+                raise
+            self._fail(f"{name} failed or timed out", e)
 
     def close(self) -> None:
         """Leave the process group (the single process has none)."""
@@ -237,11 +260,16 @@ class Dist:
         self._arrive()
         try:
             run()
+        except DistributedError:  # already named (a nested collective, or the launcher's SIGTERM in this one)
+            raise
         except Exception as e:  # noqa: BLE001 (gloo and nccl raise RuntimeError subclasses of their own)
-            self._failing = True
-            raise DistributedError(self.describe_failure(
-                f"collective {name!r} failed or timed out (distributed.timeout_s = {self.timeout_s:g}): "
-                f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")) from None
+            self._fail(f"collective {name!r} failed or timed out", e)
+
+    def _fail(self, what: str, e: Exception) -> None:
+        self._failing = True
+        first = str(e).splitlines()[0][:300] if str(e) else ""
+        raise DistributedError(self.describe_failure(
+            f"{what} (distributed.timeout_s = {self.timeout_s:g}): {type(e).__name__}: {first}")) from None
 
     def _terminated(self, signum: int, frame: Any) -> None:
         """SIGTERM from the launcher, which ends every rank when one fails: report it as a failure."""
@@ -250,3 +278,86 @@ class Dist:
         self._failing = True
         raise DistributedError(self.describe_failure("stopped by the launcher (SIGTERM), which ends every rank "
                                                      "when one of them fails"))
+
+
+def backend_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a collective's failure (a peer's socket closed, a timeout), not a bug: torch's
+    ``DistError``, or the plain RuntimeError gloo and nccl raise, which says so (:data:`BACKEND_FAILURE`)."""
+    import torch.distributed as dist
+
+    text = str(e).lower()
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(m in text for m in BACKEND_FAILURE))
+
+
+def scalar(t: torch.Tensor) -> float:
+    """A scalar tensor as a float: a DTensor's whole value under FSDP (a collective: every rank calls it)."""
+    full = getattr(t, "full_tensor", None)
+    return float(full() if callable(full) else t)
+
+
+class Root(torch.nn.Module):
+    """A module over a causal LM whose forward is ``fn()``: ``root(fn)`` runs the trainer's own loss
+    computation (``fn`` reads the model it closes over) as the forward of the DDP or FSDP wrapper
+    around it, so the wrapper's hooks frame it (DDP's bucket all-reduce, FSDP's gathers).
+
+    Return the loss tensor at the top level of ``fn``'s result (a tuple), where the wrapper looks
+    for it."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable[[], T]) -> T:
+        return fn()
+
+
+class Replicas:
+    """``distributed.strategy = "ddp"``: torch's ``DistributedDataParallel`` over a loaded model's policy.
+
+    Every rank holds the whole model; DDP wraps it in place (the engine keeps sampling from the very
+    same parameters) after broadcasting rank 0's weights. ``root(fn)`` runs a micro-batch's loss as
+    DDP's forward; the gradients are *summed* over ranks (the micro-batches carry the global loss
+    weights), in buckets, during the backward of the optimizer step's last micro-batch: the others
+    run under ``no_sync`` (:meth:`accumulating`). Every trainable parameter must reach each
+    micro-batch's loss (a causal LM's, full or LoRA, do; DDP names one that does not)."""
+
+    collectives = "gradient all-reduce (DDP)"  # what the training step's collectives are, for errors
+
+    def __init__(self, dist: Dist, lm: Any) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        from tao_core.sampler import sampler_for
+
+        # the engine starts first: it may store float32 CPU Linear weights K-major (tao_core.onednn),
+        # and DDP lays its gradient buckets out like the parameters as they are when it wraps them
+        sampler_for(lm)
+        device = torch.device(dist.device)
+        ids = [device.index] if device.type == "cuda" else None
+        self.root = dist.named("replicate the model (ddp)", lambda: DistributedDataParallel(
+            Root(lm.model), device_ids=ids, forward_sync_buffers=False))
+        self.root.register_comm_hook(None, _sum_hook)
+
+    def accumulating(self, more: bool) -> AbstractContextManager:
+        """The context of one micro-batch's forward and backward: while ``more`` micro-batches of the
+        optimizer step follow, its gradients stay local (``no_sync``); the last one's backward sums them all."""
+        return self.root.no_sync() if more else nullcontext()
+
+
+def _sum_hook(state, bucket):  # noqa: ANN001, ANN202 (DDP refuses annotations other than its own classes)
+    """DDP's communication hook: a bucket's gradients summed over ranks (DDP's own hook averages);
+    returns the future of the summed ``bucket.buffer()``."""
+    import torch.distributed as dist
+
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
+
+
+def even_micro_batches(dist: Dist, packed: list, units: list[float], spare: Callable[[], Any]) -> tuple[list, list[float]]:
+    """``packed`` and ``units`` extended to the largest micro-batch count over ranks with ``spare()``
+    at weight 0. FSDP communicates in every micro-batch's forward and backward, DDP in the last one's
+    backward: with as many micro-batches on every rank, the same collectives meet."""
+    most = max(dist.gather("micro-batch counts", [len(packed)]))
+    extra = most - len(packed)
+    if extra <= 0:
+        return packed, units
+    one = spare()
+    return [*packed, *([one] * extra)], [*units, *([0.0] * extra)]

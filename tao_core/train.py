@@ -19,10 +19,11 @@ trainer with ``custom_loss=True``: it resolves no objective, advantage estimator
 ``state_dict`` / ``load_state_dict`` hold the trainable weights, the optimizer, the step count and
 every RNG state, so a resumed run continues bit for bit on the CPU.
 
-With ``strategy="fsdp"`` under several ranks the policy (and reference) are sharded with FSDP2
-(:mod:`tao_core.dist_fsdp`): losses are computed inside the sharded root's forward,
-:meth:`full_weights` gathers the weights for a sampling phase, :meth:`full_trainable` and
-:meth:`full_state_dict` gather them for files, and checkpoints go through
+Under several ranks each micro-batch's loss is computed inside the forward of the wrapper the
+strategy names (:mod:`tao_core.distributed`): ``"ddp"`` wraps the policy in DistributedDataParallel
+(:class:`~tao_core.distributed.Replicas`); ``"fsdp"`` shards the policy (and reference) with FSDP2
+(:mod:`tao_core.dist_fsdp`), and then :meth:`full_weights` gathers the weights for a sampling phase,
+:meth:`full_trainable` and :meth:`full_state_dict` gather them for files, and checkpoints go through
 :mod:`tao_core.dist_checkpoint`.
 """
 
@@ -43,7 +44,7 @@ import torch
 
 from tao_core.batching import final_hidden, pack, plan_micro_batches
 from tao_core.config import TrainConfig
-from tao_core.distributed import Dist
+from tao_core.distributed import Dist, Replicas, even_micro_batches, hang_point, scalar
 from tao_core.errors import PluginError, TaoInputError
 from tao_core.models import LoadedModel
 from tao_core.objectives import LossConfig, LossOutput, Objective
@@ -126,12 +127,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _number(t: torch.Tensor) -> float:
-    """A scalar tensor as a float (a DTensor's whole value under FSDP)."""
-    full = getattr(t, "full_tensor", None)
-    return float(full() if callable(full) else t)
-
-
 class Trainer(SegmentBuilder):
     """Owns the optimizer and (when needed) the reference; ``step`` is one update of ``lm.model``.
 
@@ -141,7 +136,7 @@ class Trainer(SegmentBuilder):
     """
 
     def __init__(self, lm: LoadedModel, cfg: TrainConfig | None = None, *, objective: Objective | None = None,
-                 custom_loss: bool = False, dist: Dist | None = None, strategy: str = "replicate") -> None:
+                 custom_loss: bool = False, dist: Dist | None = None, strategy: str = "ddp") -> None:
         self.lm = lm
         self.dist = dist or Dist()  # the ranks whose gradients each update sums (one process by default)
         self.cfg = cfg = cfg or TrainConfig()
@@ -158,13 +153,9 @@ class Trainer(SegmentBuilder):
             self._wrap_lora()
         elif self.needs_reference:
             self.reference = copy.deepcopy(lm.model).eval().requires_grad_(False)
-        self.sharding = None  # FSDP2 over the policy and reference (strategy "fsdp" on several ranks)
-        if strategy == "fsdp" and self.dist.world_size > 1:
-            from tao_core.dist_fsdp import Sharding
-
-            if cfg.lora:
-                raise TaoInputError("distributed.strategy = 'fsdp' does not shard LoRA adapters; use 'replicate'")
-            self.sharding = Sharding(self.dist, lm.model, self.reference, cfg.precision)
+        self.sharding = self.replicas = None  # FSDP2 shards or DDP (distributed.strategy) under several ranks
+        if self.dist.world_size > 1:
+            self._distribute(strategy)
         self.params = [p for p in lm.model.parameters() if p.requires_grad]
         lr = cfg.lr if cfg.lr is not None else (1e-4 if cfg.lora else 5e-6)
         self.base_lr = lr
@@ -172,6 +163,20 @@ class Trainer(SegmentBuilder):
             self.params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
         )
         self.step_count = 0
+
+    def _distribute(self, strategy: str) -> None:
+        """Wrap the policy as ``distributed.strategy`` says: DDP (``"ddp"``) or FSDP2 shards (``"fsdp"``)."""
+        if strategy == "ddp":
+            self.replicas = Replicas(self.dist, self.lm)
+        elif strategy == "fsdp":
+            from tao_core.dist_fsdp import Sharding
+
+            if self.cfg.lora:
+                raise TaoInputError("distributed.strategy = 'fsdp' does not shard LoRA adapters; use 'ddp'")
+            self.sharding = self.dist.named("shard the model (fsdp)", lambda: Sharding(
+                self.dist, self.lm.model, self.reference, self.cfg.precision))
+        else:
+            raise TaoInputError(f"distributed.strategy must be 'ddp' or 'fsdp', got {strategy!r}")
 
     def _set_objective(self, objective: Objective | None) -> None:
         from tao_core.plugins import get_component
@@ -220,8 +225,9 @@ class Trainer(SegmentBuilder):
 
         Under several ranks every rank passes the whole step's groups and ``local``, the indices of
         the groups it serves: the advantages and metrics are the whole batch's, the rank trains on its
-        own groups' micro-batches weighted by the global loss units, and :meth:`_update` sums the
-        gradients over ranks, so the update equals the one-process one (:mod:`tao_core.distributed`).
+        own groups' micro-batches (as many as its peers) weighted by the global loss units, and DDP or
+        FSDP sums the gradients over ranks, so the update equals the one-process one
+        (:mod:`tao_core.distributed`).
         """
         start = time.perf_counter()
         if self.objective is None:
@@ -245,12 +251,10 @@ class Trainer(SegmentBuilder):
         if total == 0:  # nothing to learn from: no update, the step still counts
             metrics.update(loss=0.0, grad_norm=0.0, updated=0.0)
         else:
-            if self.sharding is not None:  # every rank runs as many micro-batches (FSDP's collectives pair them)
-                from tao_core.dist_fsdp import padded
-
+            if self.dist.world_size > 1:  # every rank runs as many micro-batches (their collectives pair)
                 spare = plan_micro_batches([s for s in segments if s.completions][:1], self.cfg.micro_batch_tokens,
                                            self.objective.unit)[:1]
-                packed, units = padded(self.dist, packed, units, lambda: pack(spare[0], self.cfg.layout, pad))
+                packed, units = even_micro_batches(self.dist, packed, units, lambda: pack(spare[0], self.cfg.layout, pad))
             with self._training():
                 for epoch in range(self.cfg.ppo_epochs):
                     def loss_fn(i: int, epoch: int = epoch) -> LossOutput:  # a spare micro-batch tallies nothing
@@ -281,9 +285,9 @@ class Trainer(SegmentBuilder):
         Returns ``step``, ``lr``, ``loss`` (the units-weighted mean), ``grad_norm`` and the
         units-weighted mean of every metric the loss reports.
         """
-        if self.sharding is not None:
-            raise TaoInputError(f"optimize ({name}) has no FSDP path (its micro-batches differ across ranks); "
-                                "train it with distributed.strategy 'replicate'")
+        if self.dist.world_size > 1:
+            raise TaoInputError(f"optimize ({name}) runs in one process (its units are not summed over ranks); "
+                                "start it without torchrun")
         weights = [1.0] * len(parts) if units is None else [float(u) for u in units]
         if len(weights) != len(parts):
             raise TaoInputError(f"optimize got {len(parts)} micro-batches but {len(weights)} units")
@@ -317,25 +321,29 @@ class Trainer(SegmentBuilder):
 
     def _update(self, parts: Iterable[P], units: Sequence[float], total: float, loss_fn: Callable[[P], LossOutput],
                 name: str) -> dict[str, float]:
-        """One AdamW step on ``sum_i loss_fn(parts[i]) * units[i] / total``, clipped."""
+        """One AdamW step on ``sum_i loss_fn(parts[i]) * units[i] / total``, clipped. Under several
+        ranks DDP sums the gradients in the last micro-batch's backward, FSDP in each one's; a
+        collective's failure in them names the ranks to blame (:meth:`Dist.watch`)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         sums: dict[str, float] = {}
-        for part, u in zip(parts, units, strict=True):
-            out = loss_fn(part)
-            if not torch.isfinite(out.loss):
-                raise PluginError(f"{name} returned a non-finite loss ({float(out.loss.detach())})")
-            (out.loss * (u / total)).backward()
-            loss_sum += float(out.loss.detach()) * u / total
-            for k, v in out.metrics.items():
-                sums[k] = sums.get(k, 0.0) + v * u / total
-        if self.sharding is None:  # FSDP reduce-scatters (sums) in each backward
-            self.dist.reduce_gradients("gradients", self.params)
-        loss_sum, sums = self._summed(loss_sum, sums)
-        clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        self.optimizer.step()
-        return {"loss": loss_sum, "grad_norm": _number(grad_norm), **sums}
+        wrapper = self.replicas or self.sharding  # None in one process
+        with self.dist.watch(f"the training step's {wrapper.collectives if wrapper else 'update'}"):
+            for i, (part, u) in enumerate(zip(parts, units, strict=True)):
+                with self.replicas.accumulating(i < len(units) - 1) if self.replicas else nullcontext():
+                    out = loss_fn(part)
+                    if not torch.isfinite(out.loss):
+                        raise PluginError(f"{name} returned a non-finite loss ({float(out.loss.detach())})")
+                    hang_point("train.backward")
+                    (out.loss * (u / total)).backward()
+                loss_sum += float(out.loss.detach()) * u / total
+                for k, v in out.metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v * u / total
+            loss_sum, sums = self._summed(loss_sum, sums)
+            clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+            self.optimizer.step()
+            return {"loss": loss_sum, "grad_norm": scalar(grad_norm), **sums}
 
     def _summed(self, loss_sum: float, sums: dict[str, float]) -> tuple[float, dict[str, float]]:
         """The loss and metric sums over ranks: each rank's are its micro-batches' shares of the global mean."""
@@ -352,15 +360,16 @@ class Trainer(SegmentBuilder):
         return self.cfg.old_logprobs == "current" or self.cfg.off_policy == "importance"
 
     def _objective_loss(self, packed: list, lcfg: LossConfig, tally: ImportanceTally | None, i: int) -> LossOutput:
-        """:meth:`_micro_batch_loss`, inside the sharded root's forward under FSDP."""
-        if self.sharding is None:
+        """:meth:`_micro_batch_loss`, inside the forward of the DDP or FSDP root under several ranks."""
+        root = self.sharding.root if self.sharding else self.replicas.root if self.replicas else None
+        if root is None:
             return self._micro_batch_loss(packed, lcfg, tally, i)
 
         def inside() -> tuple[torch.Tensor, LossOutput]:
             out = self._micro_batch_loss(packed, lcfg, tally, i)
-            return out.loss, out  # the loss at the top of the output: FSDP's backward hooks attach to it
+            return out.loss, out  # the loss at the top of the output, where DDP and FSDP look for it
 
-        return self.sharding.root(inside)[1]
+        return root(inside)[1]
 
     def _micro_batch_loss(self, packed: list, lcfg: LossConfig, tally: ImportanceTally | None, i: int) -> LossOutput:
         """The objective's loss on micro-batch ``packed[i]``. In the first epoch (``tally`` given) and

@@ -2,11 +2,11 @@
 (`fully_shard`) gives the 1-process run, its sharded checkpoint resumes on 1 process and on 2, and
 each rank's engine, sampling from the weights gathered for the phase, gives the trainer's log-probs.
 
-Tolerance: as with replicated ranks (tests/test_distributed.py), the samples are the same tokens and
+Tolerance: as with DDP ranks (tests/test_distributed.py), the samples are the same tokens and
 the loss the same global loss, but not bit for bit: each rank packs only its own groups, and FSDP
 reduce-scatters each micro-batch's gradient (a sum over ranks in another order than one process's
 accumulation). Measured on this machine: gradient norms agree to 7.5e-7 relative, final weights to
-8.2e-7, losses to 4e-6 (step 1's, 2e-9, is rounding noise). The bounds are those of the replicated
+8.2e-7, losses to 4e-6 (step 1's, 2e-9, is rounding noise). The bounds are those of the DDP
 test: 1e-5 relative for gradient norms and final weights, 1e-4 relative (or 1e-8 absolute) for losses.
 """
 
@@ -231,9 +231,9 @@ def test_fsdp_refuses_what_it_does_not_shard(tmp_path, tiny_model_dir):
     cfg = _config(tmp_path / "c.toml", tiny_model_dir, tmp_path / "run")
     cfg.write_text(cfg.read_text().replace('scorer = "test-letter"', 'scorer = "arithmetic-check"'))
     validate(load_config(cfg, {"distributed.strategy": "fsdp"}))  # the default run shards
-    with pytest.raises(TaoInputError, match="distributed.strategy must be one of 'replicate', 'fsdp', got 'zero3'"):
+    with pytest.raises(TaoInputError, match="distributed.strategy must be one of 'ddp', 'fsdp', got 'zero3'"):
         load_config(cfg, {"distributed.strategy": "zero3"})
-    with pytest.raises(TaoInputError, match="does not shard LoRA adapters: use strategy 'replicate'"):
+    with pytest.raises(TaoInputError, match="does not shard LoRA adapters: use strategy 'ddp'"):
         validate(load_config(cfg, {"distributed.strategy": "fsdp", "train.lora": True}))
     with pytest.raises(TaoInputError, match="generate.sampler = 'hf' would regather them on every decode step"):
         validate(load_config(cfg, {"distributed.strategy": "fsdp", "generate.sampler": "hf"}))
