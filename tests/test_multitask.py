@@ -326,3 +326,34 @@ def test_a_run_rolls_back_when_one_task_regresses_and_the_mean_rises(tmp_path, t
     assert rnd["promoted"] is False and rnd["rolled_back"] is True and rnd["best_step"] == 0
     assert rnd["gate_tasks"]["instructions"]["regressed"] and not rnd["gate_tasks"]["arithmetic"]["regressed"]
     assert result.after["step"] == 0
+
+
+def test_two_ranks_keep_each_rows_task(tmp_path, tiny_model_dir):
+    """Under torchrun each rank evaluates a block of the held-out examples (here rank 0 arithmetic's,
+    rank 1 instructions'); rank 0 gathers the rows, and each still names its task."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    toml = tmp_path / "c.toml"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    text = (f'task = "mixture"\nmodel = "{tiny_model_dir}"\nrounds = 1\nsteps_per_round = 1\nprompts_per_step = 2\n'
+            'eval_limit = 3\ncheckpoint_every = 1\n[[task_options.tasks]]\nname = "arithmetic"\n'
+            'scorer = "arithmetic-check"\n[[task_options.tasks]]\nname = "instructions"\n[generate]\nn = 2\n'
+            'max_new_tokens = 4\n[distributed]\ntimeout_s = 120\n')
+    toml.write_text(text)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                           "127.0.0.1", "--master-port", str(port), "-m", "tao_core.cli", "run", str(toml),
+                           "--output-dir", str(tmp_path / "two")],
+                          env={**env, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for e in _lines(tmp_path / "two", "eval"):
+        assert {t: r["n"] for t, r in e["tasks"].items()} == {"arithmetic": 3, "instructions": 3}
+    (rnd,) = _lines(tmp_path / "two", "round")
+    assert set(rnd["gate_tasks"]) == {"arithmetic", "instructions"}
