@@ -8,7 +8,10 @@ Python, torch and the process group is paid twice, not once per config. Every co
 per step (2 ranks serve 2 and 1: unequal micro-batches), 3 steps over a pool of 3 prompts (8 with
 dynamic sampling; revisits from step 2, so the flip rate is defined) and a label-free scorer: a vote
 on the first letter of each completion scoring agreement with the group's majority, with its margin
-(``tests.test_label_free``'s ``test-vote``: no label, nothing computes an answer).
+(``tests.test_label_free``'s ``test-vote``: no label, nothing computes an answer). The model is the
+tiny random Llama with sharpened logits (:func:`sharp_model_dir`), whose token entropies differ
+between sequences, and stop strings make completion lengths differ: a length or a per-token value
+averaged with the wrong weights shows.
 
 What each config exercises:
 
@@ -32,7 +35,8 @@ and the gradient is summed over ranks in another order. ``TRAINER_RTOL`` bounds 
 norms and the trainer's other metrics (KL, entropy, clip fraction, importance ratios, DPO margin,
 NLL), ``LOSS_ATOL`` losses that are rounding noise (a PPO loss at ratio 1 is a mean of cancelling
 terms), ``SAMPLER_KL_ATOL`` the sampler/trainer mismatch (itself rounding noise), ``WEIGHTS_RTOL`` the final weights (norm of the difference over the norm). The measured
-differences are in the report of ``test_two_ranks_equal_one_process``'s assertion messages.
+differences are in ``test_two_ranks_equal_one_process``'s assertion messages. One divergence is
+known and not fixed here: ``SEQUENCE_UNITS``.
 
 The log-prob gap: in every run, before each training step, each rank compares the log-probs its
 engine returned for its own on-policy candidates with its trainer model's full forward at the
@@ -53,6 +57,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import make_tiny_model_dir
 from tests.test_distributed import _close, _free_port, _steps
 from tests.test_label_free import VOTE_PLUGIN
 from tests.test_plugins import _fake_dist
@@ -71,6 +76,13 @@ TRAINER_FLOATS = {"loss", "grad_norm", "kl", "entropy", "clip_fraction", "is_rat
                   "is_clipped_fraction", "sampler_trainer_kl", "dpo_margin", "dpo_accuracy", "nll"}
 # the packing's (how many micro-batches, a group's prompt repeated in each), or the rank count itself
 PACKING = {"micro_batches", "row_tokens", "world_size"}
+# Per-token metrics of the objectives whose loss units are sequences (grpo, rloo: seq_mean; dr_grpo:
+# fixed_length) depend on the packing, so on the rank count: each micro-batch reports a token mean,
+# which the trainer weighs by the micro-batch's sequences (tao_core.train.Trainer._update), not its
+# tokens. Left out of test_two_ranks_equal_one_process; test_per_token_metrics_of_sequence_unit_objectives
+# shows the divergence (grpo's entropy at step 3: 4.88422 on 1 process, 4.88320 on 2 ranks).
+SEQUENCE_UNITS = {"grpo", "rloo", "dr_grpo"}
+PER_TOKEN = {"entropy", "kl", "clip_fraction"}
 
 BASE = {
     "": ['task = "arithmetic"', "rounds = 1", "steps_per_round = 3", "prompts_per_step = 3", "eval_limit = 2",
@@ -192,10 +204,25 @@ def vote_plugin(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def launches(tmp_path_factory, tiny_model_dir, vote_plugin) -> dict[int, Path]:
+def sharp_model_dir(tmp_path_factory) -> Path:
+    """The tiny random Llama with its (tied) embeddings scaled by 4: token entropies of 4.5 +- 0.4
+    nats instead of a uniform 5.75, so that per-token metrics differ between sequences and a
+    metric averaged with the wrong weights shows."""
+    from transformers import AutoModelForCausalLM
+
+    path = make_tiny_model_dir(tmp_path_factory.mktemp("sharp-model"))
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(4)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory, sharp_model_dir, vote_plugin) -> dict[int, Path]:
     """Every run of ``RUNS`` as 1 process and on 2 ranks: {ranks: the folder holding the runs}."""
     root = tmp_path_factory.mktemp("objectives")
-    configs = {name: _config(root, name, tiny_model_dir) for name in RUNS}
+    configs = {name: _config(root, name, sharp_model_dir) for name in RUNS}
     out = {}
     for ranks in (1, 2):
         out[ranks] = root / f"ranks-{ranks}"
@@ -215,14 +242,14 @@ def _same(a, b) -> bool:
     return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
 
 
-def _differences(one: Path, two: Path) -> tuple[list[str], dict[str, float]]:
-    """The step-line fields of two runs that differ beyond their tolerance, and the largest relative
-    difference of each trainer metric."""
+def _differences(one: Path, two: Path, skip: set[str] = frozenset()) -> tuple[list[str], dict[str, float]]:
+    """The step-line fields of two runs (but ``skip``) that differ beyond their tolerance, and the
+    largest relative difference of each trainer metric."""
     bad, worst = [], {}
     for a, b in zip(_steps(one), _steps(two), strict=True):
         assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
         for k in a:
-            if _timing(k) or k in PACKING or k == "trainer_step":
+            if _timing(k) or k in PACKING or k in skip or k == "trainer_step":
                 continue
             if k in TRAINER_FLOATS and a[k] is not None and b[k] is not None:
                 rel = abs(a[k] - b[k]) / max(abs(a[k]), 1e-30)
@@ -240,7 +267,7 @@ def test_two_ranks_equal_one_process(launches, name):
     one, two = launches[1] / name, launches[2] / name
     assert [r["world_size"] for r in _steps(one)] == [1, 1, 1]
     assert [r["world_size"] for r in _steps(two)] == [2, 2, 2]
-    bad, worst = _differences(one, two)
+    bad, worst = _differences(one, two, PER_TOKEN if name in SEQUENCE_UNITS else set())
     weights = _close(load_file(str(one / "final" / "model.safetensors")),
                      load_file(str(two / "final" / "model.safetensors")))
     assert not bad, "\n".join(bad)
@@ -248,6 +275,17 @@ def test_two_ranks_equal_one_process(launches, name):
     evals = [[(r["value"], r["n"]) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
               if r["type"] == "eval"] for d in (one, two)]
     assert evals[0] == evals[1]
+
+
+@pytest.mark.xfail(strict=True, reason="the trainer weighs a micro-batch's per-token metrics by its loss units "
+                   "(sequences for grpo, rloo, dr_grpo), so they depend on the packing: a fix belongs in "
+                   "tao_core/train.py (weigh them by the micro-batch's tokens)")
+def test_per_token_metrics_of_sequence_unit_objectives(launches):
+    """Entropy, KL and clip fraction are token means on 2 ranks as on 1 process, whatever the units of the loss."""
+    bad = []
+    for name in sorted(SEQUENCE_UNITS):
+        bad += [f"{name}: {line}" for line in _differences(launches[1] / name, launches[2] / name)[0]]
+    assert not bad, "\n".join(bad)
 
 
 def test_the_runs_exercise_what_they_claim(launches):
@@ -275,11 +313,11 @@ def test_each_ranks_engine_samples_the_trainers_logprobs(launches):
                 assert max(gap for gap, _ in per_step) <= GAP_TOL, (ranks, rank, name, per_step)
 
 
-def test_a_one_process_checkpoint_resumes_on_two_ranks(tmp_path, launches, tiny_model_dir, vote_plugin):
+def test_a_one_process_checkpoint_resumes_on_two_ranks(tmp_path, launches, sharp_model_dir, vote_plugin):
     """The EMA-voter, importance-sampled run killed before step 3 on one process, resumed on 2 ranks:
     the teacher, the flip monitor and the trainer's state cross the rank count."""
     out = tmp_path / "dapo"
-    config = _config(tmp_path, "dapo", tiny_model_dir)
+    config = _config(tmp_path, "dapo", sharp_model_dir)
     cli = ["-m", "tao_core.cli", "run"]
     killed = _run([sys.executable, *cli, str(config), "--output-dir", str(out)], vote_plugin, TAO_FAULT="train.before:3")
     assert killed.returncode != 0 and not (out / "final").exists()
