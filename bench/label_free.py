@@ -169,9 +169,6 @@ class Setup:
                 except TaoInputError as e:
                     raise DriverError(f"variant {v.name} (from {v.base}): {str(e).replace(str(path), 'its config')}") from None
 
-    def units(self) -> list[tuple[str, int | None, int]]:
-        return [("start", None, 0)] + [(v.name, s, step) for v in self.variants for s in self.seeds for step in self.steps]
-
 
 def claim(setup: Setup) -> int:
     """Lock OUT for this driver and check it was started with the same settings; the lock's fd."""
