@@ -26,13 +26,14 @@ Rank 0 alone reads and writes the run directory; what it reads (checkpoints, sto
 best weights) reaches the others by :meth:`Dist.broadcast`. With one process (no launcher) every
 collective returns its input and nothing of ``torch.distributed`` is touched.
 
-Failures: every collective runs under ``distributed.timeout_s``: the named ones here, and torch's
-own inside a :meth:`Dist.watch` block (DDP's bucket all-reduce, FSDP's all-gather and
-reduce-scatter, which the trainer runs in one). Before each one a rank records its arrival in the
-launcher's key-value store; when a collective fails (a peer died: its socket closed) or times out (a
-peer hangs), the failing rank records that in the store and waits at most ``FAILURE_GRACE_S`` for its
-peers to report the same: the ranks that never arrived, or never report, are named in the
-:class:`DistributedError`. The launcher ends the remaining ranks when one exits (SIGTERM, which each
+Failures: a rank that dies or hangs ends the run within ``distributed.timeout_s``, whatever
+collective its peers wait in: the named ones here, and torch's own inside a :meth:`Dist.watch` block
+(DDP's bucket all-reduce, FSDP's all-gather and reduce-scatter, which the trainer runs in one).
+Before each one a rank records its arrival in the launcher's key-value store; when a collective fails
+(a peer died: its socket closed) or times out (a peer hangs: after ``timeout_s`` less the grace
+period), the failing rank records that in the store and waits for the grace period
+(:attr:`Dist.grace_s`) for its peers to report the same: the ranks that never arrived, or never
+report, are named in the :class:`DistributedError`. The launcher ends the remaining ranks when one exits (SIGTERM, which each
 rank reports as such, then SIGKILL after 30 s).
 """
 
@@ -55,7 +56,7 @@ from tao_core.fsio import fault_point
 
 T = TypeVar("T")
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-FAILURE_GRACE_S = 10.0  # how long a failed rank waits for its peers to report the same failure
+FAILURE_GRACE_S = 10.0  # how long (at most) a failed rank waits for its peers to report the same failure
 FAULT_RANK_ENV = "TAO_FAULT_RANK"  # tests: TAO_FAULT (tao_core.fsio) and TAO_FAULT_HANG strike on this rank only
 HANG_ENV = "TAO_FAULT_HANG"  # tests: NAME[:K] makes this process stop answering at its K-th hang_point(NAME)
 # what a backend's failure says (gloo and nccl raise plain RuntimeErrors): a peer closed, a timeout
@@ -106,7 +107,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: str = "cpu"  # where this rank's model lives ("cuda:<local_rank>" with nccl)
-    timeout_s: float = 600.0  # collectives give up after this long
+    timeout_s: float = 600.0  # a failure ends the run after this long: collectives time out, then the grace period
     _seq: int = field(default=0, repr=False)  # collectives called so far (the same count on every rank)
     _failing: bool = field(default=False, repr=False)  # a failure is being reported: a SIGTERM waits
 
@@ -133,9 +134,9 @@ class Dist:
         if os.environ.get(FAULT_RANK_ENV, str(rank)) != str(rank):
             os.environ.pop("TAO_FAULT", None)
             os.environ.pop(HANG_ENV, None)
-        if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s))
         self = cls(rank, world, local, device, cfg.timeout_s)
+        if not dist.is_initialized():
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s - self.grace_s))
         self._arrive()
         signal.signal(signal.SIGTERM, self._terminated)
         return self
@@ -143,6 +144,12 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def grace_s(self) -> float:
+        """How long a rank whose collective failed waits for its peers to report the same (a quarter of
+        ``timeout_s``, at most ``FAILURE_GRACE_S``); collectives time out this much before ``timeout_s``."""
+        return min(FAILURE_GRACE_S, self.timeout_s / 4)
 
     def shard(self, n: int) -> range:
         """The indices of ``n`` items (a step's prompts, held-out examples) this rank serves: a
@@ -230,7 +237,7 @@ class Dist:
 
     def silent(self) -> list[int]:
         """The ranks to blame for a failed collective: those that never reached it, and those that do
-        not report its failure within ``FAILURE_GRACE_S`` (a rank that died or hangs inside it). A live
+        not report its failure within :attr:`grace_s` (a rank that died or hangs inside it). A live
         peer waiting in the same collective fails too and reports, unless it arrived more than the
         grace period after this rank."""
         try:
@@ -239,7 +246,7 @@ class Dist:
             others = [r for r in range(self.world_size) if r != self.rank]
             late = [r for r in others if not store.check([f"tao/arrived/{r}"])
                     or int(store.get(f"tao/arrived/{r}")) < self._seq]
-            deadline = time.monotonic() + min(FAILURE_GRACE_S, self.timeout_s)
+            deadline = time.monotonic() + self.grace_s
             while True:
                 quiet = [r for r in others if r not in late and not store.check([f"tao/failed/{r}"])]
                 if not quiet or time.monotonic() > deadline:
