@@ -44,7 +44,7 @@ class Children:
         self.current: subprocess.Popen | None = None
 
     def env(self) -> dict[str, str]:
-        env = {**os.environ, OWNER: self.owner, "TQDM_DISABLE": "1"}
+        env = {**os.environ, OWNER: self.owner}
         if self.threads:
             env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
         return env
