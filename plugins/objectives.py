@@ -57,7 +57,7 @@ def clipped_policy_loss(batch: TrainBatch, hidden: torch.Tensor, weight: torch.T
         value = getattr(out, name, None)
         if value is not None:
             metrics[name] = float(value.float().mean())
-    return LossOutput(out.loss, metrics)
+    return LossOutput(out.loss, metrics, metric_units=batch.n_tokens)  # token means, whatever the loss's units
 
 
 def _sequence_logprobs(batch: TrainBatch, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -41,10 +41,16 @@ class LossConfig:
 
 @dataclass
 class LossOutput:
-    """A micro-batch's loss (a mean over ``units`` of the objective) and detached float metrics."""
+    """A micro-batch's loss (a mean over ``units`` of the objective) and detached float metrics.
+
+    ``metric_units`` says how many items the metrics are means over, when not the loss's units: the
+    policy losses' entropy, KL and clip fraction are token means while grpo's loss is a mean over
+    sequences. Weighing each micro-batch's metrics by it keeps them the whole batch's however the
+    batch is packed into micro-batches or shared among ranks."""
 
     loss: torch.Tensor  # scalar with gradient
     metrics: dict[str, float] = field(default_factory=dict)  # e.g. kl, entropy, clip_fraction
+    metric_units: float | None = None  # what ``metrics`` are means over (tokens, for per-token metrics); None: ``units``
 
 
 # (rewards[G, n], mask[G, n], advantages[G, n]) -> per group, the (candidate index, weight) to train on
