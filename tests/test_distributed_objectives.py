@@ -78,9 +78,10 @@ TRAINER_FLOATS = {"loss", "grad_norm", "kl", "entropy", "clip_fraction", "is_rat
 PACKING = {"micro_batches", "row_tokens", "world_size"}
 # Per-token metrics of the objectives whose loss units are sequences (grpo, rloo: seq_mean; dr_grpo:
 # fixed_length) depend on the packing, so on the rank count: each micro-batch reports a token mean,
-# which the trainer weighs by the micro-batch's sequences (tao_core.train.Trainer._update), not its
-# tokens. Left out of test_two_ranks_equal_one_process; test_per_token_metrics_of_sequence_unit_objectives
-# shows the divergence (grpo's entropy at step 3: 4.88422 on 1 process, 4.88320 on 2 ranks).
+# which the trainer weighs by the micro-batch's sequences (tao_core.train.Trainer._update), not by
+# its tokens (LossOutput.metric_units, which the policy losses set). Left out of
+# test_two_ranks_equal_one_process; test_per_token_metrics_of_sequence_unit_objectives shows the
+# divergence (grpo's entropy at step 3: 4.88422 on 1 process, 4.88320 on 2 ranks).
 SEQUENCE_UNITS = {"grpo", "rloo", "dr_grpo"}
 PER_TOKEN = {"entropy", "kl", "clip_fraction"}
 
@@ -278,8 +279,8 @@ def test_two_ranks_equal_one_process(launches, name):
 
 
 @pytest.mark.xfail(strict=True, reason="the trainer weighs a micro-batch's per-token metrics by its loss units "
-                   "(sequences for grpo, rloo, dr_grpo), so they depend on the packing: a fix belongs in "
-                   "tao_core/train.py (weigh them by the micro-batch's tokens)")
+                   "(sequences for grpo, rloo, dr_grpo), so they depend on the packing: tao_core/train.py's _update "
+                   "should weigh them by LossOutput.metric_units (0 for a spare micro-batch)")
 def test_per_token_metrics_of_sequence_unit_objectives(launches):
     """Entropy, KL and clip fraction are token means on 2 ranks as on 1 process, whatever the units of the loss."""
     bad = []
