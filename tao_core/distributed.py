@@ -325,7 +325,8 @@ class Replicas:
     same parameters) after broadcasting rank 0's weights. ``root(fn)`` runs a micro-batch's loss as
     DDP's forward; the gradients are *summed* over ranks (the micro-batches carry the global loss
     weights), in buckets, during the backward of the optimizer step's last micro-batch: the others
-    run under ``no_sync`` (:meth:`accumulating`). Every trainable parameter must reach each
+    run under ``no_sync`` (:meth:`accumulating`). The gradients then are views into the buckets (no
+    second copy between steps). Every trainable parameter must reach each
     micro-batch's loss (a causal LM's, full or LoRA, do; DDP names one that does not)."""
 
     collectives = "gradient all-reduce (DDP)"  # what the training step's collectives are, for errors
@@ -341,7 +342,7 @@ class Replicas:
         device = torch.device(dist.device)
         ids = [device.index] if device.type == "cuda" else None
         self.root = dist.named("replicate the model (ddp)", lambda: DistributedDataParallel(
-            Root(lm.model), device_ids=ids, forward_sync_buffers=False))
+            Root(lm.model), device_ids=ids, forward_sync_buffers=False, gradient_as_bucket_view=True))
         self.root.register_comm_hook(None, _sum_hook)
 
     def accumulating(self, more: bool) -> AbstractContextManager:

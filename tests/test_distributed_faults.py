@@ -5,9 +5,11 @@ behind, and ``--resume`` completes. The test hooks: ``TAO_FAULT_HANG=NAME:K`` (t
 answering at its K-th arrival at hang point NAME) and ``TAO_FAULT=NAME:K`` (it is killed there), on
 the rank ``TAO_FAULT_RANK`` names; ``train.backward`` is the point before each micro-batch's backward.
 
-The hung run trains LoRA adapters under DDP and its resume on 2 ranks ends on the 1-process run's
-weights, within the tolerance of tests/test_distributed.py (an uninterrupted 2-rank LoRA run: 1.2e-7
-relative, measured on this machine).
+The hung run trains LoRA adapters under DDP in micro-batches of 40 tokens, so each rank accumulates
+several under ``no_sync`` and the rank with fewer runs spares at weight 0, and its resume on 2 ranks
+ends on the 1-process run's weights, within the tolerance of tests/test_distributed.py (an
+uninterrupted 2-rank LoRA run: 1.2e-7 relative with one micro-batch a rank, 7e-8 with micro-batches
+of 40 tokens in full fine-tuning, measured on this machine).
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ from tests.test_pipeline import _config, plugin_path  # noqa: F401 (a fixture)
 
 TIMEOUT_S = 20  # distributed.timeout_s of these runs: collectives time out after 15 s, then 5 s of grace
 SLACK_S = 30  # what a loaded 2-core machine adds: step 3's sampling before the hang, the launcher's shutdown
-LORA = '[train]\nlora = true\nlora_target_modules = ["q_proj", "v_proj"]\n'
+LORA = '[train]\nlora = true\nlora_target_modules = ["q_proj", "v_proj"]\nmicro_batch_tokens = 40\n'
+# rank 1 then runs 8 micro-batches a step (its own and spares, as many as rank 0's): its 17th
+# backward is step 3's first
+HANG = "train.backward:17"
 
 
 def _write(cfg: Path, model: Path, out: Path, train: str = "[train]\n", distributed: str = "") -> Path:
@@ -60,11 +65,11 @@ def _named(stderr: str, out: Path, collective: str) -> None:
 
 
 def test_a_hung_rank_is_named_within_the_timeout_and_the_run_resumes(tmp_path, lora_one_process, plugin_path):  # noqa: F811
-    """Rank 1 stops answering before its step-3 backward; rank 0 waits in DDP's bucket all-reduce."""
+    """Rank 1 stops answering before its first step-3 backward; rank 0 waits in DDP's bucket all-reduce."""
     cfg, ref = lora_one_process
     out = tmp_path / "hung"
     proc = _torchrun(["run", str(cfg), "--output-dir", str(out)], plugin_path,
-                     TAO_FAULT_HANG="train.backward:3", TAO_FAULT_RANK="1")
+                     TAO_FAULT_HANG=HANG, TAO_FAULT_RANK="1")
     ended = time.time()
     assert proc.returncode != 0
     _named(proc.stderr, out, "gradient all-reduce (DDP)")
@@ -74,7 +79,8 @@ def test_a_hung_rank_is_named_within_the_timeout_and_the_run_resumes(tmp_path, l
     assert not _left_behind(out)
     assert not (out / "final").exists()
     _ok(_torchrun(["run", "--resume", str(out)], plugin_path))
-    assert [r["world_size"] for r in _steps(out)] == [2, 2, 2]
+    steps = _steps(out)
+    assert [r["world_size"] for r in steps] == [2, 2, 2] and all(r["micro_batches"] > 2 for r in steps)
     assert _close(_final(ref), _final(out)) < RTOL  # LoRA under DDP: the 1-process run
 
 
