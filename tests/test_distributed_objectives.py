@@ -63,7 +63,10 @@ from tests.test_label_free import VOTE_PLUGIN
 from tests.test_plugins import _fake_dist
 
 REPO = Path(__file__).resolve().parents[1]
-WEIGHTS_RTOL = 1e-5  # final weights: ||a - b|| / ||a||
+# final weights, ||a - b|| / ||a||: measured 2e-8 to 1.1e-6, but 9.2e-6 for dapo, whose 1-process run
+# moves as much (8.3e-6) when only micro_batch_tokens changes: AdamW's first update, g / (|g| + eps),
+# turns the rounding of a gradient entry near eps into a difference of up to lr (one entry of 2e-4)
+WEIGHTS_RTOL = 5e-5
 TRAINER_RTOL = 1e-4  # losses, gradient norms and the trainer's other float metrics
 LOSS_ATOL = 1e-7  # losses that are rounding noise
 # sampler_trainer_kl: a mean of per-token (engine - trainer) log-prob differences, float32 rounding
