@@ -27,6 +27,9 @@ What each config exercises:
 * ``online_dpo``: (best, worst) pairs against the reference, a pair never split.
 * ``best_of_n_sft``: the NLL of each group's best candidates, a token mean.
 
+The 2-rank launch runs ``FSDP``'s configs once more with ``distributed.strategy = "fsdp"``, compared
+with the same 1-process runs (DDP is the default strategy).
+
 Tolerances: the two runs sample the same tokens and score them alike, so every count, reward,
 advantage statistic and label-free statistic (``flip_rate``, the gate's and dynamic sampling's
 counts, ``truncated_masked``, ``overlong_*``, ``off_policy_trained``, ...) is equal exactly. What the
@@ -115,10 +118,14 @@ RUNS: dict[str, dict[str, list[str]]] = {  # run -> lines added to BASE's sectio
     "best_of_n_sft": {"train": ['objective = "best_of_n_sft"']},
 }
 POOL = {"ppo_clip_kl": 8}  # prompts in a run's pool (3 unless named): dynamic sampling draws fresh ones
+# also run on 2 ranks with distributed.strategy = "fsdp" (FSDP2 keeps no teacher: not dapo's EMA voters):
+# fixed-length normalization over micro-batches padded to equal counts, pairs and the sharded reference
+FSDP = ["dr_grpo", "online_dpo", "ppo_clip_kl"]
 
 
-def _config(root: Path, name: str, model: Path) -> Path:
-    """Run ``name``'s config file; its ``output_dir`` is given by whoever runs it."""
+def _config(root: Path, name: str, model: Path, strategy: str | None = None) -> Path:
+    """Run ``name``'s config file (with ``distributed.strategy`` when given); its ``output_dir`` is
+    given by whoever runs it."""
     prompts = root / f"prompts-{name}.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"q{i}", "text": f"What is {i + 12} plus {3 * i + 5}?"}) + "\n"
                                for i in range(POOL.get(name, 3))))
@@ -126,9 +133,11 @@ def _config(root: Path, name: str, model: Path) -> Path:
     sections[""] += [f'model = "{model}"', f'prompts_file = "{prompts}"']
     for section, lines in RUNS[name].items():
         sections.setdefault(section, []).extend(lines)
+    if strategy is not None:
+        sections["distributed"].append(f'strategy = "{strategy}"')
     text = "\n".join(sections.pop(""))
     text += "".join(f"\n\n[{section}]\n" + "\n".join(lines) for section, lines in sections.items())
-    path = root / f"{name}.toml"
+    path = root / f"{name}{'' if strategy is None else '-' + strategy}.toml"
     path.write_text(text + "\n")
     return path
 
@@ -167,7 +176,8 @@ def drive(spec: Path) -> None:
 
     def step(self, prompts, groups, scores, *, local=None, **kw):
         mine = range(len(groups)) if local is None else local
-        gaps[name].append(_gap(self.lm.model, [groups[i] for i in mine]))
+        if self.sharding is None:  # FSDP's forward gathers: tests/test_distributed_fsdp.py checks its gap per rank
+            gaps[name].append(_gap(self.lm.model, [groups[i] for i in mine]))
         return real_step(self, prompts, groups, scores, local=local, **kw)
 
     Trainer.step, leave, Dist.close = step, Dist.close, lambda self: None
@@ -227,13 +237,15 @@ def sharp_model_dir(tmp_path_factory) -> Path:
 def launches(tmp_path_factory, sharp_model_dir, vote_plugin) -> dict[int, Path]:
     """Every run of ``RUNS`` as 1 process and on 2 ranks: {ranks: the folder holding the runs}."""
     root = tmp_path_factory.mktemp("objectives")
-    configs = {name: _config(root, name, sharp_model_dir) for name in RUNS}
+    jobs = {name: _config(root, name, sharp_model_dir) for name in RUNS}
+    fsdp = {f"{name}-fsdp": _config(root, name, sharp_model_dir, "fsdp") for name in FSDP}
     out = {}
     for ranks in (1, 2):
         out[ranks] = root / f"ranks-{ranks}"
         out[ranks].mkdir()
         spec = root / f"spec-{ranks}.json"
-        spec.write_text(json.dumps([[str(configs[n]), str(out[ranks] / n)] for n in RUNS]))
+        runs = {**jobs, **(fsdp if ranks > 1 else {})}
+        spec.write_text(json.dumps([[str(config), str(out[ranks] / name)] for name, config in runs.items()]))
         launcher = [sys.executable] if ranks == 1 else _torchrun(ranks)
         _ok(_run([*launcher, str(Path(__file__)), str(spec)], vote_plugin))
     return out
@@ -267,9 +279,9 @@ def _differences(one: Path, two: Path, skip: set[str] = frozenset()) -> tuple[li
     return bad, worst
 
 
-@pytest.mark.parametrize("name", list(RUNS))
-def test_two_ranks_equal_one_process(launches, name):
-    one, two = launches[1] / name, launches[2] / name
+@pytest.mark.parametrize(("name", "strategy"), [*((n, "ddp") for n in RUNS), *((n, "fsdp") for n in FSDP)])
+def test_two_ranks_equal_one_process(launches, name, strategy):
+    one, two = launches[1] / name, launches[2] / (name if strategy == "ddp" else f"{name}-fsdp")
     assert [r["world_size"] for r in _steps(one)] == [1, 1, 1]
     assert [r["world_size"] for r in _steps(two)] == [2, 2, 2]
     bad, worst = _differences(one, two, PER_TOKEN if name in SEQUENCE_UNITS else set())
@@ -312,8 +324,8 @@ def test_each_ranks_engine_samples_the_trainers_logprobs(launches):
     for ranks, folder in launches.items():
         for rank in range(ranks):
             gaps = json.loads((folder / f"gaps-rank{rank}.json").read_text())
-            assert gaps.keys() == RUNS.keys()
-            for name, per_step in gaps.items():
+            for name in RUNS:
+                per_step = gaps[name]
                 assert len(per_step) == 3 and all(seen > 0 for _, seen in per_step), (ranks, rank, name, per_step)
                 assert max(gap for gap, _ in per_step) <= GAP_TOL, (ranks, rank, name, per_step)
 
