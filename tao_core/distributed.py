@@ -341,7 +341,7 @@ class Replicas:
         sampler_for(lm)
         device = torch.device(dist.device)
         ids = [device.index] if device.type == "cuda" else None
-        self.root = dist.named("replicate the model (ddp)", lambda: DistributedDataParallel(
+        self.root = dist.named("broadcast rank 0's weights (ddp)", lambda: DistributedDataParallel(
             Root(lm.model), device_ids=ids, forward_sync_buffers=False, gradient_as_bucket_view=True))
         self.root.register_comm_hook(None, _sum_hook)
 
