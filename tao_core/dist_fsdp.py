@@ -109,6 +109,14 @@ class Sharding:
             named[name] = out[id(t)]
         return named
 
+    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """``model``'s whole state dict on rank 0 (None elsewhere; a collective: every rank calls it),
+        a tied weight once, under its first name (as ``save_pretrained`` writes it)."""
+        seen: set[int] = set()
+        own = {k: v for k, v in model.state_dict(keep_vars=True).items() if not (id(v) in seen or seen.add(id(v)))}
+        full = self.full(own)  # empty on the ranks other than 0
+        return full if self.dist.is_main else None
+
     def load_full(self, params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
         """Copy whole tensors into this rank's shards of ``params`` (same names)."""
         with torch.no_grad():

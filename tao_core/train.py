@@ -477,12 +477,7 @@ class Trainer(SegmentBuilder):
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Under FSDP the model's whole state dict on rank 0 (None elsewhere), for
         :meth:`save_pretrained`; None without FSDP. A collective: every rank calls it."""
-        if self.sharding is None:
-            return None
-        seen: set[int] = set()  # a tied weight once, under its first name (as save_pretrained writes it)
-        own = {k: v for k, v in self.lm.model.state_dict(keep_vars=True).items() if not (id(v) in seen or seen.add(id(v)))}
-        full = self.sharding.full(own)  # empty on the ranks other than 0
-        return full if self.dist.is_main else None
+        return None if self.sharding is None else self.sharding.full_state_dict(self.lm.model)
 
     def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """Write a Hugging Face directory (LoRA merged) with tokenizer and chat template; ``state_dict``:
