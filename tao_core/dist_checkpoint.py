@@ -13,7 +13,7 @@ to the previous checkpoint as for a whole one), and each rank reads only the row
 (:func:`load`) from the shard files, whatever rank count wrote them, or from a whole checkpoint
 written by one process or by replicated ranks (whose AdamW moments sit in ``optimizer.safetensors``
 and so reach every rank whole, once, from rank 0). A sharded checkpoint read by one process (or by
-``strategy = "replicate"`` ranks) is assembled whole by :func:`tao_core.checkpoint.read`.
+``strategy = "ddp"`` ranks) is assembled whole by :func:`tao_core.checkpoint.read`.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def _write_main(tmp: Path, trainer: Any, pipeline_state: dict[str, Any]) -> None
          "rng": rng_state()})
     pipeline_state = dict(pipeline_state)
     if pipeline_state.pop(checkpoint.PIPELINE_TENSORS, None):
-        raise CheckpointError("a sharded checkpoint keeps no pipeline tensors (a teacher); use strategy 'replicate'")
+        raise CheckpointError("a sharded checkpoint keeps no pipeline tensors (a teacher); use strategy 'ddp'")
     files = {SHARD_INDEX: json.dumps(index).encode(), "optimizer.safetensors": st_save(others),
              "trainer.json": json.dumps(meta).encode(), "pipeline.json": json.dumps(pipeline_state, indent=2).encode()}
     for name, data in files.items():
