@@ -327,6 +327,7 @@ class Trainer(SegmentBuilder):
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
         wrapper = self.replicas or self.sharding  # None in one process
         with self.dist.watch(f"the training step's {wrapper.collectives if wrapper else 'update'}"):
             for i, (part, u) in enumerate(zip(parts, units, strict=True)):
@@ -337,21 +338,25 @@ class Trainer(SegmentBuilder):
                     hang_point("train.backward")
                     (out.loss * (u / total)).backward()
                 loss_sum += float(out.loss.detach()) * u / total
+                w = u if out.metric_units is None or not u else float(out.metric_units)  # a spare (u = 0) counts 0
                 for k, v in out.metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v * u / total
-            loss_sum, sums = self._summed(loss_sum, sums)
+                    sums[k], weights[k] = sums.get(k, 0.0) + v * w, weights.get(k, 0.0) + w
+            loss_sum, sums = self._summed(loss_sum, sums, weights)
             clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
             self.optimizer.step()
             return {"loss": loss_sum, "grad_norm": scalar(grad_norm), **sums}
 
-    def _summed(self, loss_sum: float, sums: dict[str, float]) -> tuple[float, dict[str, float]]:
-        """The loss and metric sums over ranks: each rank's are its micro-batches' shares of the global mean."""
-        if self.dist.world_size == 1:
-            return loss_sum, sums
-        names = sorted({k for part in self.dist.gather("metric names", [sorted(sums)]) for k in part})
-        total = self.dist.sum("loss", [loss_sum, *(sums.get(k, 0.0) for k in names)])
-        return total[0], dict(zip(names, total[1:], strict=True))
+    def _summed(self, loss_sum: float, sums: dict[str, float], weights: dict[str, float]) -> tuple[float, dict]:
+        """The loss summed over ranks (each rank's is its micro-batches' share of the global mean) and
+        each metric's mean over every rank's micro-batches, weighted by their metric units."""
+        if self.dist.world_size > 1:
+            names = sorted({k for part in self.dist.gather("metric names", [sorted(sums)]) for k in part})
+            total = self.dist.sum("loss", [loss_sum, *(sums.get(k, 0.0) for k in names),
+                                           *(weights.get(k, 0.0) for k in names)])
+            loss_sum, n = total[0], len(names)
+            sums, weights = dict(zip(names, total[1:n + 1], strict=True)), dict(zip(names, total[n + 1:], strict=True))
+        return loss_sum, {k: v / weights[k] if weights[k] else 0.0 for k, v in sums.items()}
 
     @property
     def _uses_current(self) -> bool:

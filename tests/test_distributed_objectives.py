@@ -38,7 +38,8 @@ and the gradient is summed over ranks in another order. ``TRAINER_RTOL`` bounds 
 norms and the trainer's other metrics (KL, entropy, clip fraction, importance ratios, DPO margin,
 NLL), ``LOSS_ATOL`` losses that are rounding noise, ``SAMPLER_KL_ATOL`` the sampler/trainer
 mismatch (itself rounding noise), ``WEIGHTS_RTOL`` the final weights; each says what it measured.
-One divergence is known and not fixed here: ``SEQUENCE_UNITS``.
+Per-token metrics (entropy, KL, clip fraction) are token means over every rank's micro-batches
+(``LossOutput.metric_units``), whatever the units of the loss.
 
 The log-prob gap: in every run, before each training step, each rank compares the log-probs its
 engine returned for its own on-policy candidates with its trainer model's full forward at the
@@ -83,14 +84,6 @@ TRAINER_FLOATS = {"loss", "grad_norm", "kl", "entropy", "clip_fraction", "is_rat
                   "is_clipped_fraction", "sampler_trainer_kl", "dpo_margin", "dpo_accuracy", "nll"}
 # the packing's (how many micro-batches, a group's prompt repeated in each), or the rank count itself
 PACKING = {"micro_batches", "row_tokens", "world_size"}
-# Per-token metrics of the objectives whose loss units are sequences (grpo, rloo: seq_mean; dr_grpo:
-# fixed_length) depend on the packing, so on the rank count: each micro-batch reports a token mean,
-# which the trainer weighs by the micro-batch's sequences (tao_core.train.Trainer._update), not by
-# its tokens (LossOutput.metric_units, which the policy losses set). Left out of
-# test_two_ranks_equal_one_process; test_per_token_metrics_of_sequence_unit_objectives shows the
-# divergence (grpo's entropy at step 3: 4.88422 on 1 process, 4.88320 on 2 ranks).
-SEQUENCE_UNITS = {"grpo", "rloo", "dr_grpo"}
-PER_TOKEN = {"entropy", "kl", "clip_fraction"}
 
 BASE = {
     "": ['task = "arithmetic"', "rounds = 1", "steps_per_round = 3", "prompts_per_step = 3", "eval_limit = 2",
@@ -259,14 +252,14 @@ def _same(a, b) -> bool:
     return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
 
 
-def _differences(one: Path, two: Path, skip: set[str] = frozenset()) -> tuple[list[str], dict[str, float]]:
-    """The step-line fields of two runs (but ``skip``) that differ beyond their tolerance, and the
+def _differences(one: Path, two: Path) -> tuple[list[str], dict[str, float]]:
+    """The step-line fields of two runs that differ beyond their tolerance, and the
     largest relative difference of each trainer metric."""
     bad, worst = [], {}
     for a, b in zip(_steps(one), _steps(two), strict=True):
         assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
         for k in a:
-            if _timing(k) or k in PACKING or k in skip or k == "trainer_step":
+            if _timing(k) or k in PACKING or k == "trainer_step":
                 continue
             if k in TRAINER_FLOATS and a[k] is not None and b[k] is not None:
                 rel = abs(a[k] - b[k]) / max(abs(a[k]), 1e-30)
@@ -284,7 +277,7 @@ def test_two_ranks_equal_one_process(launches, name, strategy):
     one, two = launches[1] / name, launches[2] / (name if strategy == "ddp" else f"{name}-fsdp")
     assert [r["world_size"] for r in _steps(one)] == [1, 1, 1]
     assert [r["world_size"] for r in _steps(two)] == [2, 2, 2]
-    bad, worst = _differences(one, two, PER_TOKEN if name in SEQUENCE_UNITS else set())
+    bad, worst = _differences(one, two)
     weights = _close(load_file(str(one / "final" / "model.safetensors")),
                      load_file(str(two / "final" / "model.safetensors")))
     assert not bad, "\n".join(bad)
@@ -292,17 +285,6 @@ def test_two_ranks_equal_one_process(launches, name, strategy):
     evals = [[(r["value"], r["n"]) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
               if r["type"] == "eval"] for d in (one, two)]
     assert evals[0] == evals[1]
-
-
-@pytest.mark.xfail(strict=True, reason="the trainer weighs a micro-batch's per-token metrics by its loss units "
-                   "(sequences for grpo, rloo, dr_grpo), so they depend on the packing: tao_core/train.py's _update "
-                   "should weigh them by LossOutput.metric_units (0 for a spare micro-batch)")
-def test_per_token_metrics_of_sequence_unit_objectives(launches):
-    """Entropy, KL and clip fraction are token means on 2 ranks as on 1 process, whatever the units of the loss."""
-    bad = []
-    for name in sorted(SEQUENCE_UNITS):
-        bad += [f"{name}: {line}" for line in _differences(launches[1] / name, launches[2] / name)[0]]
-    assert not bad, "\n".join(bad)
 
 
 def test_the_runs_exercise_what_they_claim(launches):
