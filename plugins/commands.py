@@ -2,8 +2,10 @@
 
 ``tao eval --task NAME --model M [--limit K] [--option KEY=VALUE] [--json]``: the fixed evaluation
 protocol of :func:`tao_core.tasks.evaluate` (the task's own prompt, greedy decoding, the task's
-answer check) on the task's held-out split, reported with a Wilson 95% confidence interval. Task
-options use the one ``KEY=VALUE`` syntax of :mod:`tao_core.options` (TOML values).
+answer check) on the task's held-out split, reported with a Wilson 95% confidence interval. A task
+that combines others (``mixture``) is evaluated as the pipeline does (:mod:`tao_core.evaluation`):
+each task at its own budget with its own check, reported per task and as their mean. Task options
+use the one ``KEY=VALUE`` syntax of :mod:`tao_core.options` (TOML values).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import click
 
 import tao_core
 from tao_core.errors import TaoInputError
+from tao_core.evaluation import eval_record, evaluate_rows, summarize
 from tao_core.options import parse_key_values
+from tao_core.tasks import EvalResult, Task
 from tao_core.types import Candidate, Prompt, SamplingParams
 
 
@@ -39,52 +43,66 @@ class _Chunked:
         return out
 
 
-def run_eval(task_name: str, model: Any, *, limit: int | None = None, task_options: dict[str, Any] | None = None,
-             chunk: int = 32) -> Any:
-    """Evaluate ``model`` (a name/path or a loaded model) on a registered task; returns an EvalResult."""
+def build_task(task_name: str, task_options: dict[str, Any] | None = None) -> Task:
+    """The registered task ``task_name`` built with ``task_options``; a bad option is an input error."""
+    try:
+        return tao_core.get_component("tasks", task_name)(**(task_options or {}))
+    except TypeError as e:
+        raise TaoInputError(f"task {task_name!r}: bad option ({e}); pass options as --option KEY=VALUE") from None
+
+
+def evaluate_task(task: Task, model: Any, *, limit: int | None = None, chunk: int = 32) -> EvalResult:
+    """Evaluate ``model`` (a name/path or a loaded model) on ``task``'s held-out split, each task of a
+    combined task (``mixture``) at its own budget with its own check (:mod:`tao_core.evaluation`)."""
     from tao_core.models import LoadedModel, load_model
     from tao_core.sampler import sampler_for
-    from tao_core.tasks import evaluate
 
     if limit is not None and limit < 1:
         raise TaoInputError(f"--limit must be >= 1, got {limit}")
-    try:
-        task = tao_core.get_component("tasks", task_name)(**(task_options or {}))
-    except TypeError as e:
-        raise TaoInputError(f"task {task_name!r}: bad option ({e}); pass options as --option KEY=VALUE") from None
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     examples = task.eval_examples(limit)
     if not examples:
-        raise TaoInputError(f"task {task_name!r} has no evaluation examples")
-    return evaluate(task, _Chunked(sampler_for(lm), chunk, f"eval {task_name}"), examples=examples)
+        raise TaoInputError(f"task {task.name!r} has no evaluation examples")
+    return summarize(task, evaluate_rows(task, _Chunked(sampler_for(lm), chunk, f"eval {task.name}"), examples))
+
+
+def run_eval(task_name: str, model: Any, *, limit: int | None = None, task_options: dict[str, Any] | None = None,
+             chunk: int = 32) -> EvalResult:
+    """Evaluate ``model`` (a name/path or a loaded model) on a registered task; returns an EvalResult."""
+    return evaluate_task(build_task(task_name, task_options), model, limit=limit, chunk=chunk)
 
 
 @click.command("eval")
 @click.option("--task", "task_name", required=True, help="Registered task (`tao plugins` lists them).")
 @click.option("--model", "model_spec", default="smollm2-135m", show_default=True,
               help="Alias, cache name, GGUF file or HF dir.")
-@click.option("--limit", type=int, default=None, help="Evaluate only the first K held-out examples.")
+@click.option("--limit", type=int, default=None,
+              help="Evaluate only the first K held-out examples (of each task, for a mixture).")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Task option, e.g. --option level=mul2 (repeatable; the value is read as TOML, else as text, "
                    "as --set's).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False),
-              help="Also write one JSON line per example (prompt id, completion, value) here.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+              help="Also write one JSON line per example (prompt id, completion, value, task) here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object (with `tasks`, each "
+                                                      "task's result, for a mixture).")
 def eval_cmd(task_name: str, model_spec: str, limit: int | None, options: tuple[str, ...], output: str | None,
              as_json: bool) -> None:
     """Evaluate a model on a task's held-out split: greedy decoding, the task's prompt and check,
-    with a Wilson 95% confidence interval."""
+    with a Wilson 95% confidence interval; a mixture reports each task and their mean."""
     from tao_core.types import write_jsonl
 
-    result = run_eval(task_name, model_spec, limit=limit, task_options=parse_key_values(options, "--option"))
+    task = build_task(task_name, parse_key_values(options, "--option"))
+    result = evaluate_task(task, model_spec, limit=limit)
     if output:
         write_jsonl(output, result.per_example)
-    summary = {**result.to_dict(), "model": model_spec}
+    record = eval_record(task, result)
     if as_json:
-        click.echo(json.dumps(summary))
+        click.echo(json.dumps({**record, "model": model_spec}))
         return
     click.echo(f"{result.task} {result.metric} {result.value:.3f} "
                f"(95% CI {result.ci_low:.3f}-{result.ci_high:.3f}, n={result.n}, model {model_spec})")
+    for name, r in record.get("tasks", {}).items():
+        click.echo(f"  {name} {r['metric']} {r['value']:.3f} (95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f}, n={r['n']})")
 
 
 @tao_core.hookimpl

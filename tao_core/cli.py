@@ -164,12 +164,23 @@ def parse_overrides(items) -> dict:
     return parse_key_values(items, flag="--set")
 
 
+def _print_tasks(before: dict, after: dict) -> None:
+    """Each task's held-out value before and after, when the evaluations are per task (a mixture's ``tasks``)."""
+    tasks = after.get("tasks", {})
+    for name, b in before.get("tasks", {}).items():
+        if name in tasks:
+            a = tasks[name]
+            click.echo(f"  {name} {b['metric']}: {b['value']:.3f} -> {a['value']:.3f} ({a['value'] - b['value']:+.3f}, "
+                       f"n={a['n']})")
+
+
 def _print_result(result) -> None:
     b, a = result.before, result.after
     click.echo(f"run directory: {result.run_dir}")
     click.echo(f"held-out {b['metric']} before: {b['value']:.3f}  [{b['ci_low']:.3f}, {b['ci_high']:.3f}]  (n={b['n']})")
     click.echo(f"held-out {a['metric']} after:  {a['value']:.3f}  [{a['ci_low']:.3f}, {a['ci_high']:.3f}]  "
                f"(best at step {a['step']})")
+    _print_tasks(b, a)
     click.echo(f"tuning time: {result.tuning_seconds / 60:.1f} min over {result.steps} steps "
                f"(generate + score + train; evaluation and checkpoints excluded)")
     for w in result.warnings:
@@ -238,6 +249,7 @@ def sft_cmd(config, examples, epochs, overrides, output_dir, eval_each_epoch) ->
     click.echo(f"labeled examples: {result.examples} x {result.epochs} epoch(s), {result.steps} steps")
     click.echo(f"held-out {b['metric']} before: {b['value']:.3f}  [{b['ci_low']:.3f}, {b['ci_high']:.3f}]  (n={b['n']})")
     click.echo(f"held-out {a['metric']} after:  {a['value']:.3f}  [{a['ci_low']:.3f}, {a['ci_high']:.3f}]")
+    _print_tasks(b, a)
     click.echo(f"tuning time: {result.tuning_seconds / 60:.1f} min (training steps; evaluation excluded)")
 
 

@@ -400,17 +400,48 @@ def validate(cfg: RunConfig, where: str = "config") -> None:
     _raise(where, [*bad.values(), *_file_problems(cfg, bad), *plugin_problems(cfg, bad), *_pair_problems(cfg, bad)])
 
 
+def weight_set_routes(cfg: RunConfig) -> dict[str, Any]:
+    """Every ``template_weight_sets`` table of the run's generator options, by key path: the run
+    generator's (``generate.options``) and those a task's options carry in ``generator_options``
+    tables (a mixture's ``task_options.tasks[i].generator_options``); empty tables left out."""
+    found: dict[str, Any] = {}
+    if isinstance(cfg.generate.options, dict) and cfg.generate.options.get("template_weight_sets"):
+        found["generate.options.template_weight_sets"] = cfg.generate.options["template_weight_sets"]
+
+    def walk(node: Any, path: str, depth: int) -> None:
+        if depth > 8:  # task options are a few tables deep; deeper is no generator's
+            return
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            where = f"{path}[{key}]" if isinstance(node, list) else f"{path}.{key}"
+            if key == "generator_options" and isinstance(value, dict) and value.get("template_weight_sets"):
+                found[f"{where}.template_weight_sets"] = value["template_weight_sets"]
+            else:
+                walk(value, where, depth + 1)
+
+    walk(cfg.task_options, "task_options", 0)
+    return found
+
+
+def _voter_problems(cfg: RunConfig) -> list[str]:
+    """``generate.voters`` and the templates routed to weight sets must agree."""
+    routes = weight_set_routes(cfg)
+    if cfg.generate.voters == "policy" and routes:
+        where = "; ".join(f"{k} {show(v)}" for k, v in routes.items())
+        return [f"{where} routes templates to weight sets, but generate.voters = 'policy' makes none: set "
+                "generate.voters to 'frozen' or 'ema'"]
+    if cfg.generate.voters != "policy" and not routes:
+        return [f"generate.voters = {cfg.generate.voters!r} keeps a teacher copy of the weights, but no template "
+                "samples with it: set generate.options.template_weight_sets (e.g. {tens = \"teacher\"}) or, in a "
+                "mixture, the generator_options.template_weight_sets of a task_options.tasks entry"]
+    return []
+
+
 def _pair_problems(cfg: RunConfig, bad: dict[str, str]) -> list[str]:
     """Keys that are valid alone but not together (found here, not at the first step)."""
     g, t, problems = cfg.generate, cfg.train, []
-    routed = g.options.get("template_weight_sets") if isinstance(g.options, dict) else None
     if "generate.voters" not in bad:
-        if g.voters == "policy" and routed:
-            problems.append(f"generate.options.template_weight_sets {show(routed)} routes templates to weight sets, "
-                            "but generate.voters = 'policy' makes none: set generate.voters to 'frozen' or 'ema'")
-        elif g.voters != "policy" and not routed:
-            problems.append(f"generate.voters = {g.voters!r} keeps a teacher copy of the weights, but no template "
-                            "samples with it: set generate.options.template_weight_sets (e.g. {tens = \"teacher\"})")
+        problems += _voter_problems(cfg)
     if cfg.table.url is not None and cfg.prompts_file is not None:
         problems.append("prompts_file and table.url both name the training prompts; keep one")
     if cfg.distributed.strategy == "fsdp":

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tao_core.checkpoint import PIPELINE_TENSORS
-from tao_core.config import RunConfig, from_dict, validate
+from tao_core.config import RunConfig, from_dict, validate, weight_set_routes
 from tao_core.distributed import Dist, DistributedError
 from tao_core.errors import TaoInputError, TaoWriteError
 from tao_core.evaluation import components, eval_record, evaluate_rows, gate_items, summarize
@@ -166,9 +166,10 @@ class Pipeline(StepStages):
             return None
         teacher = Teacher.frozen(self.lm) if voters == "frozen" else Teacher.ema(self.lm, self.cfg.generate.ema_rate)
         teacher.attach(sampler_for(self.lm))
-        if "teacher" not in str(self.cfg.generate.options.get("template_weight_sets", {})):
+        routes = weight_set_routes(self.cfg)
+        if not any(isinstance(r, dict) and teacher.name in r.values() for r in routes.values()):
             self._say(f"warning: generate.voters = {voters!r} but no generator template samples with the "
-                       "'teacher' weights (generate.options.template_weight_sets)")
+                       f"{teacher.name!r} weights (none of {', '.join(routes)} names it)")
         return teacher
 
     # -- pieces --------------------------------------------------------------------------------

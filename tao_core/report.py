@@ -115,6 +115,28 @@ def _ci(e: dict[str, Any]) -> str:
     return f"{e['value']:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}]"
 
 
+def _evaluations_table(run: RunData) -> list[str]:
+    """Every evaluation's value, interval and n, and a column per task when the evaluations are per task
+    (a mixture's eval lines carry ``tasks``: then ``value`` is the tasks' mean)."""
+    tasks: dict[str, str] = {}  # task -> its metric, in order of first appearance
+    for e in run.evals:
+        for name, r in e.get("tasks", {}).items():
+            tasks.setdefault(name, r.get("metric", ""))
+    head = "".join(f" {name} {metric} |" for name, metric in tasks.items())
+    lines = ["## Evaluations", ""]
+    if tasks:
+        lines += ["`value` is the mean of the tasks' metrics; each task's column is its own metric on its own "
+                  "held-out examples (its n in parentheses).", ""]
+    lines += [f"| step | {'epoch' if run.kind == 'sft' else 'round'} | value | 95% CI | n |{head}",
+              "|---|---|---|---|---|" + "---|" * len(tasks)]
+    for e in run.evals:
+        per = e.get("tasks", {})
+        cells = "".join(f" {per[t]['value']:.3f} ({per[t]['n']}) |" if t in per else " - |" for t in tasks)
+        lines.append(f"| {e['step']} | {e.get('round', e.get('epoch'))} | {e['value']:.3f} | "
+                     f"[{e['ci_low']:.3f}, {e['ci_high']:.3f}] | {e['n']} |{cells}")
+    return lines
+
+
 def _compute_section(run: RunData, add) -> list[str]:
     points = run.compute_points()
     unit = "labeled examples seen" if run.kind == "sft" else "candidates generated"
@@ -239,11 +261,7 @@ def write_report(run_dir: str | Path, sft_dirs: list[str | Path] | None = None) 
         per_hour = gain / (tuning_s / 3600) if tuning_s else 0.0
         lines += [f"- held-out {first['metric']}: {first['value']:.3f} before, {best['value']:.3f} after (step "
                   f"{best['step']}; {gain:+.3f}; {per_hour:+.3f} per hour of tuning)", ""]
-        lines += ["## Evaluations", "", f"| step | {'epoch' if run.kind == 'sft' else 'round'} | value | 95% CI | n |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {e['step']} | {e.get('round', e.get('epoch'))} | {e['value']:.3f} | "
-                  f"[{e['ci_low']:.3f}, {e['ci_high']:.3f}] | {e['n']} |" for e in evals]
-        lines += [""] + _compute_section(run, inline)
+        lines += _evaluations_table(run) + [""] + _compute_section(run, inline)
     if sft_runs:
         lines += _comparison_section(run, sft_runs, inline)
     if run.rounds:

@@ -11,12 +11,13 @@ the chat template, on completion tokens only (``tao_kernels.linear_logprob``). E
 schedule; the objective, KL and PPO settings of ``[train]`` do not apply), with
 ``prompts_per_step`` examples per optimizer step and each epoch in a fresh seeded order.
 
-Evaluation is the pipeline's protocol (:func:`tao_core.tasks.evaluate`: greedy decoding, the
-task's prompt and answer check, ``eval_limit`` held-out examples) before training and after each
-epoch; ``final/`` holds the weights after the last epoch. The run directory mirrors ``tao run``'s:
-``config.json`` (the run config with ``kind = "sft"`` and an ``sft`` table), ``versions.json``,
-``metrics.jsonl`` (``step``, ``eval`` and ``final`` lines, with the pipeline's keys where they mean
-the same thing) and ``final/``, a Hugging Face directory.
+Evaluation is the pipeline's protocol (:mod:`tao_core.evaluation`: greedy decoding, the task's
+prompt and answer check, ``eval_limit`` held-out examples; a ``mixture`` evaluates each task at its
+own budget and reports each task and their mean, ``tasks`` in the eval and final lines) before
+training and after each epoch; ``final/`` holds the weights after the last epoch. The run directory
+mirrors ``tao run``'s: ``config.json`` (the run config with ``kind = "sft"`` and an ``sft`` table),
+``versions.json``, ``metrics.jsonl`` (``step``, ``eval`` and ``final`` lines, with the pipeline's
+keys where they mean the same thing) and ``final/``, a Hugging Face directory.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 from tao_core.batching import ModelInputs, Segment, TrainBatch, final_hidden, pack, plan_micro_batches
 from tao_core.config import RunConfig, validate
 from tao_core.errors import TaoInputError
+from tao_core.evaluation import eval_record, evaluate_rows, summarize
 from tao_core.fsio import write_file
 from tao_core.models import LoadedModel, load_model
 from tao_core.objectives import LossOutput
@@ -44,7 +46,7 @@ from tao_core.pipeline import _versions, step_prompts
 from tao_core.plugins import get_component
 from tao_core.rundir import RunDir, write_dir
 from tao_core.sampler import sampler_for
-from tao_core.tasks import Task, evaluate
+from tao_core.tasks import Task
 from tao_core.train import Trainer
 from tao_core.types import Prompt
 
@@ -213,8 +215,10 @@ def _train(cfg: RunConfig, task: Task, prompts: list[Prompt], epochs: int, eval_
         write_file(tmp / "tao_run.json", json.dumps({"kind": KIND, "before": before, "after": after}, indent=2))
 
     write_dir(rd.root / "final", final)
+    per_task = {name: {"before": r["value"], "after": after["tasks"][name]["value"]}
+                for name, r in before.get("tasks", {}).items() if name in after.get("tasks", {})}
     rd.log({"type": "final", "kind": KIND, "step": step, "before": before["value"], "after": after["value"],
-            "tuning_seconds": tuning_s, "examples": n, "epochs": epochs})
+            "tuning_seconds": tuning_s, "examples": n, "epochs": epochs, **({"tasks": per_task} if per_task else {})})
     return SftResult(str(rd.root), before, after, n, epochs, step, tuning_s, evals)
 
 
@@ -239,12 +243,13 @@ class _HeldOut:
     micro_batch_tokens: int
 
     def __call__(self, step: int, epoch: int, seen: int) -> dict[str, Any]:
-        result = evaluate(self.task, self.sampler, self.examples)
-        rec = {**result.to_dict(), "step": step, "epoch": epoch, "examples_seen": seen,
+        result = summarize(self.task, evaluate_rows(self.task, self.sampler, self.examples))
+        rec = {**eval_record(self.task, result), "step": step, "epoch": epoch, "examples_seen": seen,
                "train_nll": mean_nll(self.lm, self.data, self.micro_batch_tokens)}
         self.rd.log({"type": "eval", **rec})
+        each = "".join(f"; {name} {r['value']:.3f}" for name, r in rec.get("tasks", {}).items())
         tqdm.write(f"sft epoch {epoch}: held-out {result.metric} = {result.value:.3f} "
-                   f"[{result.ci_low:.3f}, {result.ci_high:.3f}], train NLL {rec['train_nll']:.4f}")
+                   f"[{result.ci_low:.3f}, {result.ci_high:.3f}]{each}, train NLL {rec['train_nll']:.4f}")
         return rec
 
 
