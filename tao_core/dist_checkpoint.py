@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor
 
 from tao_core import checkpoint
 from tao_core.checkpoint import SHARD_INDEX, TRAINABLE, CheckpointError, Rows, shard_file
+from tao_core.distributed import DistributedError
 from tao_core.fsio import fault_point, write_file
 
 
@@ -57,8 +58,18 @@ def save(rd: Any, step: int, trainer: Any, pipeline_state: dict[str, Any]) -> No
         rd.save_checkpoint(step, None, pipeline_state, write=lambda tmp, _, state: _write_main(tmp, trainer, state))
     else:
         tmp = Path(dist.broadcast("checkpoint directory", None))
+        shared(tmp, dist.rank)
         dist.gather("checkpoint shards", [_write_shard(tmp, trainer)])
     dist.broadcast("checkpoint written", step)
+
+
+def shared(directory: Path, rank: int) -> None:
+    """Refuse, naming what to do, a directory of rank 0's that this rank does not see: the ranks
+    write and read the shards of one checkpoint directory on a file system they share."""
+    if not directory.is_dir():
+        raise DistributedError(f"rank {rank} does not see {directory}, which rank 0 made: the ranks must share "
+                              "the run directory's file system (put output_dir on a shared mount, see "
+                              "docs/distributed.md)")
 
 
 def _local_tensors(trainer: Any) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
@@ -126,6 +137,7 @@ def load(trainer: Any, state: LazyState) -> None:
     """Set an FSDP trainer's shards, optimizer, step and RNGs from ``state``, each rank reading its rows."""
     from tao_core.train import set_rng_state
 
+    shared(state.directory, trainer.dist.rank)
     sharding, rows = trainer.sharding, Rows(state.directory)
     params = trainer._trainable()
     missing = [n for n in params if not rows.has(TRAINABLE + n)]

@@ -32,9 +32,14 @@ collective its peers wait in: the named ones here, and torch's own inside a :met
 Before each one a rank records its arrival in the launcher's key-value store; when a collective fails
 (a peer died: its socket closed) or times out (a peer hangs: after ``timeout_s`` less the grace
 period), the failing rank records that in the store and waits for the grace period
-(:attr:`Dist.grace_s`) for its peers to report the same: the ranks that never arrived, or never
-report, are named in the :class:`DistributedError`. The launcher ends the remaining ranks when one exits (SIGTERM, which each
-rank reports as such, then SIGKILL after 30 s).
+(:attr:`Dist.grace_s`) for its peers to report the same: the ranks that never report are named in
+the :class:`DistributedError`, except a rank ahead (it waits in a later collective, for this one)
+unless it is known dead (each rank records its host and pid: a peer on the same host whose process
+is gone). The launcher ends the remaining ranks when one exits, and every rank when it is stopped
+itself (SIGTERM, which each rank reports as such, blaming only the peers known dead; then SIGKILL
+after 30 s). A launcher's
+environment that does not hold together (``RANK`` outside ``[0, WORLD_SIZE)``, a non-integer, no
+rank 0 to meet) is a :class:`DistributedError` saying what to do.
 """
 
 from __future__ import annotations
@@ -42,10 +47,12 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -69,8 +76,24 @@ class DistributedError(TaoError):
 
 
 def launched() -> bool:
-    """Whether this process is one rank of several started by a launcher (torchrun, Slurm + torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether this process is one rank of several started by a launcher (torchrun, Slurm + torchrun);
+    a :class:`DistributedError` when ``WORLD_SIZE`` is not a positive integer."""
+    return _env_int("WORLD_SIZE", "1", 1) > 1
+
+
+def _env_int(key: str, default: str, low: int, high: int | None = None) -> int:
+    """The launcher's variable ``key`` as an integer in ``[low, high)``; a clear error otherwise."""
+    raw = os.environ.get(key, default)
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value >= high):
+        span = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high})"
+        raise DistributedError(f"the launcher's environment: {key}={raw!r} is not {span}; start the ranks with "
+                               "torchrun, or unset RANK, WORLD_SIZE and LOCAL_RANK to run one process "
+                               "(see docs/distributed.md)")
+    return value
 
 
 def hang_point(name: str) -> None:
@@ -92,8 +115,9 @@ def hang_point(name: str) -> None:
 
 
 def main_process() -> bool:
-    """Whether this process is rank 0 (or the only process): the one that writes and prints."""
-    return os.environ.get("RANK", "0") == "0"
+    """Whether this process is rank 0 (or the only process): the one that writes and prints. A
+    ``RANK`` left in the environment of a single process (``WORLD_SIZE`` unset or 1) changes nothing."""
+    return not launched() or os.environ.get("RANK", "0").strip() == "0"
 
 
 @dataclass
@@ -123,12 +147,17 @@ class Dist:
                                    "start the ranks with torchrun (see docs/distributed.md)")
         import torch.distributed as dist
 
-        rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+        world = _env_int("WORLD_SIZE", "1", 1)
+        rank, local = _env_int("RANK", "", 0, world), _env_int("LOCAL_RANK", "", 0)
+        _env_int("MASTER_PORT", "", 1, 65536)
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
         device = "cpu"
         if backend == "nccl":
             if not torch.cuda.is_available():
                 raise DistributedError("distributed.backend = 'nccl' needs CUDA GPUs, and torch sees none; use 'gloo'")
+            if local >= torch.cuda.device_count():
+                raise DistributedError(f"rank {rank}: LOCAL_RANK={local}, but this node has {torch.cuda.device_count()} "
+                                       "GPU(s): start at most that many processes per node (--nproc-per-node)")
             torch.cuda.set_device(local)
             device = f"cuda:{local}"
         if os.environ.get(FAULT_RANK_ENV, str(rank)) != str(rank):
@@ -136,14 +165,30 @@ class Dist:
             os.environ.pop(HANG_ENV, None)
         self = cls(rank, world, local, device, cfg.timeout_s)
         if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s - self.grace_s))
+            self._join(backend)
         self._arrive()
+        self._register()
         signal.signal(signal.SIGTERM, self._terminated)
         return self
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def _join(self, backend: str) -> None:
+        """Join the process group at ``MASTER_ADDR:MASTER_PORT``; a failure (a peer that never comes,
+        an address nobody listens at) is a :class:`DistributedError` saying what to check."""
+        import torch.distributed as dist
+
+        try:
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=self.timeout_s - self.grace_s))
+        except (dist.DistError, RuntimeError) as e:
+            first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+            raise DistributedError(f"rank {self.rank} of {self.world_size}: could not join the other ranks at {where} "
+                                   f"within distributed.timeout_s = {self.timeout_s:g} ({type(e).__name__}: {first}); "
+                                   "start every rank with torchrun (one per node, the same --nnodes and "
+                                   "--nproc-per-node, one rendezvous endpoint; see docs/distributed.md)") from None
 
     @property
     def grace_s(self) -> float:
@@ -235,31 +280,56 @@ class Dist:
         except Exception:  # noqa: BLE001 (the store is only a witness; the collective itself reports)
             pass
 
-    def silent(self) -> list[int]:
-        """The ranks to blame for a failed collective: those that never reached it, and those that do
-        not report its failure within :attr:`grace_s` (a rank that died or hangs inside it). A live
-        peer waiting in the same collective fails too and reports, unless it arrived more than the
-        grace period after this rank."""
+    def _register(self) -> None:
+        """Record in the launcher's store where this rank runs (host and pid): a peer on the same host
+        can then tell that this process is gone (:meth:`silent`)."""
+        try:
+            self._store().set(f"tao/who/{self.rank}", f"{socket.gethostname()} {os.getpid()}")
+        except Exception:  # noqa: BLE001 (the store is only a witness)
+            pass
+
+    def silent(self, *, stopped: bool = False) -> list[int]:
+        """The ranks to blame for this rank's failure, from what every rank recorded in the launcher's
+        store. A peer that reports a failure of its own (a collective's, the launcher's SIGTERM)
+        answered, and is never blamed; a peer known dead (on this host, its process is gone) is.
+
+        When a collective of this rank failed or timed out, a peer is also blamed when it reports
+        nothing within :attr:`grace_s` and is not ahead: a peer ahead waits in a later collective, for
+        this rank, and cannot report while it waits. When the launcher stopped this rank (``stopped``:
+        SIGTERM, sent to every rank when one fails or when torchrun itself is stopped), a live peer
+        may be waiting in a collective for this one: only the dead are blamed, so stopping torchrun
+        blames no rank."""
         try:
             store = self._store()
             store.set(f"tao/failed/{self.rank}", str(self._seq))
             others = [r for r in range(self.world_size) if r != self.rank]
-            late = [r for r in others if not store.check([f"tao/arrived/{r}"])
-                    or int(store.get(f"tao/arrived/{r}")) < self._seq]
+            arrived = {r: int(store.get(f"tao/arrived/{r}")) if store.check([f"tao/arrived/{r}"]) else -1
+                       for r in others}
             deadline = time.monotonic() + self.grace_s
             while True:
-                quiet = [r for r in others if r not in late and not store.check([f"tao/failed/{r}"])]
-                if not quiet or time.monotonic() > deadline:
-                    return sorted(late + quiet)
+                unreported = [r for r in others if not store.check([f"tao/failed/{r}"])]
+                dead = {r for r in unreported if self._dead(store, r)}
+                quiet = [r for r in unreported if r in dead or (not stopped and arrived[r] <= self._seq)]
+                if all(r in dead for r in quiet) or time.monotonic() > deadline:
+                    return quiet
                 time.sleep(0.2)
         except Exception:  # noqa: BLE001 (the store went with the launcher: nothing more to learn)
             return []
 
-    def describe_failure(self, what: str) -> str:
-        """``what`` happened on this rank, with the ranks to blame when the store knows them."""
-        blamed = self.silent()
+    def _dead(self, store: Any, rank: int) -> bool:
+        """Whether peer ``rank`` ran on this host and its process is gone (or a zombie)."""
+        key = f"tao/who/{rank}"
+        if not store.check([key]):
+            return False
+        host, _, pid = store.get(key).decode().rpartition(" ")
+        return host == socket.gethostname() and not process_alive(int(pid))
+
+    def describe_failure(self, what: str, *, stopped: bool = False) -> str:
+        """``what`` happened on this rank, with the ranks to blame when the store knows them
+        (``stopped``: by the launcher's SIGTERM, :meth:`silent`)."""
+        blamed = self.silent(stopped=stopped)
         who = (f"rank {', '.join(map(str, blamed))} did not answer (it died or hangs)" if blamed
-               else "a peer rank failed")
+               else "a peer rank failed or was stopped")
         return f"rank {self.rank} of {self.world_size}: {what}; {who}"
 
     def _collective(self, name: str, run: Callable[[], Any]) -> None:
@@ -275,16 +345,21 @@ class Dist:
     def _fail(self, what: str, e: Exception) -> None:
         self._failing = True
         first = str(e).splitlines()[0][:300] if str(e) else ""
+        hint = ("; if every rank was alive, one worked longer than that between two collectives (loading the model, "
+                "a long generation or scoring, rank 0 writing a checkpoint or the model alone): raise "
+                "distributed.timeout_s" if "timed out" in str(e).lower() or "timeout" in str(e).lower() else "")
         raise DistributedError(self.describe_failure(
-            f"{what} (distributed.timeout_s = {self.timeout_s:g}): {type(e).__name__}: {first}")) from None
+            f"{what} (distributed.timeout_s = {self.timeout_s:g}): {type(e).__name__}: {first}") + hint) from None
 
     def _terminated(self, signum: int, frame: Any) -> None:
-        """SIGTERM from the launcher, which ends every rank when one fails: report it as a failure."""
+        """SIGTERM from the launcher, which ends every rank when one fails (or when it is stopped
+        itself): report it as a failure, naming the peers to blame if any."""
         if self._failing:
             return
         self._failing = True
         raise DistributedError(self.describe_failure("stopped by the launcher (SIGTERM), which ends every rank "
-                                                     "when one of them fails"))
+                                                     "when one of them fails or when it is stopped itself",
+                                                     stopped=True))
 
 
 def backend_failure(e: BaseException) -> bool:
@@ -294,6 +369,23 @@ def backend_failure(e: BaseException) -> bool:
 
     text = str(e).lower()
     return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(m in text for m in BACKEND_FAILURE))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] not in "ZX"
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, IndexError):  # no /proc (macOS): ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
 
 
 def scalar(t: torch.Tensor) -> float:
