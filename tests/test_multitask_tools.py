@@ -52,6 +52,21 @@ def test_teacher_voters_in_a_mixture_need_an_entry_routing_templates_to_the_teac
     validate(_mixture_cfg("policy", {"templates": ["default", "steps"]}))
 
 
+@pytest.mark.parametrize("weight_set, warned", [("teacher", False), ("drafts", True)])
+def test_the_pipeline_warns_when_no_mixture_entry_routes_a_template_to_the_teacher(
+        weight_set, warned, tmp_path, tiny_model_dir, capsys):
+    from tao_core.pipeline import Pipeline
+
+    cfg = _mixture_cfg("ema", {**ROUTED, "template_weight_sets": {"steps": weight_set}})
+    cfg.model, cfg.output_dir = str(tiny_model_dir), str(tmp_path / "run")
+    pipe = Pipeline(cfg, progress=False)
+    pipe.dir.release()
+    assert pipe.teacher is not None
+    said = capsys.readouterr().out
+    assert ("warning: generate.voters = 'ema' but no generator template samples with the 'teacher' weights (none "
+            "of task_options.tasks[1].generator_options.template_weight_sets names it)" in said) is warned
+
+
 def test_the_example_config_samples_arithmetic_voters_with_an_ema_teacher():
     from tao_core.config import load_config
 
