@@ -186,7 +186,7 @@ class Dist:
             first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
             where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
             raise DistributedError(f"rank {self.rank} of {self.world_size}: could not join the other ranks at {where} "
-                                   f"within distributed.timeout_s = {self.timeout_s:g} ({type(e).__name__}: {first}); "
+                                   f"(distributed.timeout_s = {self.timeout_s:g}; {type(e).__name__}: {first}); "
                                    "start every rank with torchrun (one per node, the same --nnodes and "
                                    "--nproc-per-node, one rendezvous endpoint; see docs/distributed.md)") from None
 
