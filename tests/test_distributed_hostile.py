@@ -26,7 +26,20 @@ import torch.distributed as tdist
 from tao_core import dist_checkpoint
 from tao_core.config import DistributedConfig
 from tao_core.distributed import Dist, DistributedError, main_process, process_alive
-from tests.test_distributed import _cmdline, _env, _free_port
+from tests.test_distributed import (
+    LOSS_ATOL,
+    LOSS_RTOL,
+    RTOL,
+    _close,
+    _cmdline,
+    _env,
+    _final,
+    _free_port,
+    _ok,
+    _steps,
+    _tao,
+    _torchrun,
+)
 from tests.test_distributed_faults import _write
 from tests.test_pipeline import plugin_path  # noqa: F401 (a fixture)
 
@@ -227,3 +240,28 @@ def test_stopping_torchrun_stops_every_rank_blaming_none(tmp_path, tiny_model_di
     assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and str(cfg).encode() in _cmdline(p)]
     steps = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert any(r["type"] == "step" for r in steps)
+
+
+# -- a rank with nothing to do ---------------------------------------------------------------------------
+
+def test_a_rank_with_no_prompt_and_no_held_out_example(tmp_path, tiny_model_dir, plugin_path):  # noqa: F811
+    """prompts_per_step = 1 and eval_limit = 1 on 2 FSDP ranks: rank 1 serves no prompt and no held-out
+    example, yet joins every gather and runs spare micro-batches at weight 0; the run is the 1-process
+    one (measured: identical, since rank 0 computes everything; bounds of tests/test_distributed.py)."""
+    runs = {}
+    for name, launch in (("one", _tao), ("two", _torchrun)):
+        out = tmp_path / name
+        cfg = _write(tmp_path / f"{name}.toml", tiny_model_dir, out, distributed='strategy = "fsdp"\n')
+        cfg.write_text(cfg.read_text().replace("prompts_per_step = 3", "prompts_per_step = 1")
+                       .replace("eval_limit = 5", "eval_limit = 1"))
+        _ok(launch(["run", str(cfg)], plugin_path))
+        runs[name] = out
+    one, two = _steps(runs["one"]), _steps(runs["two"])
+    assert [r["world_size"] for r in two] == [2, 2, 2]
+    for a, b in zip(one, two, strict=True):
+        assert (a["reward_mean"], a["tokens"]) == (b["reward_mean"], b["tokens"])
+        assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_RTOL, abs=LOSS_ATOL)
+    evals = [[(r["value"], r["n"]) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+              if r["type"] == "eval"] for d in (runs["one"], runs["two"])]
+    assert evals[0] == evals[1] and evals[0][0][1] == 1
+    assert _close(_final(runs["one"]), _final(runs["two"])) < RTOL
