@@ -281,10 +281,10 @@ class Dist:
             pass
 
     def _register(self) -> None:
-        """Record in the launcher's store where this rank runs (host and pid): a peer on the same host
-        can then tell that this process is gone (:meth:`silent`)."""
+        """Record in the launcher's store where this rank runs (:func:`pid_namespace` and pid): a peer
+        that sees the same processes can then tell that this one is gone (:meth:`silent`)."""
         try:
-            self._store().set(f"tao/who/{self.rank}", f"{socket.gethostname()} {os.getpid()}")
+            self._store().set(f"tao/who/{self.rank}", f"{pid_namespace()} {os.getpid()}")
         except Exception:  # noqa: BLE001 (the store is only a witness)
             pass
 
@@ -317,12 +317,12 @@ class Dist:
             return []
 
     def _dead(self, store: Any, rank: int) -> bool:
-        """Whether peer ``rank`` ran on this host and its process is gone (or a zombie)."""
+        """Whether peer ``rank`` ran in this host's process namespace and its process is gone (or a zombie)."""
         key = f"tao/who/{rank}"
         if not store.check([key]):
             return False
         host, _, pid = store.get(key).decode().rpartition(" ")
-        return host == socket.gethostname() and not process_alive(int(pid))
+        return host == pid_namespace() and not process_alive(int(pid))
 
     def describe_failure(self, what: str, *, stopped: bool = False) -> str:
         """``what`` happened on this rank, with the ranks to blame when the store knows them
@@ -369,6 +369,16 @@ def backend_failure(e: BaseException) -> bool:
 
     text = str(e).lower()
     return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(m in text for m in BACKEND_FAILURE))
+
+
+def pid_namespace() -> str:
+    """This machine's boot and process namespace: two processes that print the same string see the
+    same pids (a host name alone can repeat across nodes or containers)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:  # no /proc (macOS)
+        return socket.gethostname()
 
 
 def process_alive(pid: int) -> bool:

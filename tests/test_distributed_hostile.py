@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import torch.distributed as tdist
 
 from tao_core import dist_checkpoint
 from tao_core.config import DistributedConfig
-from tao_core.distributed import Dist, DistributedError, main_process, process_alive
+from tao_core.distributed import Dist, DistributedError, main_process, pid_namespace, process_alive
 from tests.test_distributed import (
     LOSS_ATOL,
     LOSS_RTOL,
@@ -123,7 +122,7 @@ def _ranks(store: tdist.Store, me: int, seq: int, timeout_s: float = 4.0) -> Dis
 def _peer(store: tdist.Store, rank: int, arrived: int, *, pid: int | None = None, host: str | None = None,
           failed: bool = False) -> None:
     store.set(f"tao/arrived/{rank}", str(arrived))
-    store.set(f"tao/who/{rank}", f"{host or socket.gethostname()} {pid or os.getpid()}")
+    store.set(f"tao/who/{rank}", f"{host or pid_namespace()} {pid or os.getpid()}")
     if failed:
         store.set(f"tao/failed/{rank}", str(arrived))
 
