@@ -386,8 +386,10 @@ class Pipeline(StepStages):
 
 
 def _items(result: EvalResult) -> list[dict[str, Any]]:
-    """The per-item results the promotion gate pairs: ``prompt_id``, ``value`` and ``task`` of each example."""
-    return [{"prompt_id": r["prompt_id"], "value": r["value"], "task": r["task"]} for r in result.per_example]
+    """The per-item results the promotion gate pairs: ``prompt_id``, ``value`` and ``task`` of each example (a row
+    without a task tag is the result's task's, as in :func:`tao_core.evaluation.per_task`)."""
+    return [{"prompt_id": r["prompt_id"], "value": r["value"], "task": r.get("task", result.task)}
+            for r in result.per_example]
 
 
 def _gate_fields(decision: dict[str, Any], *, combined: bool) -> dict[str, Any]:
