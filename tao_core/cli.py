@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -10,6 +11,8 @@ import click
 
 from tao_core.errors import TaoError
 from tao_core.plugins import KINDS, PluginManager, get_plugin_manager
+
+RANKED_COMMANDS = {"run"}  # the commands that run on several ranks under torchrun (docs/distributed.md)
 
 
 class TaoGroup(click.Group):
@@ -42,6 +45,15 @@ class TaoGroup(click.Group):
         if problems:
             with formatter.section("Plugin errors (details: tao plugins)"):
                 formatter.write_dl(problems)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        world = os.environ.get("WORLD_SIZE", "1").strip()
+        if cmd is not None and name not in RANKED_COMMANDS and world not in ("", "1", "0"):
+            raise TaoError(f"`tao {name}` runs in one process, but WORLD_SIZE={world} says a launcher (torchrun) "
+                           f"started it on several ranks: start it without torchrun (only `tao run` runs on "
+                           f"several ranks; see docs/distributed.md)")
+        return name, cmd, rest
 
     def invoke(self, ctx: click.Context):
         try:

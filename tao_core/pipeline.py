@@ -237,7 +237,7 @@ class Pipeline(StepStages):
             self.dist.close()
             return result
         except DistributedError as e:
-            last = self.dir.latest_checkpoint()
+            last = self.dir.latest_checkpoint()  # not hashed: torchrun kills the ranks 30 s after its SIGTERM
             raise DistributedError(f"{e}. The run stopped on every rank; the last valid checkpoint is "
                                    f"{last or 'none (the run restarts from step 0)'}: continue with `torchrun "
                                    f"--nproc-per-node N -m tao_core.cli run --resume {self.dir.root}` (any N)") from None

@@ -419,9 +419,9 @@ class RunDir:
         return None
 
     def latest_checkpoint(self) -> Path | None:
-        """The newest checkpoint that verifies, or ``None``."""
-        found = self.load_checkpoint()
-        return found[0] if found else None
+        """The newest finished checkpoint (its manifest written), or ``None``; cheap: nothing is hashed or
+        read (a failing run names it; ``--resume`` verifies it and falls back to the previous one)."""
+        return next((d for d in self.checkpoint_dirs() if (d / checkpoint.MANIFEST).is_file()), None)
 
     # -- best weights ----------------------------------------------------------------------------
     def best_path(self, step: int) -> Path:

@@ -264,3 +264,31 @@ def test_a_rank_with_no_prompt_and_no_held_out_example(tmp_path, tiny_model_dir,
               if r["type"] == "eval"] for d in (runs["one"], runs["two"])]
     assert evals[0] == evals[1] and evals[0][0][1] == 1
     assert _close(_final(runs["one"]), _final(runs["two"])) < RTOL
+
+
+def test_the_failure_message_names_the_newest_finished_checkpoint_without_reading_it(tmp_path):
+    """A failing run names its newest finished checkpoint from the directory listing alone (torchrun kills the
+    ranks 30 s after its SIGTERM, too soon to hash a large model): an unfinished one (no manifest) is passed
+    over, a finished one is named even when a file in it is damaged (``--resume`` verifies and falls back)."""
+    from tao_core.checkpoint import MANIFEST
+    from tao_core.rundir import RunDir
+
+    rd = RunDir(tmp_path / "run", writes=False)
+    assert rd.latest_checkpoint() is None
+    for name, finished in (("step-00002", True), ("step-00004", False)):
+        (rd.checkpoints / name).mkdir(parents=True)
+        (rd.checkpoints / name / "model.safetensors").write_bytes(b"not safetensors")
+        if finished:
+            (rd.checkpoints / name / MANIFEST).write_text("{}")
+    assert rd.latest_checkpoint() == rd.checkpoints / "step-00002"
+
+
+@pytest.mark.parametrize("argv", [["sft", "x.toml"], ["eval", "--help"], ["demo"]])
+def test_one_process_commands_refuse_a_launcher(argv):
+    """Under torchrun only `tao run` runs on several ranks; every other command says so instead of running N
+    copies into one directory."""
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0"}
+    proc = subprocess.run([sys.executable, "-m", "tao_core.cli", *argv], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"`tao {argv[0]}` runs in one process" in proc.stderr and "without torchrun" in proc.stderr
