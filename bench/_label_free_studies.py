@@ -10,14 +10,13 @@ remove and gets no variant. Nothing here computes an answer: variants only chang
 from __future__ import annotations
 
 import copy
-import json
-import math
-import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tao_core.toml_text import dump_toml  # noqa: F401 (the driver writes its run configs with it)
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "plugins" / "tasks" / "recipes"
@@ -170,37 +169,3 @@ def variant_data(variant: Variant, reference: dict[str, Any] | None, shape: tupl
         else:
             set_dotted(data, key, value)
     return data
-
-
-# -- writing TOML (the run configs the driver hands to `tao run`) ------------------------------------
-_BARE = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def _key(k: str) -> str:
-    return k if _BARE.fullmatch(k) else json.dumps(k, ensure_ascii=False)
-
-
-def _value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return repr(v) if math.isfinite(v) else ("nan" if v != v else ("inf" if v > 0 else "-inf"))
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)  # a JSON string is a TOML basic string
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{_key(k)} = {_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(f"no TOML form for {type(v).__name__} {v!r}")
-
-
-def dump_toml(data: dict[str, Any], prefix: str = "") -> str:
-    """``data`` as TOML text that :mod:`tomllib` reads back equal: a table's plain keys, then its sub-tables."""
-    lines = [f"{_key(k)} = {_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    for k, v in data.items():
-        if isinstance(v, dict):
-            name = f"{prefix}.{_key(k)}" if prefix else _key(k)
-            lines += ["", f"[{name}]", dump_toml(v, name).rstrip("\n")]
-    return "\n".join(lines).strip("\n") + "\n"

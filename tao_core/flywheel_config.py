@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import math
 import tomllib
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,6 +21,7 @@ from typing import Any
 
 from tao_core.errors import ModelLoadError, PluginError, TaoInputError
 from tao_core.fields import Rule, between, check_fields, one_of, show
+from tao_core.toml_text import dump_toml
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Run-config keys the flywheel sets for every round: giving them in `round` is an error naming the key.
@@ -276,32 +275,8 @@ def round_dir(cfg: FlywheelConfig, n: int) -> Path:
 
 def write_toml(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` (nested dicts of strings, numbers, booleans and lists; None left out) as TOML."""
-    lines = [f"{_key(k)} = {_value(v)}" for k, v in data.items() if v is not None and not isinstance(v, dict)]
-    for k, v in data.items():
-        if isinstance(v, dict):
-            lines += ["", f"[{_key(k)}]"] + [f"{_key(k2)} = {_value(v2)}" for k2, v2 in v.items() if v2 is not None]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text(dump_toml(data), encoding="utf-8")
     tomllib.loads(path.read_text(encoding="utf-8"))  # what `tao run` will read: fail here, not in the round
-
-
-def _key(k: str) -> str:
-    return k if k and all(c.isalnum() or c in "_-" for c in k) else json.dumps(k, ensure_ascii=False)
-
-
-def _value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return repr(v) if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{_key(k)} = {_value(x)}" for k, x in v.items() if x is not None) + "}"
-    raise TaoInputError(f"cannot write {show(v)} ({type(v).__name__}) to a TOML config")
 
 
 def _read_toml(path: Path, what: str) -> dict[str, Any]:
