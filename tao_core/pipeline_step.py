@@ -133,8 +133,8 @@ class StepStages:
         train_scores, gated = gate_groups(scores, self.cfg.score.gate)  # the raw scores stay on disk
         if self.cfg.score.gate is not None and gated["gate_no_margin"] == gated["gate_groups"] and not self._warned_gate:
             self._warned_gate = True
-            self._say(f"warning: score.gate is set but scorer {self.scorer_name!r} reports no voter margin "
-                       "(Score.details['margin']): the gate keeps every group")
+            self._say(f"warning: score.gate is set but no group of step {step} has a voter margin (Score.details"
+                       f"['margin'], scorer {self.scorer_name!r}): the gate keeps groups without one (said once)")
         fault_point("train.before")
         params = self.sampling(step)
         metrics = self.trainer.step(prompts, groups, train_scores, max_new_tokens=params.max_new_tokens,
