@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tao_core.tasks import EvalExample, EvalResult, Task, evaluate, wilson_interval
+from tao_core.tasks import EvalExample, EvalResult, Task, evaluate, result_of
 
 
 def components(task: Task) -> dict[str, Task]:
@@ -49,14 +49,6 @@ def evaluate_rows(task: Task, sampler: Any, examples: Sequence[EvalExample]) -> 
     return rows
 
 
-def _result(name: str, metric: str, rows: list[dict[str, Any]]) -> EvalResult:
-    total = 0.0
-    for row in rows:
-        total += row["value"]
-    lo, hi = wilson_interval(total, len(rows))
-    return EvalResult(name, metric, total / len(rows) if rows else 0.0, lo, hi, len(rows), rows)
-
-
 def _split(task: Task, rows: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Rows by task, in order of first appearance (a row without a tag is the run's task's)."""
     out: dict[str, list[dict[str, Any]]] = {}
@@ -68,14 +60,14 @@ def _split(task: Task, rows: Sequence[Mapping[str, Any]]) -> dict[str, list[dict
 def per_task(task: Task, rows: Sequence[Mapping[str, Any]]) -> dict[str, EvalResult]:
     """Each task's result over its rows, under its own metric name."""
     parts = components(task)
-    return {name: _result(name, getattr(parts.get(name), "metric", task.metric), group)
+    return {name: result_of(name, getattr(parts.get(name), "metric", task.metric), group)
             for name, group in _split(task, rows).items()}
 
 
 def summarize(task: Task, rows: list[dict[str, Any]]) -> EvalResult:
     """The run's result over every row: a plain task's mean, or the mean of a combined task's per-task metrics."""
     if not components(task):
-        return _result(task.name, task.metric, rows)
+        return result_of(task.name, task.metric, rows)
     tasks = list(per_task(task, rows).values())
     k = max(1, len(tasks))
     return EvalResult(task.name, task.metric, sum(r.value for r in tasks) / k, sum(r.ci_low for r in tasks) / k,

@@ -95,11 +95,15 @@ def evaluate(task: Task, sampler: Any, examples: Sequence[EvalExample] | None = 
     examples = list(examples if examples is not None else task.eval_examples(limit))
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=task.max_new_tokens)
     groups = sampler.sample([e.prompt for e in examples], params)
-    rows, total = [], 0.0
-    for ex, group in zip(examples, groups, strict=True):
-        value = float(task.check(ex, group[0].text))
-        total += value
-        rows.append({"prompt_id": ex.prompt.id, "completion": group[0].text, "value": value})
-    lo, hi = wilson_interval(total, len(examples))
-    value = total / len(examples) if examples else 0.0
-    return EvalResult(task.name, task.metric, value, lo, hi, len(examples), rows)
+    rows = [{"prompt_id": ex.prompt.id, "completion": group[0].text, "value": float(task.check(ex, group[0].text))}
+            for ex, group in zip(examples, groups, strict=True)]
+    return result_of(task.name, task.metric, rows)
+
+
+def result_of(name: str, metric: str, rows: list[dict[str, Any]]) -> EvalResult:
+    """The result over per-example ``rows`` (each with its ``value``): their mean and 95% Wilson interval."""
+    total = 0.0
+    for row in rows:
+        total += row["value"]
+    lo, hi = wilson_interval(total, len(rows))
+    return EvalResult(name, metric, total / len(rows) if rows else 0.0, lo, hi, len(rows), rows)
