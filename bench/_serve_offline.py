@@ -3,7 +3,7 @@
 ``bench/serve.py`` runs this file as a subprocess (so the benchmark's own process never loads torch and
 every mode gets a process of its own), with a JSON spec on stdin; it prints one JSON line per level
 (``_serve_load.LevelResult.to_json``) on stdout. The engine has the settings ``tao serve`` gives it by
-default (``ServeConfig.max_kv_tokens`` and ``max_running``), and one engine serves every level, as one
+default (``ServeConfig.max_kv_tokens``, ``max_running`` and ``pack_weights``), and one engine serves every level, as one
 server does. A level keeps ``clients`` requests in flight, each client submitting its next request when
 its previous one finishes, as the HTTP clients do; a request's chat prompt is tokenized as the server
 tokenizes a chat request (``LoadedModel.prompt_token_ids``), and decoding is greedy with the same
@@ -82,7 +82,8 @@ def main() -> None:
     lm = load_model(spec["model"])
     defaults = ServeConfig()
     engine = Engine(lm.model, eos_token_ids=lm.eos_token_ids,
-                    config=EngineConfig(max_kv_tokens=defaults.max_kv_tokens, max_running=defaults.max_running))
+                    config=EngineConfig(max_kv_tokens=defaults.max_kv_tokens, max_running=defaults.max_running,
+                                       pack_weights=defaults.pack_weights))
     ids = {text: lm.prompt_token_ids(Prompt(id="bench", messages=[{"role": "user", "content": text}]))
            for text in dict.fromkeys(work.prompts)}
 

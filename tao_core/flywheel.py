@@ -35,6 +35,7 @@ import click
 from tao_core.errors import TaoInputError
 from tao_core.flywheel_config import FlywheelConfig, load_flywheel_config
 from tao_core.flywheel_controller import JOURNAL, Controller, Served, read_history
+from tao_core.serve.threads import in_passing_thread
 
 log = logging.getLogger(__name__)
 LOCK = "flywheel.lock"
@@ -67,7 +68,7 @@ class Flywheel:
             scorer = load_gate_scorer(cfg.gate)
             t = cfg.table
             self.table = _open_table(t.url, t.sample_fraction)
-            self.app = self._app()
+            self.app = in_passing_thread(self._app, name="tao-flywheel-load")  # tao_core.serve.threads
             self.controller = Controller(cfg, self.table, scorer, self._reload, served=self.served, history=history)
         except BaseException:
             self._release()

@@ -36,6 +36,7 @@ from tao_core.flywheel_config import FlywheelConfig, round_config, round_dir, wr
 from tao_core.flywheel_gate import answers, gate_table, held_out_prompts, judge, task_evaluation
 from tao_core.flywheel_round import RoundProcess
 from tao_core.fsio import append_line
+from tao_core.serve.threads import in_passing_thread
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ class Controller:
         final = (rdir / "final").resolve()
         task = task_evaluation(rdir)
         record["task_eval"] = task
-        gate = self._gate(run, final)
+        gate = in_passing_thread(self._gate, run, final, name="tao-flywheel-gate")  # no OpenMP pool left behind
         record["gate"] = gate
         seconds["gate"] = round(time.monotonic() - started, 3)
         if self.stop_event.is_set():  # no decision on a gate cut short, and no swap into a server going down

@@ -55,6 +55,41 @@ def available() -> bool:
     return _AGREES
 
 
+def pack_weight(weight: torch.Tensor, rows: int = 32) -> torch.Tensor:
+    """A copy of ``weight [out, in]`` reordered into oneDNN's blocked layout for :func:`packed_linear`
+    (``rows``: the typical row count of ``x``, a hint for the layout; any row count works)."""
+    with torch.no_grad():
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` for a 2-D ``x`` and a weight packed by :func:`pack_weight` (no gradient)."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+
+
+def packing_available() -> bool:
+    """Whether :func:`pack_weight` exists here and :func:`packed_linear` matches ``F.linear`` on odd shapes
+    and row counts (checked once per process; False when :func:`available` is)."""
+    global _PACKED_AGREES
+    if _PACKED_AGREES is None:
+        _PACKED_AGREES = False
+        if available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+            g = torch.Generator().manual_seed(0)
+            w, b = torch.randn(41, 37, generator=g), torch.randn(41, generator=g)
+            try:
+                with torch.no_grad():
+                    packed = pack_weight(w)
+                    _PACKED_AGREES = all(
+                        torch.allclose(packed_linear(x, packed, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+                        for x in (torch.randn(rows, 37, generator=g) for rows in (1, 5, 32, 67)))
+            except RuntimeError:
+                _PACKED_AGREES = False
+    return _PACKED_AGREES
+
+
+_PACKED_AGREES: bool | None = None
+
+
 class OneDNNLinear(torch.autograd.Function):
     """``y = x W^T + b`` with ``dx = dy W``, ``dW = dy^T x``, ``db = sum(dy)``, each product one
     oneDNN call on (possibly transposed) views; ``x`` is flattened to ``[tokens, in]``."""

@@ -37,6 +37,7 @@ class EngineConfig:
     max_running: int = 256  # sequences decoded together at most
     max_prefill_tokens: int = 4096  # new prompt tokens per prefill forward (one prompt always goes in)
     k_major_weights: bool = True  # float32 CPU: store Linear weights K-major once (tao_core.onednn.k_major_linears)
+    pack_weights: bool = False  # float32 CPU: multiply by oneDNN-packed copies of the Linear weights (tao_core.engine.linear)
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -63,7 +64,7 @@ class Engine:
     def __init__(self, model: torch.nn.Module, *, eos_token_ids: Seq[int], config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
         self.model = model
-        self.runner = LlamaRunner(model)
+        self.runner = LlamaRunner(model, pack_weights=self.config.pack_weights)
         if self.config.k_major_weights:
             k_major_linears(model)  # float32 CPU Linear weights, when oneDNN is used; others are left as they are
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)

@@ -9,10 +9,17 @@ CPU has it. On the AMD EPYC (Zen 5) we benchmark on, one thread, float32, ``[128
 (strided) weight it multiplies by that tensor directly: no packed copy of the weights is made or
 kept, so an optimizer step is seen by the next call. Anything other than a plain ``nn.Linear``
 (a peft LoRA layer, a quantized layer) is called as a module, so its own forward applies.
+
+:class:`PackedLinears` (``EngineConfig(pack_weights=True)``, what ``tao serve`` uses) multiplies by a
+copy of each weight reordered once into oneDNN's blocked layout instead: a second copy of the linear
+weights in memory, repacked when a weight changes (its data pointer or in-place version counter), for
+about a fifth less time per decode step (SmolLM2-135M, 32 rows, 2-core AMD EPYC: 85-87 ms instead of
+105-111 ms).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -34,9 +41,48 @@ def _onednn_linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return onednn.linear(x.contiguous(), module.weight, module.bias)
 
 
-def linear_for(device: torch.device, dtype: torch.dtype) -> LinearFn:
+class PackedLinears:
+    """``(module, x) -> x @ W.T + b`` for plain ``nn.Linear`` modules with ``W`` packed by oneDNN (see the
+    module docstring); other modules run their forward.
+
+    One packed copy per weight tensor (a weight set's tensors get their own), made on first use and
+    again whenever that tensor's ``(data_ptr, _version)`` changes; it is dropped when the tensor is
+    freed.
+    """
+
+    def __init__(self) -> None:
+        # id(weight) -> (weakref to it, (data_ptr, _version) when packed, packed copy)
+        self._packed: dict[int, tuple[weakref.ref, tuple[int, int], torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    def __call__(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if type(module) is not torch.nn.Linear:
+            return module(x)
+        w = module.weight
+        entry = self._packed.get(id(w))
+        stamp = (w.data_ptr(), w._version)
+        if entry is None or entry[0]() is not w or entry[1] != stamp:
+            entry = self._pack(w, stamp)
+        return onednn.packed_linear(x, entry[2], module.bias)
+
+    def _pack(self, w: torch.Tensor, stamp: tuple[int, int]) -> tuple[weakref.ref, tuple[int, int], torch.Tensor]:
+        key, table = id(w), self._packed
+
+        def forget(ref: weakref.ref) -> None:  # the weight was freed: free its copy (unless repacked since)
+            if key in table and table[key][0] is ref:
+                del table[key]
+
+        entry = (weakref.ref(w, forget), stamp, onednn.pack_weight(w))
+        table[key] = entry
+        return entry
+
+
+def linear_for(device: torch.device, dtype: torch.dtype, *, pack: bool = False) -> LinearFn:
     """The linear to use for parameters on ``device`` in ``dtype``: oneDNN for float32 on CPU when it
-    is available and agrees with ``F.linear``, else the module's own forward."""
-    if device.type != "cpu" or dtype != torch.float32:
+    is available and agrees with ``F.linear`` (over packed weight copies with ``pack``, when packing
+    agrees too), else the module's own forward."""
+    if device.type != "cpu" or dtype != torch.float32 or not onednn.available():
         return module_linear
-    return _onednn_linear if onednn.available() else module_linear
+    return PackedLinears() if pack and onednn.packing_available() else _onednn_linear

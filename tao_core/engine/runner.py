@@ -166,7 +166,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.
 class LlamaRunner:
     """Runs ``prefill`` and ``decode`` forwards of a Llama-family model on a :class:`BlockKVCache`."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, *, pack_weights: bool = False) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the engine's fast path cannot run this model: {reason}")
@@ -184,7 +184,8 @@ class LlamaRunner:
         self.vocab_size = cfg.vocab_size
         self.max_positions = cfg.max_position_embeddings
         self.scale = float(self.core.layers[0].self_attn.scaling)  # attention softmax scale
-        self.linear = linear_for(self.device, self.param_dtype)  # (module, x) -> module's linear map of x
+        # (module, x) -> module's linear map of x; over packed weight copies with pack_weights
+        self.linear = linear_for(self.device, self.param_dtype, pack=pack_weights)
         # float32 RMSNorms as one fused op (the same math as their forward; bf16 ones round differently)
         self.fused_norm = self.param_dtype == torch.float32
         # decode attention in place over the cache blocks (native kernel), else gathered + SDPA

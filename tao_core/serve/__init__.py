@@ -13,6 +13,7 @@ Layers, in the order a request passes through them:
 | ``auth``, ``keys`` | bearer API keys (``tao keys``), admin keys, per-key rate limits, the loopback-open mode |
 | ``versions``, ``admin`` | model versions swapped with no dropped request; ``POST /admin/reload`` and ``/admin/rollback`` |
 | ``settings``, ``cli`` | :class:`ServeConfig` and the ``tao serve`` command |
+| ``threads`` | torch work outside the engine thread runs in a passing thread, so the engine's OpenMP pool is the only one |
 
 Only ``app`` and ``completions`` import FastAPI/Starlette; importing this package does not.
 """

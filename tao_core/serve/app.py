@@ -57,7 +57,8 @@ def create_app(lm: LoadedModel, config: ServeConfig | None = None, *, logger: Ex
         raise TaoInputError(f"tao serve samples with tao's engine, which cannot run model {lm.name}: {reason}")
     lm.model.eval()
     engine = Engine(lm.model, eos_token_ids=lm.eos_token_ids,
-                    config=EngineConfig(max_kv_tokens=config.max_kv_tokens, max_running=config.max_running))
+                    config=EngineConfig(max_kv_tokens=config.max_kv_tokens, max_running=config.max_running,
+                                       pack_weights=config.pack_weights))
     metrics = Metrics()
     served = config.served_model or lm.name
     state = ServerState(

@@ -47,6 +47,7 @@ from tao_core.errors import TaoInputError
 from tao_core.serve.engine_loop import EngineLoop, Swap
 from tao_core.serve.exchange import Exchanges
 from tao_core.serve.safetensors_file import SafetensorsFile
+from tao_core.serve.threads import start_passing
 
 # config fields that change what a forward computes beyond the parameters' names and shapes
 ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -140,7 +141,8 @@ class ModelVersions:
     async def _swap(self, name: str, path: Path) -> None:
         """Read ``path``'s weights off the event loop and make them version ``name`` for new requests."""
         try:
-            tensors = await asyncio.to_thread(read_weights, self._model, path)
+            reading = start_passing(read_weights, self._model, path, name="tao-read-weights")  # tao_core.serve.threads
+            tensors = await asyncio.wrap_future(reading)
         except OSError as e:  # a directory it may not list, a file it may not stat
             raise VersionError(400, f"{str(path)[:300]}: cannot read it ({e.strerror or e})") from None
         swap = Swap(name, tensors)
