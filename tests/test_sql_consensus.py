@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 from tao_plugins.scorers.majority import MajorityVoteScorer
 from tao_plugins.scorers.sql import SqlExecScorer, result_key
-from tao_plugins.scorers.sql_consensus import informativeness, query_structure, result_id
+from tao_plugins.scorers.sql_consensus import (
+    Ballot,
+    ConsensusRules,
+    informativeness,
+    query_structure,
+    result_id,
+    vote,
+)
 
 from tao_core.types import Candidate, Prompt
 
@@ -149,6 +156,23 @@ def test_informativeness_weights():
     assert informativeness(result_key([("a",), ("b",)], False), c, dump=True) == c  # SELECT * dumps a table
     assert informativeness(result_key([("a",), ("b",), ("c",), ("d",)], True), c) == pytest.approx(c + (1 - c) * 0.75)
     assert informativeness(result_key([(None,), (None,)], False), 0.0) == 0.0
+    # an aggregate over no rows (COUNT 0, SUM/MAX NULL, or both) is as empty as no rows
+    for nothing in ([(0,)], [(0.0,)], [(None,)], [(0, None)], [(None,), (None,)]):
+        assert informativeness(result_key(nothing, False), c) == 0.0, nothing
+    for something in ([(1,)], [(0, 1)], [("0",)], [(0,), (1,)], [(False,), (True,)]):
+        assert informativeness(result_key(something, False), c) > 0.0, something
+
+
+def test_a_zero_count_cannot_win_however_many_structures_agree():
+    """Seen in a run: invented filter values, many query shapes, one shared count of 0."""
+    ballots = [Ballot(q, result_key([(0,)], False)) for q in (
+        "SELECT COUNT(*) FROM books WHERE genre = 'x'", "SELECT COUNT(*) FROM books WHERE genre = 'y' ORDER BY title",
+        "SELECT COUNT(*) FROM books WHERE title = 'z' AND author_id = 3", "SELECT COUNT(book_id) FROM books WHERE genre = 'w'")]
+    ballots += [Ballot("SELECT genre, COUNT(*) FROM books GROUP BY genre", result_key([("a", 2), ("b", 3)], False))]
+    verdict = vote(ballots, ConsensusRules())
+    assert verdict.winner is None and "only 0/NULL" in verdict.reason
+    counted = [Ballot(b.sql, result_key([(7,)], False)) for b in ballots[:4]]  # a real count of 7 still can
+    assert vote(counted, ConsensusRules()).winner is not None
 
 
 def test_query_structure():

@@ -184,6 +184,14 @@ def distinct_values(db: Path, sql: str) -> int:
         return len({v for row in conn.execute(sql).fetchall() for v in row})
 
 
+def matches_nothing(db: Path, sql: str) -> bool:
+    """No rows, or one distinct row of only 0s and NULLs (an aggregate over no rows), read with plain sqlite3."""
+    with sqlite3.connect(db) as conn:
+        rows = set(conn.execute(sql).fetchall())
+    return not rows or (len(rows) == 1 and all(v is None or (isinstance(v, int | float) and v == 0)
+                                               for row in rows for v in row))
+
+
 def distinct_rows(db: Path, sql: str) -> int:
     with sqlite3.connect(db) as conn:
         return len(set(conn.execute(sql).fetchall()))
@@ -191,7 +199,7 @@ def distinct_rows(db: Path, sql: str) -> int:
 
 def test_consensus_on_spider_gold_queries(spider, questions):
     """Copies of the gold query win when its result is informative; a single-valued one needs a second
-    structure (``... WHERE 1 NOTNULL``); an empty one never wins. Failed queries score 0, below every query that ran."""
+    structure (``... WHERE 1 NOTNULL``); an empty one (or only 0/NULL) never wins. Failed queries score 0, below every query that ran."""
     prompts, groups = [], []
     for i, q in enumerate(questions):
         gold = q["gold_sql"]
@@ -203,11 +211,11 @@ def test_consensus_on_spider_gold_queries(spider, questions):
     out = score_groups(scorer(), prompts, groups)
     for q, scores in zip(questions, out, strict=True):
         gold, db = q["gold_sql"], spider / f"{q['db']}.sqlite"
-        d = distinct_values(db, gold)
+        nothing = matches_nothing(db, gold)
         assert [s.value for s in scores[3:6]] == [0.1, 0.0, 0.0], gold
         assert scores[4].reason.startswith("OperationalError: no such table")
         assert scores[5].reason == "no SQL query found in the answer"
-        if d == 0:  # an empty result never wins: the group ranks by validity only
+        if nothing:  # an empty result (or a count of 0) never wins: the group ranks by validity only
             assert [s.value for s in scores] == [0.1, 0.1, 0.1, 0.1, 0.0, 0.0, 0.1], gold
             assert scores[0].details["majority"] is None and scores[0].details["margin"] is None
             continue

@@ -7,8 +7,13 @@ on a small model it drifts toward ``SELECT COUNT(*) ...``, whose one number many
 **Informativeness.** A result set with ``D`` distinct cell values (over its rows x columns,
 normalized as :func:`tao_plugins.scorers.sql.result_key` does) weighs::
 
-    I = 0                          when the result is empty
+    I = 0                          when the result is empty, or one record of only 0s and NULLs
     I = c + (1 - c) * (1 - 1/D)    otherwise, c = constant_weight (default 0.25)
+
+A record of only 0s and NULLs is what an aggregate over no rows returns (``COUNT`` 0, ``SUM``/``MAX``
+NULL): a query whose filter matched nothing, as empty as an empty result. Without this rule a group
+on a small model agreed on ``SELECT COUNT(*) FROM books WHERE genre = '<an invented genre>'`` (seven
+candidates, five structures, count 0) and trained toward inventing filter values.
 
 so a column of many distinct names weighs nearly 1, while a single record (one distinct row: a
 ``COUNT``, ``SELECT 1 FROM t``, or a count with a literal column added) and a table dump (every
@@ -57,8 +62,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["Ballot", "Cluster", "ConsensusRules", "Verdict", "informativeness", "query_structure",
-           "result_id", "vote"]
+__all__ = ["Ballot", "Cluster", "ConsensusRules", "Verdict", "informativeness", "matched_nothing",
+           "query_structure", "result_id", "vote"]
 
 _TOKEN = re.compile(
     r"--[^\n]*|/\*.*?(?:\*/|\Z)"  # comments (dropped)
@@ -115,15 +120,21 @@ def is_single_record(key: tuple) -> bool:
     return len(set(_rows(key))) <= 1
 
 
+def matched_nothing(key: tuple) -> bool:
+    """Empty, or one distinct record of only 0s and NULLs (an aggregate over no rows)."""
+    rows = set(_rows(key))
+    return not rows or (len(rows) == 1 and all(v is None or (type(v) in (int, float) and v == 0)
+                                               for row in rows for v in row))
+
+
 def informativeness(key: tuple, constant_weight: float, dump: bool = False) -> float:
-    """``I`` of a result key (see the module docstring): 0 when empty, ``c`` for a single record or
-    a table dump, else ``c + (1 - c) * (1 - 1/D)``."""
-    d = _distinct_values(key)
-    if d == 0:
+    """``I`` of a result key (see the module docstring): 0 when empty or only 0s and NULLs in one
+    record, ``c`` for another single record or a table dump, else ``c + (1 - c) * (1 - 1/D)``."""
+    if matched_nothing(key):
         return 0.0
     if dump or is_single_record(key):
         return constant_weight
-    return constant_weight + (1.0 - constant_weight) * (1.0 - 1.0 / d)
+    return constant_weight + (1.0 - constant_weight) * (1.0 - 1.0 / _distinct_values(key))
 
 
 def _canon(v: Any) -> Any:
@@ -222,7 +233,7 @@ def _clusters(ballots: Sequence[Ballot], rules: ConsensusRules) -> dict[tuple, C
 def _ineligible(c: Cluster, rules: ConsensusRules) -> str:
     """Why cluster ``c`` may not win ("" when it may)."""
     if c.info == 0:
-        return "empty result"
+        return "empty result" if not _rows(c.key) else "a result of only 0/NULL (an aggregate over no rows)"
     if c.members < 2:
         return "a single candidate"
     if c.constant and c.structures < rules.constant_min_structures:
