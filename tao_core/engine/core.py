@@ -169,6 +169,16 @@ class Engine:
         return self._draining
 
     # weight sets ------------------------------------------------------------------------------
+    def weights_changed(self) -> None:
+        """Say that weights changed in a way PyTorch's version counters do not record (a fused optimizer
+        step on CPU, buffers swapped in with ``param.data = ...``, writes through ``param.data`` or numpy):
+        cached prompt prefixes and packed weight copies are dropped. In-place ops, ``copy_``,
+        ``load_state_dict`` and non-fused optimizers need no call."""
+        self.cache.invalidate()
+        clear = getattr(self.runner.linear, "clear", None)
+        if clear is not None:
+            clear()
+
     def add_weight_set(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Add weight set ``name``: ``tensors`` maps parameter names (as in ``model.named_parameters()``)
         to the tensors that replace them; every other parameter is the policy's, shared. The tensors

@@ -14,7 +14,10 @@ kept, so an optimizer step is seen by the next call. Anything other than a plain
 copy of each weight reordered once into oneDNN's blocked layout instead: a second copy of the linear
 weights in memory, repacked when a weight changes (its data pointer or in-place version counter), for
 about a fifth less time per decode step (SmolLM2-135M, 32 rows, 2-core AMD EPYC: 85-87 ms instead of
-105-111 ms).
+105-111 ms). Writes that change a weight without either (a fused optimizer step on CPU, buffers swapped
+in with ``param.data = ...``, writes through ``param.data`` or a numpy view) are not seen:
+:meth:`tao_core.engine.Engine.weights_changed` drops every copy (and the engine's cached prefixes,
+which rely on the same signal).
 """
 
 from __future__ import annotations
@@ -47,15 +50,20 @@ class PackedLinears:
 
     One packed copy per weight tensor (a weight set's tensors get their own), made on first use and
     again whenever that tensor's ``(data_ptr, _version)`` changes; it is dropped when the tensor is
-    freed.
+    freed. Each entry holds the storage it was packed from, so a new tensor cannot take that address
+    and pass for it; :meth:`clear` drops everything (writes the stamp cannot see).
     """
 
     def __init__(self) -> None:
-        # id(weight) -> (weakref to it, (data_ptr, _version) when packed, packed copy)
-        self._packed: dict[int, tuple[weakref.ref, tuple[int, int], torch.Tensor]] = {}
+        # id(weight) -> (weakref to it, (data_ptr, _version) when packed, packed copy, the packed-from storage)
+        self._packed: dict[int, tuple[weakref.ref, tuple[int, int], torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self._packed)
+
+    def clear(self) -> None:
+        """Drop every packed copy: each weight is packed again at its next use."""
+        self._packed.clear()
 
     def __call__(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         if type(module) is not torch.nn.Linear:
@@ -67,14 +75,15 @@ class PackedLinears:
             entry = self._pack(w, stamp)
         return onednn.packed_linear(x, entry[2], module.bias)
 
-    def _pack(self, w: torch.Tensor, stamp: tuple[int, int]) -> tuple[weakref.ref, tuple[int, int], torch.Tensor]:
+    def _pack(self, w: torch.Tensor, stamp: tuple[int, int]) -> tuple[weakref.ref, tuple[int, int], torch.Tensor,
+                                                                      torch.Tensor]:
         key, table = id(w), self._packed
 
         def forget(ref: weakref.ref) -> None:  # the weight was freed: free its copy (unless repacked since)
             if key in table and table[key][0] is ref:
                 del table[key]
 
-        entry = (weakref.ref(w, forget), stamp, onednn.pack_weight(w))
+        entry = (weakref.ref(w, forget), stamp, onednn.pack_weight(w), w.detach())
         table[key] = entry
         return entry
 

@@ -16,7 +16,8 @@ served when its ``add`` command is applied (``Submission.version``) and runs on 
 its end. A :class:`Swap` command registers the new version's tensors as an engine weight set and sends
 every later request to it; once no request in flight uses the model's own parameters, the new tensors are
 copied into them in place and new requests run on the parameters again; the weight set is removed when
-its last request finishes. Two copies of the weights exist during a swap, one before and after.
+its last request finishes. Two copies of the weights exist during a swap, one before and after (each
+with its packed twin under ``pack_weights``: tao_core.engine.linear.PackedLinears).
 """
 
 from __future__ import annotations

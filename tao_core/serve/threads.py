@@ -26,6 +26,25 @@ T = TypeVar("T")
 def start_passing(fn: Callable[..., T], *args: object, name: str = "tao-passing") -> Future[T]:
     """Run ``fn(*args)`` in a new thread that exits when it returns; its result or exception comes back in
     the future (``await asyncio.wrap_future(f)`` from a coroutine)."""
+    return _spawn(fn, args, name)[0]
+
+
+def in_passing_thread(fn: Callable[..., T], *args: object, name: str = "tao-passing") -> T:
+    """``fn(*args)`` run in a thread that exits before this returns (see the module docstring).
+
+    Interrupted while waiting (Ctrl-C), it waits for the thread to finish before raising: a thread still
+    inside torch when the interpreter exits aborts the process (SIGABRT) instead of exiting cleanly.
+    """
+    future, thread = _spawn(fn, args, name)
+    try:
+        return future.result()
+    except BaseException:
+        if not future.done():
+            thread.join()
+        raise
+
+
+def _spawn(fn: Callable[..., T], args: tuple, name: str) -> tuple[Future[T], threading.Thread]:
     future: Future[T] = Future()
 
     def run() -> None:
@@ -38,10 +57,6 @@ def start_passing(fn: Callable[..., T], *args: object, name: str = "tao-passing"
         else:
             future.set_result(result)
 
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return future
-
-
-def in_passing_thread(fn: Callable[..., T], *args: object, name: str = "tao-passing") -> T:
-    """``fn(*args)`` run in a thread that exits before this returns (see the module docstring)."""
-    return start_passing(fn, *args, name=name).result()
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return future, thread
