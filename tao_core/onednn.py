@@ -63,8 +63,9 @@ def pack_weight(weight: torch.Tensor, rows: int = 32) -> torch.Tensor:
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` for a 2-D ``x`` and a weight packed by :func:`pack_weight` (no gradient)."""
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+    """``x @ weight.T + bias`` for a 2-D ``x`` and a weight packed by :func:`pack_weight` (no gradient):
+    :func:`linear`'s op, which takes a packed weight as it takes a plain one."""
+    return linear(x.contiguous(), packed, bias)
 
 
 def packing_available() -> bool:
