@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,28 @@ def completion_logprobs(model, prompt: list[int], tokens: list[int], temperature
     with torch.no_grad():
         logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].float() / temperature
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        item.stash[_FAILED] = True
+    return report
+
+
+_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.fixture(autouse=True)
+def _drop_tmp_path_of_a_passed_test(request):
+    """A passed test's tmp_path is removed when it ends, a failed one's kept for a look. Runs on the
+    embedded model write a checkpoint of ~2 GB each; kept until the session ends (pytest's default) the
+    suite held ~4 GB of temporary files at once."""
+    yield
+    path = request.node.funcargs.get("tmp_path")
+    if path is not None and not request.node.stash.get(_FAILED, False):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

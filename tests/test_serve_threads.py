@@ -59,3 +59,36 @@ def test_no_openmp_pool_left_behind():
     base, after_passing, after_main = map(int, out.stdout.split())
     assert after_main > base, "the main thread's parallel op should leave its OpenMP workers (test premise)"
     assert after_passing == base, f"the passing thread left {after_passing - base} thread(s) behind"
+
+
+INTERRUPTED_AT_START = textwrap.dedent("""
+    import threading, time, torch
+    from tao_core.serve.threads import in_passing_thread
+
+    start = threading.Thread.start
+    def start_then_interrupt(self):  # Ctrl-C landing after the thread starts, before the wait begins
+        start(self)
+        raise KeyboardInterrupt
+
+    def torch_work():
+        a, deadline = torch.randn(400, 400), time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            a = torch.tanh(a @ a)
+        print("WORK-DONE", flush=True)
+
+    threading.Thread.start = start_then_interrupt
+    try:
+        in_passing_thread(torch_work)
+    except KeyboardInterrupt:
+        print("INTERRUPTED", flush=True)
+""")
+
+
+def test_an_interrupt_before_the_wait_still_lets_the_thread_finish_before_exit():
+    """The interpreter waits for the passing thread at exit: a thread still in torch when the process
+    tears down aborts it ("terminate called without an active exception", SIGABRT)."""
+    proc = subprocess.run([sys.executable, "-c", INTERRUPTED_AT_START], capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert out.index("INTERRUPTED") < out.index("WORK-DONE"), out
+    assert "terminate called" not in out

@@ -26,25 +26,26 @@ T = TypeVar("T")
 def start_passing(fn: Callable[..., T], *args: object, name: str = "tao-passing") -> Future[T]:
     """Run ``fn(*args)`` in a new thread that exits when it returns; its result or exception comes back in
     the future (``await asyncio.wrap_future(f)`` from a coroutine)."""
-    return _spawn(fn, args, name)[0]
+    return _spawn(fn, args, name, daemon=True)[0]
 
 
 def in_passing_thread(fn: Callable[..., T], *args: object, name: str = "tao-passing") -> T:
     """``fn(*args)`` run in a thread that exits before this returns (see the module docstring).
 
-    Interrupted while waiting (Ctrl-C), it waits for the thread to finish before raising: a thread still
-    inside torch when the interpreter exits aborts the process (SIGABRT) instead of exiting cleanly.
+    Interrupted (Ctrl-C), it waits for the thread to finish before raising: a thread still inside torch
+    when the interpreter exits aborts the process ("terminate called without an active exception")
+    instead of exiting cleanly. The thread is not a daemon, so the interpreter also waits for it at exit
+    when the interrupt lands before the wait below begins.
     """
-    future, thread = _spawn(fn, args, name)
+    future, thread = _spawn(fn, args, name, daemon=False)
     try:
         return future.result()
     except BaseException:
-        if not future.done():
-            thread.join()
+        thread.join()
         raise
 
 
-def _spawn(fn: Callable[..., T], args: tuple, name: str) -> tuple[Future[T], threading.Thread]:
+def _spawn(fn: Callable[..., T], args: tuple, name: str, *, daemon: bool) -> tuple[Future[T], threading.Thread]:
     future: Future[T] = Future()
 
     def run() -> None:
@@ -57,6 +58,6 @@ def _spawn(fn: Callable[..., T], args: tuple, name: str) -> tuple[Future[T], thr
         else:
             future.set_result(result)
 
-    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread = threading.Thread(target=run, name=name, daemon=daemon)
     thread.start()
     return future, thread
