@@ -162,6 +162,8 @@ def summary(setup: Any, rows: list[dict[str, Any]]) -> str:
             other = means.get((ref, step))
             line += " - |" if other is None else f" {means[(variant, step)] - other:+.3f} |"
         lines.append(line)
+    if setup.study.paired:
+        lines += ["", *paired_lines(rows)]
     if setup.study.name == "sql":
         lines += ["", "completion length (tokens, mean over seeds) by step:"]
         for (variant, step), g in groups.items():
@@ -172,3 +174,35 @@ def summary(setup: Any, rows: list[dict[str, Any]]) -> str:
                         by_step.setdefault(s, []).append(length)
                 lines.append(f"{variant}: " + ", ".join(f"{s}: {statistics.fmean(v):.1f}" for s, v in sorted(by_step.items())))
     return "\n".join(lines) + "\n"
+
+
+def paired_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Each task's gain over the starting model, unit by unit, with the one-sided paired test that the unit's
+    weights are better on the same held-out items (tao_core.promotion.paired_test, exact McNemar for 0/1)."""
+    from tao_core.promotion import paired_test
+
+    start = next((r for r in rows if r["variant"] == "start"), None)
+    if start is None or not start.get("items"):
+        return ["per-task paired tests: the starting model's per-item results are not measured yet"]
+    lines = ["per task against the starting model (paired on the same items; p: one-sided, the gain being chance):", "",
+             "| variant | seed | step | task | n | start | after | gain (points) | wins / losses | p |", "|---" * 10 + "|"]
+    for r in rows:
+        if r["variant"] == "start" or not r.get("items"):
+            continue
+        gains = []
+        for task, items in r["items"].items():
+            before = {i["prompt_id"]: i["value"] for i in start["items"].get(task, [])}
+            pairs = [(before[i["prompt_id"]], i["value"]) for i in items if i["prompt_id"] in before]
+            if not pairs:
+                lines.append(f"| {r['variant']} | {r['seed']} | {r['step']} | {task} | 0 | - | - | - | - | - |")
+                continue
+            old, new = zip(*pairs, strict=True)
+            test = paired_test(new, old)  # "is the start worse than the new weights": p of the gain under no difference
+            gain = 100 * -test.diff + 0.0  # no "-0.0"
+            gains.append(gain)
+            lines.append(f"| {r['variant']} | {r['seed']} | {r['step']} | {task} | {test.n} | {test.new_mean:.3f} | "
+                         f"{test.old_mean:.3f} | {gain:+.1f} | {test.losses} / {test.wins} | {test.p_worse:.3g} |")
+        if len(gains) > 1:
+            lines.append(f"| {r['variant']} | {r['seed']} | {r['step']} | mean over tasks | | | | "
+                         f"{statistics.fmean(gains):+.1f} | | |")
+    return lines

@@ -155,10 +155,10 @@ def eval_worker(spec: dict[str, Any]) -> None:
     import torch
     from fresh_eval import fresh_examples
 
+    from tao_core import evaluation
     from tao_core.models import load_model
     from tao_core.plugins import get_component
     from tao_core.sampler import sampler_for
-    from tao_core.tasks import evaluate
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -170,8 +170,12 @@ def eval_worker(spec: dict[str, Any]) -> None:
         examples = task.eval_examples(spec["count"])
     for model in spec["models"]:
         start, cpu = time.perf_counter(), time.process_time()
-        result = evaluate(task, sampler_for(load_model(model)), examples)
+        rows = evaluation.evaluate_rows(task, sampler_for(load_model(model)), examples)
+        result = evaluation.summarize(task, rows)
+        record = evaluation.eval_record(task, result)
         print(json.dumps({"model": model, "metric_name": result.metric, "value": result.value, "n": result.n, "ci_lo": result.ci_low,
                           "ci_hi": result.ci_high, "eval_seconds": round(time.perf_counter() - start, 1),
                           "eval_cpu_seconds": round(time.process_time() - cpu, 1),
-                          "threads": torch.get_num_threads()}), flush=True)
+                          "threads": torch.get_num_threads(),
+                          # each task's result (a mixture) and the per-item values that the paired tests pair
+                          "tasks": record.get("tasks"), "items": evaluation.gate_items(task, rows)}), flush=True)

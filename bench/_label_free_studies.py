@@ -73,6 +73,9 @@ BASELINES = (
 SQL = Variant("sql-consensus", REPO / "examples" / "configs" / "sql-consensus.toml",
               "execution consensus (sql-exec, mode consensus)", seconds_per_step=22.0,
               source="sql-consensus.toml, 1 thread: 7.3 min of tuning for 20 steps (docs/results.md)")
+MULTI = Variant("multi-task", REPO / "examples" / "configs" / "multi-task.toml",
+                "arithmetic + sql + instructions in one run (task mixture), each with its own label-free scorer",
+                seconds_per_step=60.0, source="an estimate (12 prompts a step over three tasks); nothing measured yet")
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class Study:
     evaluation: str  # "fresh": bench/fresh_eval.py's problems; "task": the task's own held-out split
     reference: str | None = None  # ablation: deltas against this variant; its round shape is every variant's
     shape: tuple[str, ...] = ()  # keys copied from the reference's config into every variant
+    paired: bool = False  # the summary adds each task's paired test against the starting model
 
 
 def ablation_variants() -> tuple[Variant, ...]:
@@ -107,13 +111,16 @@ def study(name: str) -> Study:
                      (0, 1, 2), (40, 80), "fresh")
     if name == "sql":
         return Study(name, "SQL execution accuracy on the evaluation databases", (SQL,), (0, 1, 2), None, "task")
+    if name == "multitask":
+        return Study(name, "one label-free run over arithmetic, sql and instructions, each task on its own held-out split",
+                     (MULTI,), (0,), (40,), "task", paired=True)
     if name == "ablation":
         return Study(name, "one component removed at a time, 40 steps each", ablation_variants(), (0,), (40,),
                      "fresh", reference=TEACHER.name, shape=("steps_per_round", "guard.eval_every"))
     raise ValueError(name)
 
 
-STUDIES = ("arithmetic", "sql", "ablation")
+STUDIES = ("arithmetic", "sql", "multitask", "ablation")
 
 
 # -- config data ------------------------------------------------------------------------------------

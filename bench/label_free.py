@@ -220,7 +220,8 @@ def unit_row(setup: Setup, variant: str, seed: int | None, step: int, result: di
             "metric": result["value"],
             "n": result["n"], "ci_lo": result["ci_lo"], "ci_hi": result["ci_hi"], **figures, "cpu": cpu_name(),
             "threads": threads, "model": result["model"], "eval_seconds": result["eval_seconds"],
-            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "tasks": result.get("tasks"), "items": result.get("items")}
 
 
 def train(setup: Setup, children: runs.Children, variant: str, seed: int) -> Path:

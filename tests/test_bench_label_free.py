@@ -250,3 +250,37 @@ def test_a_new_driver_kills_what_a_killed_one_left_running(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def _items(values: list[int]) -> list[dict]:
+    return [{"prompt_id": f"p{i}", "value": v} for i, v in enumerate(values)]
+
+
+def test_the_paired_table_counts_wins_and_losses_per_task_against_a_hand_computation():
+    start = {"variant": "start", "seed": None, "step": 0,
+             "items": {"a": _items([0, 0, 0, 0, 0, 0, 1, 1]), "b": _items([1, 1, 0, 0])}}
+    # task a: 6 items gained, 1 lost, 1 tie; b: nothing changed. Items are paired by id, not by order.
+    after = {"variant": "v", "seed": 0, "step": 40,
+             "items": {"a": list(reversed(_items([1, 1, 1, 1, 1, 1, 0, 1]))), "b": _items([1, 1, 0, 0])}}
+    lines = report.paired_lines([start, after])
+    row_a = next(line for line in lines if "| a |" in line)
+    # exact McNemar, one-sided: P(X <= 1), X ~ Bin(7, 1/2) = 8/128
+    assert row_a == "| v | 0 | 40 | a | 8 | 0.250 | 0.875 | +62.5 | 6 / 1 | 0.0625 |"
+    assert next(line for line in lines if "| b |" in line) == "| v | 0 | 40 | b | 4 | 0.500 | 0.500 | +0.0 | 0 / 0 | 1 |"
+    assert lines[-1].startswith("| v | 0 | 40 | mean over tasks |") and "+31.2 |" in lines[-1]
+    assert report.paired_lines([after]) == ["per-task paired tests: the starting model's per-item results are not measured yet"]
+
+
+def test_the_multitask_study_reports_each_task_paired_against_the_start(tiny_model_dir, tmp_path):
+    out = tmp_path / "mt"
+    args = ["--study", "multitask", "--out", str(out), "--model", str(tiny_model_dir), "--steps", "2", "--eval-count", "3",
+            "--threads", "1", *TINY, "--set", "prompts_per_step=3"]
+    done = drive(args)
+    assert done.returncode == 0, done.stderr
+    start, unit = results(out)
+    assert unit["variant"] == "multi-task" and set(unit["tasks"]) == {"arithmetic", "sql", "instructions"}
+    for row in (start, unit):
+        assert {t: len(v) for t, v in row["items"].items()} == {"arithmetic": 3, "sql": 3, "instructions": 3}
+    for task in ("arithmetic", "sql", "instructions"):
+        assert f"| multi-task | 0 | 2 | {task} | 3 |" in done.stdout
+    assert "| multi-task | 0 | 2 | mean over tasks |" in done.stdout
