@@ -44,6 +44,8 @@ COMPONENTS = (
               "completions cut at max_new_tokens train"),
     Component("dynamic-sampling", ("generate.dynamic_sampling", "generate.max_resample"),
               lambda c: c.generate.dynamic_sampling, "zero-variance groups are skipped, not replaced"),
+    Component("lr-decay", ("train.lr_schedule",), lambda c: c.train.lr_schedule != "constant",
+              "a constant learning rate for the whole run"),
     Component("overlong-penalty", ("train.overlong_buffer", "train.overlong_penalty"),
               lambda c: c.train.overlong_buffer > 0, "no soft overlong penalty"),
 )
