@@ -178,8 +178,10 @@ def summary(setup: Any, rows: list[dict[str, Any]]) -> str:
 
 def paired_lines(rows: list[dict[str, Any]]) -> list[str]:
     """Each task's gain over the starting model, unit by unit, with the one-sided paired test that the unit's
-    weights are better on the same held-out items (tao_core.promotion.paired_test, exact McNemar for 0/1)."""
-    from tao_core.promotion import paired_test
+    weights are better on the same held-out items: the promotion gate's own pairing and test
+    (``tao_core.promotion.decide``, exact McNemar for 0/1), asked whether the start is worse than the unit."""
+    from tao_core.errors import TaoInputError
+    from tao_core.promotion import decide
 
     start = next((r for r in rows if r["variant"] == "start"), None)
     if start is None or not start.get("items"):
@@ -189,19 +191,17 @@ def paired_lines(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         if r["variant"] == "start" or not r.get("items"):
             continue
+        try:
+            verdicts = decide(r["items"], start["items"]).verdicts  # "old" is the unit: p_worse is P(start worse)
+        except TaoInputError as e:
+            lines.append(f"| {r['variant']} | {r['seed']} | {r['step']} | not paired: {e} | | | | | | |")
+            continue
         gains = []
-        for task, items in r["items"].items():
-            before = {i["prompt_id"]: i["value"] for i in start["items"].get(task, [])}
-            pairs = [(before[i["prompt_id"]], i["value"]) for i in items if i["prompt_id"] in before]
-            if not pairs:
-                lines.append(f"| {r['variant']} | {r['seed']} | {r['step']} | {task} | 0 | - | - | - | - | - |")
-                continue
-            old, new = zip(*pairs, strict=True)
-            test = paired_test(new, old)  # "is the start worse than the new weights": p of the gain under no difference
-            gain = 100 * -test.diff + 0.0  # no "-0.0"
+        for v in verdicts:
+            gain = 100 * -v.test.diff + 0.0  # no "-0.0"
             gains.append(gain)
-            lines.append(f"| {r['variant']} | {r['seed']} | {r['step']} | {task} | {test.n} | {test.new_mean:.3f} | "
-                         f"{test.old_mean:.3f} | {gain:+.1f} | {test.losses} / {test.wins} | {test.p_worse:.3g} |")
+            lines.append(f"| {r['variant']} | {r['seed']} | {r['step']} | {v.task} | {v.test.n} | {v.test.new_mean:.3f} | "
+                         f"{v.test.old_mean:.3f} | {gain:+.1f} | {v.test.losses} / {v.test.wins} | {v.test.p_worse:.3g} |")
         if len(gains) > 1:
             lines.append(f"| {r['variant']} | {r['seed']} | {r['step']} | mean over tasks | | | | "
                          f"{statistics.fmean(gains):+.1f} | | |")
