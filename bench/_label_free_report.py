@@ -37,7 +37,10 @@ def unit_key(variant: str, seed: int | None, step: int) -> str:
 
 
 def read_results(out: Path) -> dict[str, dict[str, Any]]:
-    path = out / "results.jsonl"
+    return read_results_file(out / "results.jsonl")
+
+
+def read_results_file(path: Path) -> dict[str, dict[str, Any]]:
     done: dict[str, dict[str, Any]] = {}
     if path.exists():
         for line in path.read_text().splitlines():
@@ -47,6 +50,22 @@ def read_results(out: Path) -> dict[str, dict[str, Any]]:
                 continue  # a torn last line: that unit is redone
             done[unit_key(row["variant"], row["seed"], row["step"])] = row
     return done
+
+
+def merge_results(paths: list[Path]) -> dict[str, dict[str, Any]]:
+    """The units of several results files (drivers run side by side on their own --out, one seed each). A unit
+    in two files must have the same figure (the starting model, measured by each driver): else it is an error."""
+    merged: dict[str, dict[str, Any]] = {}
+    where: dict[str, Path] = {}
+    for path in paths:
+        if not path.is_file():
+            raise runs.DriverError(f"--results {path}: no such file (give a results.jsonl that bench/label_free.py wrote)")
+        for key, row in read_results_file(path).items():
+            if key in merged and merged[key]["metric"] != row["metric"]:
+                raise runs.DriverError(f"unit {key} is {merged[key]['metric']} in {where[key]} but {row['metric']} in {path}: "
+                                       "were they measured with other settings? merge only files of the same study and settings")
+            merged[key], where[key] = row, path
+    return merged
 
 
 def append_result(out: Path, row: dict[str, Any]) -> None:
@@ -144,7 +163,8 @@ def summary(setup: Any, rows: list[dict[str, Any]]) -> str:
     head = "| variant | step | seeds | mean ± sd | gain over the start | rounds promoted | warnings | tuning min (mean) |"
     metric = next((r["metric_name"] for r in rows if r.get("metric_name")), "the metric")
     lines = [f"{setup.study.about} ({metric}); the starting model: " + ("not measured yet" if start is None else f"{start:.3f}"),
-             f"on {cpu_name()}, threads {sorted({r['threads'] for r in rows})}", "",
+             f"on {', '.join(sorted({r.get('cpu') or 'unknown CPU' for r in rows})) or cpu_name()}, "
+             f"threads {sorted({r['threads'] for r in rows})}", "",
              head + (f" vs {ref} |" if ref else ""), "|---" * (head.count("|") - 1 + bool(ref)) + "|"]
     for (variant, step), g in groups.items():
         values = [r["metric"] for r in g]

@@ -30,7 +30,16 @@ from typing import Any
 
 import _label_free_runs as runs
 import _label_free_studies as studies
-from _label_free_report import append_result, cpu_name, csv_text, plan, read_results, summary, unit_key
+from _label_free_report import (
+    append_result,
+    cpu_name,
+    csv_text,
+    merge_results,
+    plan,
+    read_results,
+    summary,
+    unit_key,
+)
 from _label_free_runs import DriverError
 
 DRIVER_KEYS = ("rounds", "seed", "output_dir", "model", "threads")  # set by the driver's own flags
@@ -53,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, help="state directory: results.jsonl, the runs, their logs")
     ap.add_argument("--plan", action="store_true", help="print the units and the CPU-hour budget; run nothing")
     ap.add_argument("--summary", action="store_true", help="print the CSV and summary of the finished units; run nothing")
+    ap.add_argument("--results", type=Path, action="append", default=[], metavar="FILE",
+                    help="with --summary: read the units from these results.jsonl files (repeatable; e.g. drivers run side "
+                    "by side on other --out directories, one seed each) instead of OUT/results.jsonl")
     ap.add_argument("--seeds", type=lambda t: int_list(t, "--seeds"), help="run seeds (default: the study's)")
     ap.add_argument("--steps", type=lambda t: int_list(t, "--steps"),
                     help="steps whose weights are evaluated, each at a round's end (default: the study's)")
@@ -69,7 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.eval_worker:
         return args
-    problems = [f"{flag} is required" for flag, value in (("--study", args.study), ("--out", args.out)) if value is None]
+    needed = (("--study", args.study),) + (() if args.summary and args.results else (("--out", args.out),))
+    problems = [f"{flag} is required" for flag, value in needed if value is None]
+    if args.results and not args.summary:
+        problems.append("--results is read by --summary only: add --summary")
     problems += [f"{flag} must be at least 1, got {value}" for flag, value in
                  (("--threads", args.threads), ("--eval-count", args.eval_count)) if value is not None and value < 1]
     if args.seconds_per_step is not None and not args.seconds_per_step > 0:
@@ -90,7 +105,7 @@ class Setup:
         from tao_core.errors import TaoInputError
         from tao_core.options import parse_key_values
 
-        self.args, self.out = args, args.out.resolve()
+        self.args, self.out = args, args.out.resolve() if args.out else None
         self.study = studies.study(args.study)
         try:
             self.sets = parse_key_values(args.sets, flag="--set")
@@ -281,10 +296,10 @@ def record_start(setup: Setup, result: dict[str, Any]) -> None:
 
 
 def report(setup: Setup) -> None:
-    rows = list(read_results(setup.out).values())
+    rows = list(merge_results(setup.args.results).values() if setup.args.results else read_results(setup.out).values())
     text = csv_text(rows)
     table = summary(setup, rows)
-    if setup.out.is_dir():
+    if setup.out and setup.out.is_dir() and not setup.args.results:
         (setup.out / "results.csv").write_text(text)
         (setup.out / "summary.md").write_text(table)
     sys.stdout.write(text + "\n" + table)

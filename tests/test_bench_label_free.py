@@ -284,3 +284,29 @@ def test_the_multitask_study_reports_each_task_paired_against_the_start(tiny_mod
     for task in ("arithmetic", "sql", "instructions"):
         assert f"| multi-task | 0 | 2 | {task} | 3 |" in done.stdout
     assert "| multi-task | 0 | 2 | mean over tasks |" in done.stdout
+
+
+def _unit(variant: str, seed: int | None, step: int, metric: float) -> dict:
+    return {"study": "arithmetic", "variant": variant, "seed": seed, "step": step, "metric_name": "accuracy",
+            "metric": metric, "n": 256, "ci_lo": 0.0, "ci_hi": 1.0, "cpu": "AMD EPYC", "threads": 1,
+            "promoted_rounds": step // 20, "rounds": step // 20, "seconds": 60.0 * step}
+
+
+def test_summary_merges_drivers_run_side_by_side_and_refuses_units_that_disagree(tmp_path, capsys):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in (_unit("start", None, 0, 0.25), _unit("label-free-teacher", 0, 40, 0.5))))
+    b.write_text("".join(json.dumps(r) + "\n" for r in (_unit("start", None, 0, 0.25), _unit("label-free-teacher", 1, 40, 0.6))))
+    argv = ["--study", "arithmetic", "--summary", "--results", str(a), "--results", str(b)]
+    assert label_free.main(argv) == 0
+    out = capsys.readouterr().out
+    # two seeds: mean 0.55, sd of (0.5, 0.6) = 0.0707; gain over the start +0.300
+    assert "| label-free-teacher | 40 | 2 | 0.550 ± 0.071 | +0.300 | 4/4 | none | 40.0 |" in out
+    assert "on AMD EPYC, threads [1]" in out and not (tmp_path / "summary.md").exists()
+    b.write_text(json.dumps(_unit("start", None, 0, 0.26)) + "\n")
+    assert label_free.main(argv) == 2
+    assert "unit start/-/0 is 0.25 in" in capsys.readouterr().err
+    assert label_free.main(["--study", "arithmetic", "--summary", "--results", str(tmp_path / "none.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        label_free.main(["--study", "arithmetic", "--out", "x", "--results", str(a)])
+    assert "--results is read by --summary only" in capsys.readouterr().err
